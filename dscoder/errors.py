@@ -1,0 +1,47 @@
+"""Exceptions that carry their exit code, so the CLI can map any failure to one sentence."""
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    RUNTIME = 1  # the model, the GPU or the machine failed us
+    USAGE = 2  # bad flags, bad input files, a prompt that does not fit
+    INTERRUPTED = 130  # Ctrl-C
+
+
+class DscoderError(Exception):
+    """An error with a message fit for the user (one sentence, what to do next)."""
+
+    exit_code: ExitCode = ExitCode.RUNTIME
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(DscoderError):
+    exit_code = ExitCode.USAGE
+
+
+class ModelNotFound(DscoderError):
+    exit_code = ExitCode.USAGE
+
+
+class BadCheckpoint(DscoderError):
+    """A checkpoint that is incomplete, damaged or of an architecture we do not support."""
+
+    exit_code = ExitCode.RUNTIME
+
+
+class UnsupportedConfig(BadCheckpoint):
+    pass
+
+
+class PromptTooLong(DscoderError):
+    exit_code = ExitCode.USAGE
+
+
+class OutOfMemory(DscoderError):
+    exit_code = ExitCode.RUNTIME
