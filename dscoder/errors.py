@@ -45,3 +45,9 @@ class PromptTooLong(DscoderError):
 
 class OutOfMemory(DscoderError):
     exit_code = ExitCode.RUNTIME
+
+
+class FileChanged(DscoderError):
+    """The file changed on disk after we read it; nothing was written."""
+
+    exit_code = ExitCode.RUNTIME
