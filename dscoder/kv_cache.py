@@ -1,0 +1,29 @@
+"""The latent KV cache: per layer and token, the normalised kv latent and the rotated rope key.
+
+For Lite that is 512 + 64 = 576 numbers per token per layer; the per-head keys and values are
+never stored (they are re-derived through kv_b_proj or absorbed into the query at decode).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LatentKVCache:
+    def __init__(self, num_layers: int, dim: int, capacity: int, *, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.data = torch.zeros(num_layers, capacity, dim, device=device, dtype=dtype)
+        self.length = 0  # positions [0, length) hold valid entries
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.data[:, 0].numel() * self.data.element_size()
+
+    def write(self, layer: int, start: int, latent: torch.Tensor) -> torch.Tensor:
+        """Store latent (T, dim) at [start, start+T) and return the cache up to start+T."""
+        end = start + latent.shape[0]
+        self.data[layer, start:end] = latent
+        return self.data[layer, :end]

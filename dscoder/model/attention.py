@@ -1,0 +1,99 @@
+"""Multi-head latent attention (MLA) over the latent KV cache.
+
+Two paths compute the same function:
+- expanded (prefill): kv_b_proj turns the cached latents into per-head keys and values, then
+  scaled-dot-product attention runs as usual;
+- absorbed (decode): kv_b_proj's key half is folded into the query and its value half into the
+  output, so attention runs directly over the 576-dim cached rows and reads far fewer bytes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscoder.config import ModelConfig
+from dscoder.kv_cache import LatentKVCache
+from dscoder.model.layers import Linear, RMSNorm
+from dscoder.model.rope import apply_rope
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads = cfg.num_attention_heads
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        qdim = self.heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, qdim)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, qdim)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.rank + self.rope)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(self.rank, self.heads * (self.nope + self.vdim))
+        self.o_proj = Linear(self.heads * self.vdim, cfg.hidden_size)
+
+    def _query(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.heads, self.nope + self.rope).transpose(0, 1)  # (H, T, D)
+        return q[..., : self.nope], apply_rope(q[..., self.nope:], rope)
+
+    def _latent(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        c = self.kv_a_proj_with_mqa(x)
+        kv, k_pe = c[:, : self.rank], c[:, self.rank:]
+        return torch.cat((self.kv_a_layernorm(kv), apply_rope(k_pe, rope)), dim=-1)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, start: int,
+                absorbed: bool) -> torch.Tensor:
+        """x: (T, hidden) for positions [start, start+T); rope: their (T, rope/2, 2) table."""
+        q_nope, q_pe = self._query(x, rope)
+        cached = cache.write(self.layer, start, self._latent(x, rope))  # (start+T, rank+rope)
+        if absorbed:
+            out = self._attend_absorbed(q_nope, q_pe, cached, start)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, cached, start)
+        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.vdim))
+
+    def _causal_mask(self, t: int, total: int, start: int, device: torch.device) -> torch.Tensor | None:
+        if t == 1:
+            return None  # one query sees every cached position
+        rows = torch.arange(start, start + t, device=device)[:, None]
+        return torch.arange(total, device=device)[None, :] <= rows
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                         start: int) -> torch.Tensor:
+        total, t = cached.shape[0], q_nope.shape[1]
+        kv = self.kv_b_proj(cached[:, : self.rank]).view(total, self.heads, self.nope + self.vdim)
+        kv = kv.transpose(0, 1)  # (H, S, nope+v)
+        k_pe = cached[:, self.rank:].expand(self.heads, total, self.rope)
+        k = torch.cat((kv[..., : self.nope], k_pe), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        mask = self._causal_mask(t, total, start, q.device)
+        return F.scaled_dot_product_attention(q, k, kv[..., self.nope:], attn_mask=mask,
+                                              scale=self.scale)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk (H, nope, rank) and W_uv (H, v, rank)."""
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.vdim, self.rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                         start: int) -> torch.Tensor:
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.matmul(q_nope, w_uk)  # (H, T, rank): the key projection moved onto the query
+        latent, k_pe = cached[:, : self.rank], cached[:, self.rank:]
+        scores = (torch.matmul(q_lat, latent.T) + torch.matmul(q_pe, k_pe.T)).float() * self.scale
+        mask = self._causal_mask(q_nope.shape[1], cached.shape[0], start, q_nope.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        out_lat = torch.matmul(probs, latent)  # (H, T, rank)
+        return torch.matmul(out_lat, w_uv.transpose(1, 2))  # (H, T, v)

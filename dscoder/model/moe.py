@@ -1,0 +1,113 @@
+"""The Mixture-of-Experts feed-forward: a softmax router, routed experts and shared experts.
+
+Routed expert weights are stacked per layer, gate and up fused: w13 (E, 2I, H) and w2 (E, H, I),
+so that a step can pick experts by index without Python loops over modules, and so an
+offloading cache can swap whole experts as single flat buffers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscoder.config import ModelConfig
+from dscoder.model.layers import SwiGLU
+
+
+class Router(nn.Module):
+    """Softmax over expert logits in fp32, then greedy or group-limited greedy top-k."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.top_k = cfg.num_experts_per_tok
+        self.method, self.n_group, self.topk_group = cfg.topk_method, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> (expert ids (T, k), weights (T, k) fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        if self.method == "group_limited_greedy":
+            scores = self._mask_groups(scores)
+        weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.scaling
+        return ids, weights
+
+    def _mask_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        # keep only the experts of the topk_group groups whose best expert scores highest
+        t, e = scores.shape
+        grouped = scores.view(t, self.n_group, e // self.n_group)
+        best_groups = grouped.max(dim=-1).values.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros(t, self.n_group, dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, best_groups, True)
+        return grouped.masked_fill(~keep[..., None], 0.0).view(t, e)
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of one layer, resident in one device's memory."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.w2 = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * ids.shape[1] <= 16:
+            return self._gathered(x, ids, weights)
+        return self._grouped(x, ids, weights)
+
+    def _gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # few tokens: gather the chosen experts' weights by index (no host synchronisation)
+        t, k = ids.shape
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (T*k, H, 1)
+        gu = torch.bmm(self.w13[flat], xs).squeeze(-1)  # (T*k, 2I)
+        g, u = gu.chunk(2, dim=-1)
+        y = torch.bmm(self.w2[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)  # (T*k, H)
+        y = y.float() * weights.reshape(-1, 1)
+        return y.view(t, k, -1).sum(dim=1).to(x.dtype)
+
+    def _grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # many tokens: sort the (token, expert) pairs by expert, one matrix product per expert
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
+        tokens = order // k
+        pair_w = weights.reshape(-1)[order]
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = tokens[start:start + n]
+            y = expert_mlp(x[sel], self.w13[expert], self.w2[expert])
+            out.index_add_(0, sel, y.float() * pair_w[start:start + n, None])
+            start += n
+        return out.to(x.dtype)
+
+
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    g, u = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, w2)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

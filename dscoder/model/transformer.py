@@ -1,0 +1,79 @@
+"""The whole DeepSeek-V2 decoder: embedding, decoder layers, final norm, lm_head."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscoder.config import ModelConfig
+from dscoder.kv_cache import LatentKVCache
+from dscoder.model.attention import MLAttention
+from dscoder.model.layers import Linear, RMSNorm, SwiGLU
+from dscoder.model.moe import MoE
+from dscoder.model.rope import rope_table
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, i)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, start: int,
+                absorbed: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start, absorbed)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Backbone(nn.Module):
+    """`model.*` in the checkpoint."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.rope: torch.Tensor | None = None  # (positions, rope/2, 2) fp32, built by set_context
+
+    def set_context(self, length: int) -> None:
+        """Precompute the rotary table for positions [0, length)."""
+        self.rope = rope_table(self.cfg, length, self.lm_head.weight.device)
+
+    def forward(self, ids: torch.Tensor, cache: LatentKVCache, start: int, *,
+                all_logits: bool = False, absorbed: bool | None = None) -> torch.Tensor:
+        """Run ids (T,) at positions [start, start+T); return fp32 logits of the last (or all) rows."""
+        assert self.rope is not None, "call set_context first"
+        t = ids.shape[0]
+        if absorbed is None:
+            absorbed = t == 1  # decode reads the latent cache directly; prefill expands it
+        rope = self.rope[start:start + t]
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x = layer(x, rope, cache, start, absorbed)
+        if not all_logits:
+            x = x[-1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def new_cache(self, capacity: int) -> LatentKVCache:
+        w = self.lm_head.weight
+        return LatentKVCache(self.cfg.num_hidden_layers, self.cfg.kv_cache_dim, capacity,
+                             device=w.device, dtype=w.dtype)

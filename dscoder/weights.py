@@ -1,0 +1,155 @@
+"""Loading a DeepSeek-V2 checkpoint (original hub layout, sharded safetensors) into the model.
+
+Tensors are read shard by shard from memory-mapped files straight into their final tensors;
+the routed experts of a layer are written into one stacked tensor per layer, so no second full
+copy of the model ever exists in RAM.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dscoder.config import ModelConfig
+from dscoder.errors import BadCheckpoint
+from dscoder.model.transformer import Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def shard_index(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index or from a single model.safetensors."""
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, KeyError) as e:
+            raise BadCheckpoint(f"{index} is not a valid safetensors index ({e}).") from e
+    single = model_dir / SINGLE
+    if single.is_file():
+        with _open(single) as f:
+            return {k: SINGLE for k in f.keys()}
+    raise BadCheckpoint(f"{model_dir} holds no {INDEX} or {SINGLE}; is it a complete checkpoint?")
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise BadCheckpoint(f"The checkpoint shard {path} is missing; download the model again.")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise BadCheckpoint(f"The checkpoint shard {path} is damaged or truncated ({e}).") from e
+
+
+@dataclass
+class _Target:
+    """Where one checkpoint tensor goes: a parameter, or a slice of a stacked expert tensor."""
+
+    param: str
+    expert: int | None = None
+    part: str | None = None  # gate_proj / up_proj / down_proj
+
+
+def _target(key: str) -> _Target:
+    m = EXPERT_KEY.match(key)
+    if m is None:
+        return _Target(param=key)
+    prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
+    stacked = "w2" if part == "down_proj" else "w13"
+    return _Target(param=f"{prefix}.{stacked}", expert=expert, part=part)
+
+
+def expected_keys(model: Transformer) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The checkpoint tensors a model needs, with their shapes, in original key names."""
+    cfg = model.cfg
+    i = cfg.moe_intermediate_size
+    for name, p in model.named_parameters():
+        if name.endswith(".experts.w13"):
+            prefix = name[: -len(".w13")]
+            for e in range(cfg.n_routed_experts):
+                yield f"{prefix}.{e}.gate_proj.weight", (i, cfg.hidden_size)
+                yield f"{prefix}.{e}.up_proj.weight", (i, cfg.hidden_size)
+        elif name.endswith(".experts.w2"):
+            prefix = name[: -len(".w2")]
+            for e in range(cfg.n_routed_experts):
+                yield f"{prefix}.{e}.down_proj.weight", (cfg.hidden_size, i)
+        else:
+            yield name, tuple(p.shape)
+
+
+def _dtype_for(name: str, dtype: torch.dtype) -> torch.dtype:
+    # the router decides which experts run; the reference keeps it in fp32
+    return torch.float32 if name.endswith(".mlp.gate.weight") else dtype
+
+
+def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
+               expert_device: torch.device | None = None, pin_experts: bool = False,
+               progress: Progress | None = None) -> Transformer:
+    """Build the model on the meta device, then fill every parameter from the checkpoint."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    index = shard_index(model_dir)
+    needed = dict(expected_keys(model))
+    missing = [k for k in needed if k not in index]
+    if missing:
+        raise BadCheckpoint(f"The checkpoint in {model_dir} lacks the tensor {missing[0]}"
+                            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}.")
+    meta = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+
+    def destination(name: str) -> torch.Tensor:
+        if name not in tensors:
+            is_expert = ".experts.w" in name
+            dev = (expert_device or device) if is_expert else device
+            t = torch.empty(meta[name].shape, dtype=_dtype_for(name, dtype), device=dev,
+                            pin_memory=pin_experts and is_expert and dev.type == "cpu")
+            tensors[name] = t
+        return tensors[name]
+
+    shards = sorted(set(index[k] for k in needed))
+    total = sum((model_dir / s).stat().st_size for s in shards if (model_dir / s).is_file())
+    done = 0
+    for shard in shards:
+        path = model_dir / shard
+        keys = [k for k, s in index.items() if s == shard and k in needed]
+        with _open(path) as f:
+            for key in keys:
+                _copy_tensor(f, path, key, needed[key], destination, cfg)
+        done += path.stat().st_size
+        if progress:
+            progress(done, total)
+    model.load_state_dict(tensors, assign=True, strict=True)
+    return model
+
+
+def _copy_tensor(f, path: Path, key: str, shape: tuple[int, ...],
+                 destination: Callable[[str], torch.Tensor], cfg: ModelConfig) -> None:
+    try:
+        found = tuple(f.get_slice(key).get_shape())
+    except Exception as e:
+        raise BadCheckpoint(f"The shard {path} does not contain {key} although the index says so.") from e
+    if found != shape:
+        raise BadCheckpoint(f"The tensor {key} in {path} has shape {list(found)}, expected {list(shape)}.")
+    try:
+        src = f.get_tensor(key)
+    except Exception as e:
+        raise BadCheckpoint(f"Cannot read {key} from {path}; the shard is damaged or truncated ({e}).") from e
+    t = _target(key)
+    dst = destination(t.param)
+    if t.expert is None:
+        dst.copy_(src)
+    elif t.part == "down_proj":
+        dst[t.expert].copy_(src)
+    else:
+        i = cfg.moe_intermediate_size
+        rows = slice(0, i) if t.part == "gate_proj" else slice(i, 2 * i)
+        dst[t.expert, rows].copy_(src)
