@@ -257,12 +257,16 @@ def _ensure_unchanged(original: TextFile, target: Path) -> bytes:
 
 def _write_backup(target: Path, data: bytes, mode: int) -> None:
     backup = target.with_name(target.name + "~")
-    tmp = _write_temp(backup, data, mode)
     try:
-        os.replace(tmp, backup)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        tmp = _write_temp(backup, data, mode)
+        try:
+            os.replace(tmp, backup)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+    except OSError as e:  # name the backup, not the file: the file itself is fine
+        err = UsageError if isinstance(e, PermissionError) else DscoderError
+        raise err(f"cannot write the backup {backup}: {e.strerror or e}; nothing was changed.") from e
 
 
 def _remove_quietly(path: Path) -> None:

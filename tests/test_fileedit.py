@@ -131,6 +131,14 @@ def test_backup_keeps_old_bytes(tmp_path: Path) -> None:
     assert listing(tmp_path) == ["f.py", "f.py~"]
 
 
+def test_backup_failure_names_the_backup(tmp_path: Path) -> None:
+    p = make(tmp_path, b"a\n")
+    (tmp_path / "f.py~").mkdir()
+    with pytest.raises(DscoderError, match=r"cannot write the backup .*f\.py~"):
+        insert(p, 2, "b\n", backup=True)
+    assert p.read_bytes() == b"a\n" and listing(tmp_path) == ["f.py", "f.py~"]
+
+
 # --- split_at_line ----------------------------------------------------------------------------
 
 
