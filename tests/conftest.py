@@ -16,3 +16,29 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tokenizer")
     write_tokenizer_files(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random checkpoint with Lite's features in small shapes, in the hub layout (fp32)."""
+    from dscoder.random_checkpoint import write_random_checkpoint
+
+    # small shards, so that loading goes through the index across several files
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=0,
+                                   max_shard_bytes=16 << 20)
+
+
+@pytest.fixture(scope="session")
+def tiny236_checkpoint(tmp_path_factory) -> Path:
+    """The 236B model's features (q low-rank, group-limited routing, scaling 16) in small shapes."""
+    from dscoder.random_checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny236"), "tiny-236b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    """An fp32 CPU engine on the tiny checkpoint, shared by tests that only generate."""
+    from dscoder.engine import load_engine
+
+    return load_engine(tiny_checkpoint, device="cpu", dtype="float32")

@@ -1,0 +1,167 @@
+"""Generation: prefill, then decode token by token, yielding events.
+
+The engine works on token ids; prompts are built by dscoder.prompts. A Session keeps the KV
+cache between calls, so a chat turn only computes the tokens its prompt does not share with
+the previous one.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dscoder.config import ModelConfig
+from dscoder.errors import PromptTooLong, UsageError
+from dscoder.events import Event, Finished, GenerationSettings, TextDelta
+from dscoder.kv_cache import LatentKVCache
+from dscoder.model.transformer import Transformer
+from dscoder.sampling import Sampler
+from dscoder.stops import StopMatcher
+
+PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
+FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversation grows
+
+
+@dataclass
+class Engine:
+    model: Transformer
+    tokenizer: object  # dscoder.tokenizer.Tokenizer
+    config: ModelConfig
+    context_length: int
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)
+    model_dir: Path | None = None
+    _session: Session | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def new_session(self) -> Session:
+        return Session(self)
+
+    def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None, *,
+                 stop_ids: Collection[int] | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[Event]:
+        """One generation; consecutive calls share a cache, so a common prefix is reused."""
+        if self._session is None:
+            self._session = self.new_session()
+        return self._session.generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    """A conversation's KV cache and the token ids it holds."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokens: list[int] = []  # ids whose keys and values are in the cache, in order
+        self._cache: LatentKVCache | None = None
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def _ensure_capacity(self, n: int) -> LatentKVCache:
+        cache = self._cache
+        if cache is None or cache.capacity < n:
+            size = max(FIRST_CAPACITY, cache.capacity * 2 if cache else 0)
+            while size < n:
+                size *= 2
+            size = min(size, self.engine.context_length)
+            grown = self.engine.model.new_cache(size)
+            if cache is not None and self.tokens:
+                grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]
+            self._cache = cache = grown
+        return cache
+
+    def _forward(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append ids to the cache; logits (1, V) of the last one. self.tokens moves only on success."""
+        model, start = self.engine.model, len(self.tokens)
+        cache = self._ensure_capacity(start + len(ids))
+        x = torch.tensor(ids, dtype=torch.long, device=self.engine.device)
+        with torch.inference_mode():
+            logits = model(x, cache, start)
+        self.tokens.extend(ids)
+        return logits
+
+    def _prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        logits = None
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            logits = self._forward(ids[i:i + PREFILL_CHUNK])
+        assert logits is not None
+        return logits
+
+    def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None, *,
+                 stop_ids: Collection[int] | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[Event]:
+        engine = self.engine
+        settings = settings or engine.defaults
+        prompt = list(prompt_ids)
+        self._check_prompt(prompt)
+        stop_ids = frozenset(stop_ids if stop_ids is not None else (engine.config.eos_token_id,))
+        budget = min(settings.max_tokens, engine.context_length - len(prompt))
+        return self._run(prompt, settings, stop_ids, budget, cancel)
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise UsageError("The prompt is empty.")
+        limit = self.engine.context_length
+        if len(prompt) >= limit:
+            raise PromptTooLong(f"The prompt has {len(prompt)} tokens but the context window is "
+                                f"{limit}; shorten it or raise --context-length.")
+
+    def _run(self, prompt: list[int], settings: GenerationSettings, stop_ids: frozenset[int],
+             budget: int, cancel: threading.Event | None) -> Iterator[Event]:
+        engine = self.engine
+        reused = common_prefix(self.tokens, prompt)
+        reused = min(reused, len(prompt) - 1)  # the last prompt token must run to give logits
+        del self.tokens[reused:]
+        sampler = Sampler(settings, engine.device)
+        detok = engine.tokenizer.detokenizer()
+        stops = StopMatcher(settings.stop)
+        generated: list[int] = []
+        t0 = time.perf_counter()
+        next_id = int(sampler(self._prefill(prompt[reused:])))
+        t1 = time.perf_counter()
+        reason = "length"
+        while budget > 0:
+            if next_id in stop_ids:
+                reason = "eos"
+                break
+            generated.append(next_id)
+            text, hit = stops.feed(detok.add(next_id))
+            if text:
+                yield TextDelta(text, (next_id,))
+            if hit:
+                reason = "stop"
+                break
+            if len(generated) >= budget:
+                break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            next_id = int(sampler(self._forward([next_id])))
+        if reason != "stop":
+            tail = stops.finish(detok.flush())
+            if tail:
+                yield TextDelta(tail, ())
+        yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
+                       prompt_tokens=len(prompt), cached_tokens=reused,
+                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+
+
+def load_engine(*args, **kwargs) -> Engine:
+    """See dscoder.loader.load_engine (kept there so this module stays about generation)."""
+    from dscoder.loader import load_engine as load
+
+    return load(*args, **kwargs)

@@ -1,0 +1,79 @@
+"""From a model name to a ready Engine: resolve, read the config, pick device and dtype, load."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dscoder.config import ModelConfig
+from dscoder.errors import OutOfMemory, UsageError
+from dscoder.events import GenerationSettings
+from dscoder.weights import Progress, load_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; "
+                         "use --device cpu (slow) or check the driver with nvidia-smi.")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"Unknown device {device!r}; use auto, cuda or cpu.") from e
+
+
+def pick_dtype(dtype: str | None, cfg: ModelConfig) -> torch.dtype:
+    name = dtype or cfg.torch_dtype
+    if name not in DTYPES:
+        raise UsageError(f"Unknown dtype {name!r}; use float32, bfloat16 or float16.")
+    return DTYPES[name]
+
+
+def generation_defaults(model_dir: Path) -> GenerationSettings:
+    """Sampling defaults from generation_config.json (greedy when do_sample is false)."""
+    path = model_dir / "generation_config.json"
+    try:
+        g = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return GenerationSettings()
+    base = GenerationSettings()
+    if g.get("do_sample") is False:
+        return GenerationSettings(temperature=0.0)
+    return GenerationSettings(temperature=float(g.get("temperature", base.temperature)),
+                              top_p=float(g.get("top_p", base.top_p)),
+                              top_k=int(g.get("top_k", 0) or 0))
+
+
+def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
+                gpu_memory: str | None = None, context_length: int | None = None,
+                download: bool = False, progress: Progress | None = None,
+                log: Callable[[str], None] | None = None):
+    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate."""
+    from dscoder.engine import Engine
+    from dscoder.hub import DEFAULT_MODEL, resolve_model
+    from dscoder.tokenizer import load_tokenizer
+
+    model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, cfg)
+    ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if ctx < 2:
+        raise UsageError(f"--context-length must be at least 2, not {context_length}.")
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
+        net.set_context(ctx)
+    except torch.cuda.OutOfMemoryError as e:
+        raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
+                          "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
+    if log:
+        log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
+    return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
+                  defaults=generation_defaults(model_dir), model_dir=model_dir)
