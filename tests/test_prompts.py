@@ -1,0 +1,277 @@
+"""Prompts: the chat template against transformers, FIM and completion ids, truncation."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from dscoder.errors import PromptTooLong, UsageError
+from dscoder.prompts import Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head, keep_tail
+from dscoder.tokenizer import Tokenizer, load_tokenizer
+
+BOS, EOS, HOLE, BEGIN, END = 100000, 100001, 100002, 100003, 100004
+SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜fim▁hole｜>",
+            "<｜fim▁begin｜>", "<｜fim▁end｜>"]
+
+
+def user(c: str) -> dict:
+    return {"role": "user", "content": c}
+
+
+def assistant(c: str) -> dict:
+    return {"role": "assistant", "content": c}
+
+
+def system(c: str) -> dict:
+    return {"role": "system", "content": c}
+
+
+CONVERSATIONS = [
+    [user("write a quicksort in python")],
+    [system("You are a helpful assistant."), user("hi")],
+    [system("Be brief."), user("hi"), assistant("Hello! How can I help?"), user("sort a list")],
+    [user("a"), assistant("b"), user("c"), assistant("d"), user("e")],
+    [user("Grüße 你好 🚀 😶‍🌫️ — ½")],
+    [user(""), assistant(""), user("")],
+    [user("   "), assistant("\n\n"), user("\t \n")],
+    [user("```python\ndef f():\n    return `x`\n```"), assistant("```js\nlet a = `${b}`;\n```"),
+     user("and in rust?")],
+    [user("  leading spaces"), assistant("\nleading newline"), user("\n\n  both")],
+    [system(""), user("empty system")],
+    [user("first"), system("a system message in the middle"), user("second")],
+    [assistant("an assistant opening"), user("then a user")],
+    [user("trailing space "), assistant("ok "), user("again ")],
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir: Path) -> Tokenizer:
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _reference_ids(hf, messages: list[dict]) -> list[int]:
+    out = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding (a dict with input_ids); 4.x a plain list
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_matches_transformers(tok: Tokenizer, hf, messages: list[dict]) -> None:
+    prompt = chat_prompt(tok, messages)
+    assert prompt.ids == _reference_ids(hf, messages)
+    assert prompt.text == hf.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+    assert prompt.ids.count(BOS) == 1 and prompt.ids[0] == BOS
+    assert prompt.text.endswith("\n\nAssistant:")  # no trailing space
+    assert prompt.dropped_messages == 0
+
+
+def test_chat_rendering(tok: Tokenizer) -> None:
+    p = chat_prompt(tok, [system("S"), user("u1"), assistant("a1"), user("u2")])
+    assert p.text == ("<｜begin▁of▁sentence｜>S\n\nUser: u1\n\nAssistant: a1"
+                      "<｜end▁of▁sentence｜>User: u2\n\nAssistant:")
+    eos = p.ids.index(EOS)
+    assert p.ids[1:eos] == tok.encode("S\n\nUser: u1\n\nAssistant: a1")  # one run, one call
+    assert p.ids[eos + 1:] == tok.encode("User: u2\n\nAssistant:")
+
+
+def test_chat_runs_are_not_encoded_piecewise(tok: Tokenizer) -> None:
+    """Why runs are encoded whole: `User: write` is not `User: ` + `write`."""
+    assert tok.encode("User: write") != tok.encode("User: ") + tok.encode("write")
+    p = chat_prompt(tok, [user("write")])
+    assert p.ids == [BOS, *tok.encode("User: write\n\nAssistant:")]
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+def test_chat_special_strings_stay_plain(tok: Tokenizer, hf, special: str) -> None:
+    messages = [system(f"sys {special}"), user(f"look: {special} here"),
+                assistant(special), user(f"{special}")]
+    p = chat_prompt(tok, messages)
+    assert p.ids.count(BOS) == 1 and p.ids.count(EOS) == 1  # only the template's own
+    assert not any(HOLE <= i <= END for i in p.ids)
+    eos = p.ids.index(EOS)
+    assert p.ids[1:eos] == tok.encode(f"sys {special}\n\nUser: look: {special} here\n\n"
+                                      f"Assistant: {special}")
+    # transformers renders the same text, but would turn the strings into special ids
+    assert p.text == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert _reference_ids(hf, messages) != p.ids
+
+
+def test_chat_rejects_bad_messages(tok: Tokenizer) -> None:
+    with pytest.raises(UsageError, match="role 'tool'"):
+        chat_prompt(tok, [{"role": "tool", "content": "x"}])
+    with pytest.raises(UsageError, match="no text content"):
+        chat_prompt(tok, [{"role": "user", "content": None}])
+
+
+# --- chat truncation ----------------------------------------------------------------------------
+
+def _long_chat() -> list[dict]:
+    messages = [system("You are a careful reviewer.")]
+    for i in range(8):
+        messages += [user(f"question {i}: " + "why " * 20), assistant(f"answer {i}: " + "because " * 20)]
+    return messages + [user("final question: what now?")]
+
+
+def test_chat_truncation_drops_oldest_whole_turns(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    full = chat_prompt(tok, messages)
+    limit = len(full.ids) // 2
+    p = chat_prompt(tok, messages, max_prompt_tokens=limit)
+    assert len(p.ids) <= limit
+    assert p.dropped_messages % 2 == 0 and p.dropped_messages > 0  # whole user+assistant turns
+    kept = [messages[0], *messages[1 + p.dropped_messages:]]
+    assert p == Prompt(chat_prompt(tok, kept).ids, chat_prompt(tok, kept).text,
+                       dropped_messages=p.dropped_messages)
+    assert p.text.startswith("<｜begin▁of▁sentence｜>You are a careful reviewer.\n\nUser: question")
+    assert p.text.endswith("User: final question: what now?\n\nAssistant:")
+    # as few turns as possible were dropped
+    one_less = [messages[0], *messages[1 + p.dropped_messages - 2:]]
+    assert len(chat_prompt(tok, one_less).ids) > limit
+
+
+def test_chat_truncation_not_needed(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    n = len(chat_prompt(tok, messages).ids)
+    assert chat_prompt(tok, messages, max_prompt_tokens=n) == chat_prompt(tok, messages)
+
+
+def test_chat_truncation_keeps_system_and_last_user(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    minimal = chat_prompt(tok, [messages[0], messages[-1]])
+    p = chat_prompt(tok, messages, max_prompt_tokens=len(minimal.ids))
+    assert p.ids == minimal.ids and p.dropped_messages == len(messages) - 2
+    with pytest.raises(PromptTooLong, match=rf"needs {len(minimal.ids)} tokens.*limit is "
+                                            rf"{len(minimal.ids) - 1}"):
+        chat_prompt(tok, messages, max_prompt_tokens=len(minimal.ids) - 1)
+
+
+def test_chat_single_message_too_long(tok: Tokenizer) -> None:
+    with pytest.raises(PromptTooLong, match="limit is 10"):
+        chat_prompt(tok, [user("word " * 100)], max_prompt_tokens=10)
+
+
+# --- fill-in-the-middle -------------------------------------------------------------------------
+
+def test_fim_ids_by_hand(tok: Tokenizer) -> None:
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    p = fim_prompt(tok, prefix, suffix)
+    assert p.ids == [BOS, BEGIN, *tok.encode(prefix), HOLE, *tok.encode(suffix), END]
+    assert p.text == f"<｜begin▁of▁sentence｜><｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>"
+    assert p.truncated_chars == (0, 0)
+    assert fim_prompt(tok, "", "").ids == [BOS, BEGIN, HOLE, END]
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+def test_fim_special_strings_stay_plain(tok: Tokenizer, special: str) -> None:
+    p = fim_prompt(tok, f"a = '{special}'\n", f"b = '{special}'")
+    assert p.ids == [BOS, BEGIN, *tok.encode(f"a = '{special}'\n"), HOLE,
+                     *tok.encode(f"b = '{special}'"), END]
+    assert p.ids.count(BOS) == 1 and p.ids.count(HOLE) == 1
+
+
+def _code(n: int, tag: str) -> str:
+    return "".join(f"    {tag}_{i} = compute({i}, 'value {i}')  # line {i}\n" for i in range(n))
+
+
+def _parts(p: Prompt) -> tuple[list[int], list[int]]:
+    hole = p.ids.index(HOLE)
+    assert p.ids[:2] == [BOS, BEGIN] and p.ids[-1] == END
+    return p.ids[2:hole], p.ids[hole + 1:-1]
+
+
+def test_fim_truncation_both_long(tok: Tokenizer) -> None:
+    prefix, suffix = _code(300, "pre"), _code(300, "suf")
+    p = fim_prompt(tok, prefix, suffix, max_prompt_tokens=404)
+    pre, suf = _parts(p)
+    assert len(p.ids) <= 404
+    assert 0.6 * 400 <= len(pre) <= 0.75 * 400 and len(pre) + len(suf) >= 400 - 40
+    cut_pre, cut_suf = p.truncated_chars
+    kept_pre, kept_suf = prefix[cut_pre:], suffix[:len(suffix) - cut_suf]
+    assert pre == tok.encode(kept_pre) and suf == tok.encode(kept_suf)
+    assert kept_pre.startswith("    pre_") and prefix.endswith(kept_pre)  # at a line start
+    assert kept_suf.endswith("\n") and kept_suf.startswith("    suf_0 ")  # nearest the hole
+
+
+def test_fim_truncation_short_suffix_keeps_it_whole(tok: Tokenizer) -> None:
+    prefix, suffix = _code(300, "pre"), "return x\n"
+    p = fim_prompt(tok, prefix, suffix, max_prompt_tokens=204)
+    pre, suf = _parts(p)
+    assert len(p.ids) <= 204 and suf == tok.encode(suffix) and p.truncated_chars[1] == 0
+    assert len(pre) > 200 - len(suf) - 25  # the prefix takes what the suffix leaves
+
+
+def test_fim_truncation_short_prefix_keeps_it_whole(tok: Tokenizer) -> None:
+    prefix, suffix = "def f():\n", _code(300, "suf")
+    p = fim_prompt(tok, prefix, suffix, max_prompt_tokens=204)
+    pre, suf = _parts(p)
+    assert len(p.ids) <= 204 and pre == tok.encode(prefix) and p.truncated_chars[0] == 0
+    assert len(suf) > 200 - len(pre) - 25
+
+
+def test_fim_one_long_line_is_cut_mid_line(tok: Tokenizer) -> None:
+    prefix = "x = [" + ", ".join(str(i) for i in range(2000))
+    suffix = ", ".join(str(i) for i in range(2000)) + "]"
+    p = fim_prompt(tok, prefix, suffix, max_prompt_tokens=104)
+    pre, suf = _parts(p)
+    assert len(p.ids) <= 104 and len(pre) + len(suf) >= 98
+    assert prefix.endswith(prefix[p.truncated_chars[0]:]) and suffix.startswith(tok.decode(suf))
+
+
+def test_fim_too_small_budget(tok: Tokenizer) -> None:
+    assert fim_prompt(tok, "abc", "def", max_prompt_tokens=4).ids == [BOS, BEGIN, HOLE, END]
+    with pytest.raises(PromptTooLong, match="at least 4 tokens"):
+        fim_prompt(tok, "abc", "def", max_prompt_tokens=3)
+
+
+def test_fim_never_exceeds_budget_on_random_text(tok: Tokenizer) -> None:
+    rng = random.Random(7)
+    alphabet = ["a", "b", " ", "  ", "\n", "\t", "é", "你", "🚀", "😶‍🌫️", "1", "(", "'", "\r\n"]
+    for _ in range(60):
+        prefix = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        suffix = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        limit = rng.randint(4, 120)
+        p = fim_prompt(tok, prefix, suffix, max_prompt_tokens=limit)
+        assert len(p.ids) <= limit
+        pre, suf = _parts(p)
+        a, b = p.truncated_chars
+        assert pre == tok.encode(prefix[a:]) and suf == tok.encode(suffix[:len(suffix) - b])
+        full = len(tok.encode(prefix)) + len(tok.encode(suffix)) + 4
+        assert len(p.ids) >= min(full, limit) // 2  # truncation keeps a fair share
+
+
+# --- completion ---------------------------------------------------------------------------------
+
+def test_completion(tok: Tokenizer) -> None:
+    p = completion_prompt(tok, "import os\n")
+    assert p.ids == [BOS, *tok.encode("import os\n")] and p.text == "<｜begin▁of▁sentence｜>import os\n"
+    assert completion_prompt(tok, "<｜end▁of▁sentence｜>").ids[1:] == tok.encode("<｜end▁of▁sentence｜>")
+
+
+def test_completion_truncation_keeps_the_end(tok: Tokenizer) -> None:
+    prefix = _code(300, "v") + "result = "
+    p = completion_prompt(tok, prefix, max_prompt_tokens=101)
+    kept = prefix[p.truncated_chars[0]:]
+    assert len(p.ids) <= 101 and len(p.ids) > 80 and p.truncated_chars[1] == 0
+    assert p.ids == [BOS, *tok.encode(kept)]
+    assert kept.endswith("result = ") and kept.startswith("    v_")
+    with pytest.raises(PromptTooLong):
+        completion_prompt(tok, "x", max_prompt_tokens=0)
+
+
+def test_keep_helpers_prefer_line_boundaries(tok: Tokenizer) -> None:
+    text = "alpha beta gamma\n" * 40
+    tail = keep_tail(tok, text, 30)
+    head = keep_head(tok, text, 30)
+    assert tail.startswith("alpha") and text.endswith(tail) and len(tok.encode(tail)) <= 30
+    assert head.endswith("gamma\n") and text.startswith(head) and len(tok.encode(head)) <= 30
+    assert keep_tail(tok, text, 0) == keep_head(tok, text, 0) == ""
+    assert keep_tail(tok, "short", 10) == "short"
