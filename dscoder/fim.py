@@ -13,6 +13,8 @@ _FENCE_OPEN = re.compile(r"^\s*(```|~~~)[\w+#.\-]*\s*$")
 _FENCE_CLOSE = re.compile(r"^\s*(```|~~~)\s*$")
 _OPENERS = (":", "{", "(", "[")
 _COMMENTS = ("#", "//", "/*", "*", "--", ";")
+# A line that closes or continues the block above it: code before it belongs inside that block.
+_CONTINUES = re.compile(r"[)\]}]|(else|elif|except|finally|catch|case|default|end|fi|done|esac)\b")
 _MAX_SUFFIX_LINES = 50  # enough to recognise a re-written suffix; bounds the work
 
 
@@ -78,12 +80,13 @@ def _indent_unit(text: str) -> str:
 
 
 def block_indent(prefix: str, suffix: str) -> str:
-    """The indentation code in the hole must have, or "" when column 0 is a plausible level.
+    """The level that unindented output in the hole belongs at ("" to leave it at column 0).
 
-    Decided by the last non-blank prefix line (one level deeper if it opens a block), or by the
-    first non-blank suffix line when the prefix has none. When the suffix continues at column 0
-    (or there is none) after an indented line that opens nothing, the hole may close the block,
-    so unindented output is left alone.
+    After a line that opens a block: one level deeper (the suffix's level if it is deeper). Else
+    the shallowest level that fits: code may end the prefix's block and continue at the first
+    suffix line's level (column 0 included, or at the end of the file, so nothing changes),
+    unless that line closes or continues the block (}, else:, except:...), which keeps the
+    code inside. With no prefix line, the first suffix line decides.
     """
     before = [ln for ln in prefix.split("\n") if ln.strip()]
     after = [ln for ln in suffix.split("\n") if ln.strip()]
@@ -95,7 +98,15 @@ def block_indent(prefix: str, suffix: str) -> str:
         if s_ind is not None and len(s_ind) > len(p_ind):
             return s_ind
         return p_ind + _indent_unit(prefix + suffix)
-    return p_ind if s_ind else ""
+    if s_ind is None:
+        return ""
+    if _continues_block(after[0]):
+        return p_ind
+    return s_ind if len(s_ind) < len(p_ind) else p_ind
+
+
+def _continues_block(line: str) -> bool:
+    return bool(_CONTINUES.match(line.strip()))
 
 
 def reindent(text: str, prefix: str, suffix: str) -> str:

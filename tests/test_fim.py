@@ -133,6 +133,24 @@ def test_tabs_follow_the_file() -> None:
     assert block_indent("int f() {\n\tint a;\n\tif (a) {\n", "\t}\n") == "\t\t"
 
 
+def test_before_else_stays_in_the_block() -> None:
+    prefix = "if a:\n    b()\n"
+    assert clean_insertion("c()\n", prefix, "else:\n    d()\n") == "    c()\n"
+
+
+def test_before_closing_brace_stays_in_the_block() -> None:
+    prefix = "  if (x) {\n    a();\n"
+    assert clean_insertion("b();\n", prefix, "  }\n}\n") == "    b();\n"
+
+
+def test_dedent_to_the_suffix_level() -> None:
+    prefix = "class A:\n    def f(self):\n        return 1\n"
+    suffix = "\n    def g(self):\n        return 2\n"
+    gen = "\ndef h(self):\n    return 3\n"
+    want = "\n    def h(self):\n        return 3\n"
+    assert clean_insertion(gen, prefix, suffix) == want
+
+
 def test_correctly_indented_output_untouched() -> None:
     gen = "    y = 2\n    if y:\n        y = 3\n"
     assert clean_insertion(gen, "def f():\n    y = 1\n", "    return y\n") == gen
