@@ -1,0 +1,141 @@
+"""Finding a model: a local directory, or a Hugging Face hub id in the local cache (or downloaded).
+
+huggingface_hub is imported inside the functions: it pulls in an HTTP stack, and `dscoder --help`
+must stay fast. The cache location and offline mode are read from the environment at call time
+(huggingface_hub reads them once, at import), so HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE set by
+a caller or a test always count.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from dscoder.errors import DscoderError, ModelNotFound
+
+DEFAULT_MODEL = "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
+# What the engine needs: config, weights and index, tokenizer and generation settings.
+# Remote code (*.py) and other formats (*.bin, *.gguf) are never fetched.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache, honouring HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE and HF_HOME as set now."""
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(env[key]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (it wins), else as huggingface_hub read it at import."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None and value.strip():
+        return value.strip().lower() in _TRUE
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def is_hub_id(name: str) -> bool:
+    """``owner/name`` with no path syntax (no leading ./, /, ~, no more than one slash)."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def _local_model(path: Path) -> Path:
+    if not path.is_dir():
+        raise ModelNotFound(f"{path} is not a directory; pass a model directory that holds "
+                            f"config.json, or a hub id like {DEFAULT_MODEL}.")
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{path} has no config.json; pass the directory of a "
+                            "DeepSeek-Coder-V2 checkpoint.")
+    return path
+
+
+def cached_model(repo_id: str) -> Path | None:
+    """The complete cached snapshot of ``repo_id`` (refs/main), or None; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), local_files_only=True,
+                                      allow_patterns=ALLOW_PATTERNS))
+    except (LocalEntryNotFoundError, OSError, ValueError):  # incomplete, missing, bad id
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_model(name: str | Path, *, download: bool = False, progress: bool = True) -> Path:
+    """The model directory for ``name``: a local directory with config.json, or a hub id found
+    in the local cache (downloaded first if ``download`` and it is not there)."""
+    if isinstance(name, Path) or not is_hub_id(name) or Path(name).exists():
+        return _local_model(Path(name).expanduser())
+    cached = cached_model(name)
+    if cached is not None:
+        return cached
+    if not download:
+        raise ModelNotFound(f"{name} is not in the Hugging Face cache ({hub_cache_dir()}); run "
+                            f"`dscoder pull {name}` or pass a local directory with --model.")
+    return _download(name, progress=progress)
+
+
+def pull(name: str, *, progress: bool = True) -> Path:
+    """Download (or complete, or update) ``name`` into the hub cache; progress goes to stderr."""
+    if not is_hub_id(name):
+        raise ModelNotFound(f"{name!r} is not a hub id; give one like {DEFAULT_MODEL}.")
+    return _download(name, progress=progress)
+
+
+def _download(repo_id: str, *, progress: bool) -> Path:
+    if is_offline():
+        raise DscoderError(f"Cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or copy "
+                           "the model here and pass its directory with --model.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars)
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:  # tqdm bars go to stderr, which is where progress belongs
+        path = Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(),
+                                      allow_patterns=ALLOW_PATTERNS))
+    except Exception as e:  # noqa: BLE001 -- any failure becomes one sentence, no traceback
+        raise _download_error(repo_id, e) from e
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{repo_id} was downloaded but has no config.json; "
+                            "it is not a model checkpoint dscoder can run.")
+    return path
+
+
+def _download_error(repo_id: str, error: Exception) -> DscoderError:
+    """One sentence for a failed download, by what went wrong."""
+    from huggingface_hub import errors as hf
+
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, hf.GatedRepoError):
+        return DscoderError(f"{repo_id} is gated; accept its licence on huggingface.co and "
+                            "log in with `hf auth login`, then retry.")
+    if isinstance(error, hf.RepositoryNotFoundError):
+        return ModelNotFound(f"{repo_id} does not exist on Hugging Face (or needs a login); "
+                             "check the name.")
+    network = type(error).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests"}
+    if network or isinstance(error, (hf.LocalEntryNotFoundError, ConnectionError,
+                                     hf.HfHubHTTPError)):
+        return DscoderError(f"Cannot download {repo_id}: Hugging Face could not be reached "
+                            f"({detail}); check the network connection and retry.")
+    if isinstance(error, OSError):
+        return DscoderError(f"Cannot download {repo_id} into {hub_cache_dir()} ({detail}); "
+                            "check the free disk space and permissions, then retry.")
+    return DscoderError(f"Cannot download {repo_id} ({type(error).__name__}: {detail}); "
+                        "retry, or pass a local directory with --model.")
