@@ -275,3 +275,11 @@ def test_keep_helpers_prefer_line_boundaries(tok: Tokenizer) -> None:
     assert head.endswith("gamma\n") and text.startswith(head) and len(tok.encode(head)) <= 30
     assert keep_tail(tok, text, 0) == keep_head(tok, text, 0) == ""
     assert keep_tail(tok, "short", 10) == "short"
+
+
+def test_chat_truncation_keeps_system_messages_in_place(tok: Tokenizer) -> None:
+    messages = [user("old " * 50), assistant("reply " * 50), system("mid-conversation rule"),
+                user("new question")]
+    kept = [messages[2], messages[3]]
+    p = chat_prompt(tok, messages, max_prompt_tokens=len(chat_prompt(tok, kept).ids))
+    assert p.ids == chat_prompt(tok, kept).ids and p.dropped_messages == 2
