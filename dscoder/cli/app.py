@@ -1,0 +1,224 @@
+"""The `dscoder` Typer app: global options, subcommands, and the one place errors become exit codes.
+
+Settings are merged when a command runs (flag > DSCODER_* > config file > defaults), and each
+command imports its module lazily, so `dscoder --help` and shell completion stay fast and never
+import torch. Tests replace the model through `dscoder.cli.backend.BACKEND` (see tests/fakes.py).
+"""
+from __future__ import annotations
+
+import enum
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from dscoder import __version__
+from dscoder.errors import DscoderError, ExitCode
+
+HELP = """Chat with DeepSeek-Coder-V2, complete code and fill gaps in files, all in-process.
+
+Settings come from flags, then DSCODER_* environment variables (DSCODER_MODEL, DSCODER_TEMPERATURE,
+...), then $XDG_CONFIG_HOME/dscoder/config.toml, then defaults. Exit codes: 0 success, 1 runtime
+error, 2 bad usage or input, 130 interrupted."""
+
+app = typer.Typer(name="dscoder", help=HELP, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+GEN = "Generation options"
+
+
+class Shell(str, enum.Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dscoder {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="Hub id (in the local cache) or a local model folder. [env DSCODER_MODEL; default deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct]")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB; routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
+    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
+    context_length: Annotated[Optional[int], typer.Option(metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T", help="Sampling temperature; 0 is greedy. [env DSCODER_TEMPERATURE; default: the model's]", rich_help_panel=GEN)] = None,
+    top_p: Annotated[Optional[float], typer.Option(metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
+    top_k: Annotated[Optional[int], typer.Option(metavar="K", help="Sample among the K likeliest tokens; 0 is off. [env DSCODER_TOP_K]", rich_help_panel=GEN)] = None,
+    seed: Annotated[Optional[int], typer.Option(metavar="SEED", help="Random seed, for repeatable sampling. [env DSCODER_SEED]", rich_help_panel=GEN)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(metavar="TEXT", help="Stop at this string (repeatable; \\n and \\t are understood). [env DSCODER_STOP]", rich_help_panel=GEN)] = None,
+    verbose: Annotated[Optional[bool], typer.Option("--verbose", "-v", help="More statistics: load time, timings, engine counters. [env DSCODER_VERBOSE]", show_default=False)] = None,
+    debug: Annotated[Optional[bool], typer.Option("--debug", help="Show tracebacks for errors. [env DSCODER_DEBUG]", show_default=False)] = None,
+    no_pretty: Annotated[bool, typer.Option("--no-pretty", help="Plain text even on a terminal (also when NO_COLOR is set or stdout is not a terminal).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    ctx.obj = {"model": model, "device": device, "gpu_memory": gpu_memory, "dtype": dtype,
+               "context_length": context_length, "max_tokens": max_tokens, "temperature": temperature,
+               "top_p": top_p, "top_k": top_k, "seed": seed, "stop": stop, "verbose": verbose,
+               "debug": debug, "pretty": False if no_pretty else None}
+
+
+def runtime(ctx: typer.Context, **more: Any) -> Any:
+    """Settings merged from every layer, the terminal, and the lazily loaded model."""
+    from dscoder.cli.runtime import Runtime
+    from dscoder.settings import load_settings
+    from dscoder.ui.console import make_terminal
+
+    flags = {**(ctx.find_root().obj or {}), **more}
+    settings = load_settings(flags)
+    _STATE["debug"] = settings.debug
+    return Runtime(settings, make_terminal(pretty=settings.pretty))
+
+
+SHOW_PROMPT = typer.Option("--show-prompt", help="Print the exact prompt and its token count, then exit (no weights are loaded).")
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    message: Annotated[Optional[list[str]], typer.Argument(metavar="[MESSAGE]...", help="The instruction (words are joined). Without it and without piped input, an interactive chat starts.", show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", metavar="TEXT", help="System message. [env DSCODER_SYSTEM]")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings, finish reason.")] = False,
+    no_history: Annotated[bool, typer.Option("--no-history", help="Do not read or write the input history. [env DSCODER_NOHISTORY]")] = False,
+    show_prompt: Annotated[bool, SHOW_PROMPT] = False,
+) -> None:
+    """Chat: an interactive session on a terminal, or one answer to a message and/or piped input.
+
+    Piped input is context (fenced as code) and the message is the instruction, e.g.
+    git diff | dscoder chat "review this". Ctrl-C stops a reply; Ctrl-D leaves."""
+    from dscoder.cli import chat as chat_mod
+
+    rt = runtime(ctx, history=False if no_history else None)
+    chat_mod.chat(rt, " ".join(message) if message else None, system=system, json_out=json_out,
+                  show_prompt=show_prompt)
+
+
+@app.command()
+def complete(
+    ctx: typer.Context,
+    file: Annotated[Optional[str], typer.Argument(help="The code to continue; - or nothing reads stdin.", show_default=False, metavar="[FILE|-]")] = None,
+    suffix: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Text after the gap: makes this a fill-in-the-middle request.")] = None,
+    suffix_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Read the text after the gap from this file.")] = None,
+    max_lines: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Stop after this many lines.")] = None,
+    show_prompt: Annotated[bool, SHOW_PROMPT] = False,
+) -> None:
+    """Continue code (no chat template); only the generated text goes to stdout."""
+    from dscoder.cli import complete as complete_mod
+
+    complete_mod.complete(runtime(ctx), file, suffix=suffix, suffix_file=suffix_file,
+                          max_lines=max_lines, show_prompt=show_prompt)
+
+
+@app.command()
+def insert(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The file to edit.", show_default=False)],
+    line: Annotated[int, typer.Option("--line", "-l", metavar="N", help="Fill the gap before this 1-based line (last line + 1 appends).", show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff on stderr; write nothing.")] = False,
+    print_only: Annotated[bool, typer.Option("--print", help="Print only the inserted text to stdout; write nothing.")] = False,
+    backup: Annotated[bool, typer.Option("--backup", help="Keep the original as FILE~.")] = False,
+    show_prompt: Annotated[bool, SHOW_PROMPT] = False,
+) -> None:
+    """Fill the gap before --line N of FILE (fill-in-the-middle) and edit the file in place.
+
+    A coloured diff goes to stderr. The write is atomic and keeps the encoding, BOM, line endings
+    and mode; nothing is written if the file changed meanwhile or on Ctrl-C."""
+    from dscoder.cli import insert as insert_mod
+
+    insert_mod.insert(runtime(ctx), file, line=line, dry_run=dry_run, print_only=print_only,
+                      backup=backup, show_prompt=show_prompt)
+
+
+@app.command()
+def pull(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Hub id; default: --model or the default model.", show_default=False)] = None,
+) -> None:
+    """Download a model into the Hugging Face cache (progress on stderr)."""
+    rt = runtime(ctx)
+    name = model or rt.model_name
+    path = rt.backend.pull(name)
+    rt.term.info(f"{name} is ready in {path}")
+
+
+@app.command()
+def completion(
+    shell: Annotated[Shell, typer.Argument(metavar="SHELL", help="bash, zsh or fish.", show_default=False)],
+) -> None:
+    """Print the shell completion script, e.g. dscoder completion bash > ~/.local/share/bash-completion/completions/dscoder"""
+    from dscoder.cli.gen_docs import completion_script
+
+    sys.stdout.write(completion_script(shell.value))
+
+
+_STATE: dict[str, Any] = {"debug": False}
+
+
+def _debug_wanted(args: list[str]) -> bool:
+    return _STATE["debug"] or "--debug" in args or os.environ.get("DSCODER_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def _report(message: str, args: list[str], exc: BaseException | None = None) -> None:
+    from dscoder.ui.console import make_terminal
+
+    term = make_terminal(pretty="--no-pretty" not in args)
+    if exc is not None and _debug_wanted(args):
+        traceback.print_exception(exc, file=sys.stderr)
+    term.error(message)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (ExitCode values). Never lets a traceback through."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
+        return rv if isinstance(rv, int) else ExitCode.OK
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.TyperException as e:  # typer's own click: bad flags, unknown commands
+        show = getattr(e, "show", None)
+        show() if show else _report(e.format_message(), args)
+        return ExitCode.USAGE if e.exit_code == 2 else e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        return ExitCode.INTERRUPTED
+    except DscoderError as e:
+        _report(e.message, args, e)
+        return e.exit_code
+    except BrokenPipeError:  # `dscoder complete | head -1`: the reader is gone, nothing to say
+        _silence_stdout()
+        return ExitCode.OK
+    except Exception as e:  # noqa: BLE001  (the last line of defence: one sentence, no traceback)
+        from dscoder.cli.backend import explain_oom
+
+        oom = explain_oom(e)
+        message = oom.message if oom else (f"Unexpected error: {type(e).__name__}: {e} "
+                                           "(run again with --debug to see where; please report it).")
+        _report(message, args, e)
+        return ExitCode.RUNTIME
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Where the CLI gets its tokenizer and engine: the one seam that tests replace.
+
+`BACKEND` is looked up at call time, so tests swap in `tests/fakes.FakeBackend` (in process:
+`monkeypatch.setattr(backend, "BACKEND", FakeBackend())`; in a subprocess or a pty: run
+`python tests/fakes.py ARGS...`, which installs the fake and calls `main`). Nothing here imports
+torch at import time: the tokenizer (for --show-prompt) needs only the `tokenizers` library, and
+the engine is imported inside `load_engine`, the only place that generates.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from dscoder.errors import DscoderError, UsageError
+from dscoder.settings import Settings
+
+Warn = Callable[[str], None]
+
+
+class Backend(Protocol):
+    def model_name(self, settings: Settings) -> str: ...
+    def load_tokenizer(self, settings: Settings) -> Any: ...
+    def context_length(self, settings: Settings) -> int | None: ...
+    def load_engine(self, settings: Settings, warn: Warn) -> Any: ...
+    def pull(self, name: str) -> Path: ...
+
+
+class RealBackend:
+    def model_name(self, settings: Settings) -> str:
+        from dscoder import hub
+
+        return settings.model or hub.DEFAULT_MODEL
+
+    def _model_dir(self, settings: Settings) -> Path:
+        from dscoder import hub
+
+        return Path(hub.resolve_model(self.model_name(settings)))
+
+    def load_tokenizer(self, settings: Settings) -> Any:
+        from dscoder.tokenizer import load_tokenizer
+
+        return load_tokenizer(self._model_dir(settings))
+
+    def context_length(self, settings: Settings) -> int | None:
+        """The window --show-prompt trims to without loading weights: the flag, else the config's."""
+        if settings.context_length:
+            return settings.context_length
+        try:
+            config = json.loads((self._model_dir(settings) / "config.json").read_text(encoding="utf-8"))
+            return int(config["max_position_embeddings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def load_engine(self, settings: Settings, warn: Warn) -> Any:
+        check_device(settings.device, warn)
+        from dscoder.engine import load_engine  # the only import of torch on the way to generating
+
+        return load_engine(self.model_name(settings), device=settings.device, dtype=settings.dtype,
+                           gpu_memory=settings.gpu_memory, context_length=settings.context_length,
+                           verbose=settings.verbose)
+
+    def pull(self, name: str) -> Path:
+        from dscoder import hub
+
+        return Path(hub.pull(name))
+
+
+def check_device(device: str, warn: Warn) -> None:
+    """Say early and plainly what the GPU situation means for the user."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if device.startswith("cuda"):
+        raise UsageError(f"--device {device} needs a CUDA GPU, but PyTorch sees none; check the "
+                         "driver with nvidia-smi, or use --device cpu (slow).")
+    if device == "auto":
+        warn("No CUDA GPU found, so the model runs on the CPU: expect a long load and a few "
+             "tokens per second at best (use --device cpu to silence this).")
+
+
+BACKEND: Backend = RealBackend()
+
+
+def get() -> Backend:
+    return BACKEND
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.monotonic()
+    value = fn()
+    return value, time.monotonic() - start
+
+
+def explain_oom(error: BaseException) -> DscoderError | None:
+    """A CUDA out-of-memory error, from torch or from the engine, as one sentence."""
+    name = type(error).__name__
+    if name == "OutOfMemoryError" or "CUDA out of memory" in str(error):
+        from dscoder.errors import OutOfMemory
+
+        return OutOfMemory("The GPU ran out of memory; give dscoder a smaller budget with "
+                           "--gpu-memory (for example --gpu-memory 10GiB), a shorter "
+                           "--context-length, or use --device cpu.")
+    return None

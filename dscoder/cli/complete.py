@@ -1,0 +1,64 @@
+"""`dscoder complete [FILE|-]`: continue code (raw prefix), or fill a gap when given a suffix (FIM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dscoder.cli.runtime import Runtime, stream_reply
+from dscoder.errors import UsageError
+from dscoder.prompts import Prompt, completion_prompt, fim_prompt
+from dscoder.ui.render import answer_stream
+
+
+def read_source(rt: Runtime, file: str | None) -> str:
+    """FILE, or stdin for '-' or when text is piped in."""
+    if file is None or file == "-":
+        if file is None and rt.term.stdin_is_tty:
+            raise UsageError("Give a FILE to continue, or pipe code in (cat foo.py | dscoder complete).")
+        try:
+            return rt.term.stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("The piped input is not UTF-8 text.") from None
+    from dscoder.fileedit import read_text_file
+
+    return read_text_file(Path(file)).text
+
+
+def read_suffix(suffix: str | None, suffix_file: Path | None) -> str | None:
+    if suffix is not None and suffix_file is not None:
+        raise UsageError("Give --suffix or --suffix-file, not both.")
+    if suffix_file is not None:
+        from dscoder.fileedit import read_text_file
+
+        return read_text_file(suffix_file).text
+    return suffix
+
+
+def build(rt: Runtime, prefix: str, suffix: str | None) -> Prompt:
+    limit = rt.max_prompt_tokens()
+    if suffix is None:
+        prompt = completion_prompt(rt.tokenizer(), prefix, max_prompt_tokens=limit)
+    else:
+        prompt = fim_prompt(rt.tokenizer(), prefix, suffix, max_prompt_tokens=limit)
+    cut_prefix, cut_suffix = prompt.truncated_chars
+    if cut_prefix or cut_suffix:
+        rt.term.warn(f"The code is longer than the context window; {cut_prefix} characters were cut "
+                     f"from the start and {cut_suffix} from the end, keeping the text nearest the gap.")
+    return prompt
+
+
+def complete(rt: Runtime, file: str | None, *, suffix: str | None, suffix_file: Path | None,
+             max_lines: int | None, show_prompt: bool) -> None:
+    prefix = read_source(rt, file)
+    suffix_text = read_suffix(suffix, suffix_file)
+    if show_prompt:
+        prompt = build(rt, prefix, suffix_text)
+        rt.term.show_prompt(prompt.text, len(prompt.ids))
+        return
+    engine = rt.engine()
+    prompt = build(rt, prefix, suffix_text)
+    # Raw text, never Markdown: the output is code that continues the input.
+    stream = answer_stream(rt.term, markdown=False, newline=rt.term.stdout_is_tty)
+    events = engine.generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
+    finished = stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines)
+    if rt.settings.verbose or rt.term.err_color:
+        rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)

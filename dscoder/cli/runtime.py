@@ -1,0 +1,142 @@
+"""What every command needs: the merged settings, the terminal, and the model loaded at most once."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from dscoder.cli import backend
+from dscoder.errors import UsageError
+from dscoder.events import Finished, GenerationSettings, TextDelta
+from dscoder.settings import Settings
+from dscoder.ui.console import Terminal
+from dscoder.ui.render import Stream
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    term: Terminal
+    _engine: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+    load_seconds: float | None = None
+
+    @property
+    def backend(self) -> backend.Backend:
+        return backend.get()
+
+    @property
+    def model_name(self) -> str:
+        return self.backend.model_name(self.settings)
+
+    def engine(self) -> Any:
+        if self._engine is None:
+            start = time.monotonic()
+            self._engine = self.backend.load_engine(self.settings, self.term.warn)
+            self.load_seconds = time.monotonic() - start
+            self._tokenizer = self._engine.tokenizer
+        return self._engine
+
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer, or the tokenizer alone (for --show-prompt: no weights, no torch)."""
+        if self._tokenizer is None:
+            self._tokenizer = self.backend.load_tokenizer(self.settings)
+        return self._tokenizer
+
+    def generation(self) -> GenerationSettings:
+        defaults = self._engine.defaults if self._engine is not None else GenerationSettings()
+        return self.settings.generation(defaults)
+
+    def max_prompt_tokens(self) -> int | None:
+        """Room for the prompt: the context window less the room the reply may take."""
+        if self._engine is not None:
+            window = self._engine.context_length
+        else:
+            window = self.backend.context_length(self.settings)
+        if window is None:
+            return None
+        return max(window - self.generation().max_tokens, window // 2)
+
+    def fim_stop_ids(self) -> set[int]:
+        tok = self.tokenizer()
+        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a reply; carries what was generated so far (a 'cancelled' Finished)."""
+
+    def __init__(self, finished: Finished) -> None:
+        super().__init__()
+        self.finished = finished
+
+
+def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
+                 max_lines: int | None = None, on_text: Callable[[str], None] | None = None) -> Finished:
+    """Drive one generation into `stream`; the engine's Finished event, or one we make when we
+    stop early (--max-lines) or the user presses Ctrl-C (then `Interrupted` is raised)."""
+    acc = _Accumulator(prompt_tokens)
+    try:
+        for event in events:
+            if isinstance(event, Finished):
+                stream.finish()
+                return event
+            text = acc.add(event, max_lines)
+            stream.feed(text)
+            if on_text:
+                on_text(text)
+            if acc.full:
+                break
+    except KeyboardInterrupt:
+        _close(events)
+        stream.finish()
+        raise Interrupted(acc.finished("cancelled")) from None
+    _close(events)
+    stream.finish()
+    return acc.finished("stop" if acc.full else "eos")
+
+
+def _close(events: Iterator[Any]) -> None:
+    close = getattr(events, "close", None)
+    if close is not None:
+        try:
+            close()
+        except KeyboardInterrupt:  # a second Ctrl-C while the engine cleans up: it is closed anyway
+            pass
+
+
+class _Accumulator:
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.parts: list[str] = []
+        self.ids: list[int] = []
+        self.lines = 0
+        self.full = False
+
+    def add(self, delta: TextDelta, max_lines: int | None) -> str:
+        if self.first is None:
+            self.first = time.monotonic()
+        text = delta.text
+        self.ids.extend(delta.token_ids)
+        if max_lines is not None:
+            for i, ch in enumerate(text):
+                if ch == "\n":
+                    self.lines += 1
+                    if self.lines >= max_lines:  # the newline ending the last line is a stop
+                        text, self.full = text[:i], True
+                        break
+        self.parts.append(text)
+        return text
+
+    def finished(self, reason: str) -> Finished:
+        now = time.monotonic()
+        first = self.first or now
+        return Finished(reason=reason, text="".join(self.parts), token_ids=tuple(self.ids),
+                        prompt_tokens=self.prompt_tokens, cached_tokens=0,
+                        prefill_seconds=first - self.start, decode_seconds=now - first)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)

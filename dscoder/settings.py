@@ -1,0 +1,188 @@
+"""Settings: flag > DSCODER_* environment > $XDG_CONFIG_HOME/dscoder/config.toml > defaults.
+
+Every field starts as "unset" (None) for the sampling knobs, so that the model's own
+generation_config.json can fill what the user did not choose (see `Settings.generation`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dscoder.errors import UsageError
+from dscoder.events import GenerationSettings
+
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_GPU_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # None: the hub's default model
+    device: str = "auto"
+    gpu_memory: str | None = None
+    dtype: str | None = None
+    context_length: int | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    system: str | None = None
+    verbose: bool = False
+    debug: bool = False
+    pretty: bool = True
+    history: bool = True
+    code_theme: str = "monokai"
+
+    def generation(self, defaults: GenerationSettings) -> GenerationSettings:
+        """Our choices over the model's defaults (from its generation_config.json)."""
+        chosen = {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+        merged = replace(defaults, **{k: v for k, v in chosen.items() if v is not None})
+        if self.stop:
+            merged = replace(merged, stop=tuple(dict.fromkeys(defaults.stop + self.stop)))
+        return merged
+
+
+def unescape(text: str) -> str:
+    r"""Turn \n, \t, \r and \\ into the characters: a stop string is often a newline."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (unescape(value),)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(unescape(v) for v in value)
+    raise ValueError("expected a string or a list of strings")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    return float(value)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "model": _str, "device": _str, "gpu_memory": _str, "dtype": _str, "context_length": _int,
+    "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
+    "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
+    "history": _bool, "code_theme": _str,
+}
+assert set(_CONVERT) == {f.name for f in fields(Settings)}
+
+
+def env_name(key: str) -> str:
+    return "DSCODER_" + key.upper()
+
+
+def config_path(env: Mapping[str, str]) -> Path:
+    if env.get("DSCODER_CONFIG"):
+        return Path(env["DSCODER_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "dscoder" / "config.toml"
+
+
+def state_dir(env: Mapping[str, str]) -> Path:
+    """Where history lives: $XDG_STATE_HOME/dscoder (never the home directory itself)."""
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "dscoder"
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    try:
+        return _CONVERT[key](value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"Bad value for {key} in {where}: {e}.") from None
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"Cannot read the config file {path}: {e}.") from None
+    unknown = sorted(set(data) - set(_CONVERT))
+    if unknown:
+        raise UsageError(f"Unknown setting {unknown[0]!r} in {path}; "
+                         f"known settings: {', '.join(sorted(_CONVERT))}.")
+    return {k: _convert(k, v, str(path)) for k, v in data.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out = {k: _convert(k, env[env_name(k)], env_name(k)) for k in _CONVERT if env_name(k) in env}
+    if _bool_env(env, "DSCODER_NOHISTORY"):
+        out["history"] = False
+    if "NO_COLOR" in env and env["NO_COLOR"] != "":  # https://no-color.org
+        out["pretty"] = False
+    return out
+
+
+def _bool_env(env: Mapping[str, str], name: str) -> bool:
+    return name in env and _convert("history", env[name], name)
+
+
+def validate(s: Settings) -> Settings:
+    def bad(msg: str) -> UsageError:
+        return UsageError(msg)
+    if s.device not in DEVICES and not re.fullmatch(r"cuda:\d+", s.device):
+        raise bad(f"Unknown device {s.device!r}; use auto, cuda, cuda:N or cpu.")
+    if s.dtype is not None and s.dtype not in DTYPES:
+        raise bad(f"Unknown dtype {s.dtype!r}; use one of {', '.join(DTYPES)}.")
+    if s.gpu_memory is not None and not _GPU_MEMORY.match(s.gpu_memory):
+        raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; write it like 12GiB or 12000MiB.")
+    for key in ("max_tokens", "context_length"):
+        if getattr(s, key) is not None and getattr(s, key) < 1:
+            raise bad(f"{key.replace('_', '-')} must be at least 1.")
+    if s.temperature is not None and s.temperature < 0:
+        raise bad("temperature must be 0 (greedy) or more.")
+    if s.top_p is not None and not 0 < s.top_p <= 1:
+        raise bad("top-p must be above 0 and at most 1.")
+    if s.top_k is not None and s.top_k < 0:
+        raise bad("top-k must be 0 (off) or more.")
+    if any(stop == "" for stop in s.stop):
+        raise bad("A stop string cannot be empty.")
+    return s
+
+
+def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    """Merge the layers; `flags` holds only what was given on the command line (None = not given)."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    merged.update(_from_file(config_path(env)))
+    merged.update(_from_env(env))
+    for key, value in flags.items():
+        if value is None or (key == "stop" and not value):
+            continue
+        merged[key] = _stop(list(value)) if key == "stop" else value
+    return validate(Settings(**merged))

@@ -1,0 +1,138 @@
+"""The terminal: which streams are ttys, whether colour is allowed, and the small messages on stderr.
+
+The contract: stdout carries only the answer; everything else (errors, warnings, statistics, diffs)
+goes to stderr. Escape codes only reach a stream that is a terminal, and never when NO_COLOR is
+set or --no-pretty was given.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Mapping, TextIO
+
+from rich.console import Console
+from rich.text import Text
+
+from dscoder.events import Finished
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def color_allowed(stream: TextIO, env: Mapping[str, str], pretty: bool = True) -> bool:
+    return (pretty and _isatty(stream) and not env.get("NO_COLOR")
+            and env.get("TERM", "") != "dumb")
+
+
+@dataclass
+class Terminal:
+    """The three standard streams and what each may receive. Tests build one around StringIO."""
+
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+    pretty: bool  # stdout gets Markdown and colour
+    err_color: bool  # stderr gets colour
+    _out: Console | None = field(default=None, repr=False)
+    _err: Console | None = field(default=None, repr=False)
+
+    @property
+    def stdin_is_tty(self) -> bool:
+        return _isatty(self.stdin)
+
+    @property
+    def stdout_is_tty(self) -> bool:
+        return _isatty(self.stdout)
+
+    @property
+    def out(self) -> Console:
+        if self._out is None:
+            self._out = _console(self.stdout, self.pretty)
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        if self._err is None:
+            self._err = _console(self.stderr, self.err_color)
+        return self._err
+
+    # -- stdout: answers only --------------------------------------------------------------
+    def write(self, text: str) -> None:
+        """Raw answer text, flushed at once so pipes see tokens as they come."""
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    # -- stderr: everything else ------------------------------------------------------------
+    def error(self, message: str) -> None:
+        self._line(f"error: {message}", "bold red")
+
+    def warn(self, message: str) -> None:
+        self._line(f"warning: {message}", "yellow")
+
+    def info(self, message: str) -> None:
+        self._line(message, "dim")
+
+    def hint(self, message: str) -> None:
+        self._line(message, "cyan")
+
+    def _line(self, message: str, style: str) -> None:
+        self.err.print(Text(message, style=style if self.err_color else ""), soft_wrap=True)
+
+    def stats(self, finished: Finished, *, verbose: bool = False, load_seconds: float | None = None) -> None:
+        self.info(stats_line(finished, verbose=verbose, load_seconds=load_seconds))
+
+    def diff(self, diff_text: str) -> None:
+        """A unified diff on stderr, coloured like git's when stderr is a terminal."""
+        for line in diff_text.splitlines():
+            style = ""
+            if self.err_color:
+                style = ("bold" if line.startswith(("---", "+++")) else "cyan" if line.startswith("@@")
+                         else "green" if line.startswith("+") else "red" if line.startswith("-") else "")
+            self.err.print(Text(line, style=style), soft_wrap=True, highlight=False)
+
+    def show_prompt(self, text: str, tokens: int) -> None:
+        """--show-prompt: the exact prompt text on stdout, its size on stderr."""
+        self.write(text if text.endswith("\n") or not self.stdout_is_tty else text + "\n")
+        self.info(f"[{tokens} tokens]")
+
+
+def _console(stream: TextIO, color: bool) -> Console:
+    # force_terminal=False plus no_color keeps rich from emitting any escape into pipes or files.
+    return Console(file=stream, force_terminal=color, no_color=not color, color_system="auto" if color else None,
+                   highlight=False, emoji=False, soft_wrap=False)
+
+
+_REASONS = {"length": "stopped at max tokens", "stop": "stopped at a stop string",
+            "cancelled": "interrupted"}
+
+
+def stats_line(f: Finished, *, verbose: bool = False, load_seconds: float | None = None) -> str:
+    cached = f" ({f.cached_tokens} cached)" if f.cached_tokens else ""
+    line = (f"[prompt {f.prompt_tokens} tokens{cached}, {f.prefill_tokens_per_second:.1f} tok/s"
+            f" | reply {f.generated_tokens} tokens, {f.decode_tokens_per_second:.1f} tok/s")
+    if f.reason in _REASONS:
+        line += f" | {_REASONS[f.reason]}"
+    if verbose:
+        line += f" | prefill {f.prefill_seconds:.2f}s, decode {f.decode_seconds:.2f}s"
+        if load_seconds is not None:
+            line += f", load {load_seconds:.1f}s"
+        line += "".join(f", {k} {_fmt(v)}" for k, v in f.stats.items())
+    return line + "]"
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def make_terminal(*, pretty: bool = True, env: Mapping[str, str] | None = None,
+                  stdin: TextIO | None = None, stdout: TextIO | None = None,
+                  stderr: TextIO | None = None) -> Terminal:
+    env = os.environ if env is None else env
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    return Terminal(stdin, stdout, stderr, pretty=color_allowed(stdout, env, pretty),
+                    err_color=color_allowed(stderr, env, pretty))
