@@ -1,0 +1,30 @@
+"""Running the real CLI entry point in process (typer's CliRunner isolation) with a fake model."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from typer.testing import CliRunner  # noqa: E402
+
+from dscoder.cli.app import run  # noqa: E402
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def invoke(args: list[str], *, input: str | None = "", env: dict | None = None) -> Result:
+    """`dscoder ARGS` with stdin from `input` (not a tty), stdout and stderr captured."""
+    runner = CliRunner()
+    with runner.isolation(input=input, env=env) as (out, err, _mixed):
+        code = run(list(args))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return Result(int(code), stdout, stderr)
