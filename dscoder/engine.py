@@ -17,6 +17,7 @@ import torch
 from dscoder.config import ModelConfig
 from dscoder.errors import PromptTooLong, UsageError
 from dscoder.events import Event, Finished, GenerationSettings, TextDelta
+from dscoder.graphs import GraphedDecoder
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.sampling import Sampler
@@ -34,6 +35,7 @@ class Engine:
     context_length: int
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     model_dir: Path | None = None
+    graphs: GraphedDecoder | None = None  # CUDA-graph decode, when the model is resident on a GPU
     _session: Session | None = None
 
     @property
@@ -79,18 +81,23 @@ class Session:
                 size *= 2
             size = min(size, self.engine.context_length)
             grown = self.engine.model.new_cache(size)
-            if cache is not None and self.tokens:
+            if cache is not None:
                 grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]
+                if self.engine.graphs is not None:
+                    self.engine.graphs.forget(cache)
             self._cache = cache = grown
         return cache
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ids to the cache; logits (1, V) of the last one. self.tokens moves only on success."""
-        model, start = self.engine.model, len(self.tokens)
+        engine, start = self.engine, len(self.tokens)
         cache = self._ensure_capacity(start + len(ids))
-        x = torch.tensor(ids, dtype=torch.long, device=self.engine.device)
         with torch.inference_mode():
-            logits = model(x, cache, start)
+            if len(ids) == 1 and engine.graphs is not None:
+                logits = engine.graphs(ids[0], start, cache)
+            else:
+                x = torch.tensor(ids, dtype=torch.long, device=engine.device)
+                logits = engine.model(x, cache, start)
         self.tokens.extend(ids)
         return logits
 

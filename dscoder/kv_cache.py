@@ -22,8 +22,11 @@ class LatentKVCache:
     def bytes_per_token(self) -> int:
         return self.data[:, 0].numel() * self.data.element_size()
 
-    def write(self, layer: int, start: int, latent: torch.Tensor) -> torch.Tensor:
-        """Store latent (T, dim) at [start, start+T) and return the cache up to start+T."""
-        end = start + latent.shape[0]
-        self.data[layer, start:end] = latent
-        return self.data[layer, :end]
+    def write(self, layer: int, start: int | torch.Tensor, latent: torch.Tensor,
+              visible: int) -> torch.Tensor:
+        """Store latent (T, dim) at positions start.. and return the first `visible` rows."""
+        if isinstance(start, torch.Tensor):  # one token, its position on the device (CUDA graphs)
+            self.data[layer].index_copy_(0, start, latent)
+        else:
+            self.data[layer, start:start + latent.shape[0]] = latent
+        return self.data[layer, :visible]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,4 +77,14 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                  defaults=generation_defaults(model_dir), model_dir=model_dir)
+                  defaults=generation_defaults(model_dir), model_dir=model_dir,
+                  graphs=_graphs(net, dev))
+
+
+def _graphs(net, dev: torch.device):
+    """CUDA-graph decode for a model resident on a GPU; DSCODER_CUDA_GRAPHS=0 turns it off."""
+    if dev.type != "cuda" or os.environ.get("DSCODER_CUDA_GRAPHS", "1") == "0":
+        return None
+    from dscoder.graphs import GraphedDecoder
+
+    return GraphedDecoder(net)

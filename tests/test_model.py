@@ -76,3 +76,16 @@ def test_greedy_generation_matches_reference(tiny_engine):
     final = events[-1]
     assert isinstance(final, Finished) and final.reason == "length"
     assert list(final.token_ids) == expected
+
+
+@torch.inference_mode()
+def test_decode_with_device_position_matches_decode(pair):
+    # the graph-capturable step: position in a tensor, a fixed number of (masked) cache rows
+    ours, _ = pair
+    ids = prompt(30, seed=3)
+    cache_a, cache_b = ours.new_cache(64), ours.new_cache(64)
+    ours(ids[:29], cache_a, 0)
+    ours(ids[:29], cache_b, 0)
+    expected = ours(ids[29:], cache_a, 29)
+    got = ours.decode_at(ids[29:], torch.tensor([29]), cache_b, visible=64)
+    assert rel_err(got, expected) < 1e-5

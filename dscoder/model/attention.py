@@ -16,6 +16,7 @@ from dscoder.config import ModelConfig
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.layers import Linear, RMSNorm
 from dscoder.model.rope import apply_rope
+from dscoder.model.step import Step
 
 
 class MLAttention(nn.Module):
@@ -51,32 +52,22 @@ class MLAttention(nn.Module):
         kv, k_pe = c[:, : self.rank], c[:, self.rank:]
         return torch.cat((self.kv_a_layernorm(kv), apply_rope(k_pe, rope)), dim=-1)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, start: int,
-                absorbed: bool) -> torch.Tensor:
-        """x: (T, hidden) for positions [start, start+T); rope: their (T, rope/2, 2) table."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step) -> torch.Tensor:
+        """x: (T, hidden) at positions step.start...; rope: their (T, rope/2, 2) table."""
         q_nope, q_pe = self._query(x, rope)
-        cached = cache.write(self.layer, start, self._latent(x, rope))  # (start+T, rank+rope)
-        if absorbed:
-            out = self._attend_absorbed(q_nope, q_pe, cached, start)
-        else:
-            out = self._attend_expanded(q_nope, q_pe, cached, start)
+        cached = cache.write(self.layer, step.start, self._latent(x, rope), step.visible)
+        attend = self._attend_absorbed if step.absorbed else self._attend_expanded
+        out = attend(q_nope, q_pe, cached, step.mask)
         return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.vdim))
 
-    def _causal_mask(self, t: int, total: int, start: int, device: torch.device) -> torch.Tensor | None:
-        if t == 1:
-            return None  # one query sees every cached position
-        rows = torch.arange(start, start + t, device=device)[:, None]
-        return torch.arange(total, device=device)[None, :] <= rows
-
     def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                         start: int) -> torch.Tensor:
-        total, t = cached.shape[0], q_nope.shape[1]
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        total = cached.shape[0]
         kv = self.kv_b_proj(cached[:, : self.rank]).view(total, self.heads, self.nope + self.vdim)
         kv = kv.transpose(0, 1)  # (H, S, nope+v)
         k_pe = cached[:, self.rank:].expand(self.heads, total, self.rope)
         k = torch.cat((kv[..., : self.nope], k_pe), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        mask = self._causal_mask(t, total, start, q.device)
         return F.scaled_dot_product_attention(q, k, kv[..., self.nope:], attn_mask=mask,
                                               scale=self.scale)
 
@@ -86,12 +77,11 @@ class MLAttention(nn.Module):
         return w[:, : self.nope], w[:, self.nope:]
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                         start: int) -> torch.Tensor:
+                         mask: torch.Tensor | None) -> torch.Tensor:
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.matmul(q_nope, w_uk)  # (H, T, rank): the key projection moved onto the query
         latent, k_pe = cached[:, : self.rank], cached[:, self.rank:]
         scores = (torch.matmul(q_lat, latent.T) + torch.matmul(q_pe, k_pe.T)).float() * self.scale
-        mask = self._causal_mask(q_nope.shape[1], cached.shape[0], start, q_nope.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscoder.config import ModelConfig
+from dscoder.model import moe_kernels
 from dscoder.model.layers import SwiGLU
 
 
@@ -62,7 +63,9 @@ class RoutedExperts(nn.Module):
         return self._grouped(x, ids, weights)
 
     def _gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # few tokens: gather the chosen experts' weights by index (no host synchronisation)
+        # few tokens: pick the chosen experts by index on the device (no host synchronisation)
+        if moe_kernels.available(x):
+            return moe_kernels.routed_experts_decode(x, ids, weights, self.w13, self.w2)
         t, k = ids.shape
         flat = ids.reshape(-1)
         xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (T*k, H, 1)

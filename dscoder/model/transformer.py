@@ -11,6 +11,7 @@ from dscoder.model.attention import MLAttention
 from dscoder.model.layers import Linear, RMSNorm, SwiGLU
 from dscoder.model.moe import MoE
 from dscoder.model.rope import rope_table
+from dscoder.model.step import Step
 
 
 class DecoderLayer(nn.Module):
@@ -21,9 +22,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, start: int,
-                absorbed: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start, absorbed)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -65,10 +65,20 @@ class Transformer(nn.Module):
         t = ids.shape[0]
         if absorbed is None:
             absorbed = t == 1  # decode reads the latent cache directly; prefill expands it
-        rope = self.rope[start:start + t]
+        step = Step.at(start, t, ids.device, absorbed)
+        return self.run(ids, self.rope[start:start + t], cache, step, all_logits)
+
+    def decode_at(self, ids: torch.Tensor, pos: torch.Tensor, cache: LatentKVCache,
+                  visible: int) -> torch.Tensor:
+        """One token whose position is a device tensor: fixed shapes, so it can be graph-captured."""
+        assert self.rope is not None, "call set_context first"
+        return self.run(ids, self.rope.index_select(0, pos), cache, Step.on_device(pos, visible))
+
+    def run(self, ids: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step,
+            all_logits: bool = False) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:
-            x = layer(x, rope, cache, start, absorbed)
+            x = layer(x, rope, cache, step)
         if not all_logits:
             x = x[-1:]
         return self.lm_head(self.model.norm(x)).float()
