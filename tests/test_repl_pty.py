@@ -1,0 +1,89 @@
+"""The chat REPL in a real pseudo-terminal (pexpect), on the fake engine.
+
+Types a message and sees the streamed reply, interrupts a slow reply with Ctrl-C (the reply stops,
+the prompt comes back, the session goes on), recalls history with Up, and leaves with Ctrl-D.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+HERE = Path(__file__).resolve().parent
+UP, CTRL_C, CTRL_D, ENTER = "\x1b[A", "\x03", "\x04", "\r"
+PROMPT = "Send a message"  # the placeholder of an empty prompt: the REPL waits for input
+
+
+def spawn(tmp_path: Path, *args: str, reply: str, delay: float) -> "pexpect.spawn":
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSCODER_") and k != "NO_COLOR"}
+    env.update(TERM="xterm-256color", XDG_STATE_HOME=str(tmp_path / "state"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"), DSCODER_FAKE_REPLY=reply,
+               DSCODER_FAKE_DELAY=str(delay), DSCODER_FAKE_CHUNK="4")
+    child = pexpect.spawn(sys.executable, [str(HERE / "fakes.py"), *args], env=env,
+                          encoding="utf-8", dimensions=(40, 100), timeout=15)
+    return child
+
+
+def test_chat_stream_interrupt_history_exit(tmp_path):
+    slow = " ".join(f"word{i}" for i in range(400))
+    child = spawn(tmp_path, "chat", reply="Sure: **bold** reply.\\n\\nSECOND-PARA " + slow, delay=0.02)
+    try:
+        child.expect_exact(PROMPT)
+        child.send("hello there" + ENTER)
+        child.expect_exact("SECOND-PARA")  # streamed while the reply is still going
+        child.expect("word1[0-9] ")
+        child.send(CTRL_C)
+        child.expect_exact("(interrupted)")
+        child.expect_exact(PROMPT)  # back at the prompt; the session goes on
+        assert child.isalive()
+        child.send("/show" + ENTER)
+        child.expect_exact("messages: 2")  # the interrupted reply was kept
+        child.expect_exact(PROMPT)
+        child.send(UP)  # newest history entry first
+        child.expect_exact("/show")
+        child.send(UP)
+        child.expect_exact("hello there")
+        child.send(CTRL_C)  # clears the line; a second Ctrl-C would leave
+        child.expect_exact(PROMPT)
+        child.send(CTRL_D)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    history = tmp_path / "state" / "dscoder" / "history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    assert "hello there" in history.read_text()
+
+
+def test_chat_multiline_and_paste_is_not_a_command(tmp_path):
+    child = spawn(tmp_path, "chat", "--no-history", reply="ok", delay=0.0)
+    try:
+        child.expect_exact(PROMPT)
+        # bracketed paste: one message, even with newlines and a leading slash
+        child.send("\x1b[200~/not a command\nline two\x1b[201~" + ENTER)
+        child.expect_exact("ok")
+        child.expect_exact(PROMPT)
+        child.send('"""' + ENTER + "first" + ENTER + 'last"""' + ENTER)
+        child.expect_exact("ok")
+        child.expect_exact(PROMPT)
+        child.send("/save " + str(tmp_path / "c.json") + ENTER)
+        child.expect_exact("Saved 4 messages")
+        child.expect_exact(PROMPT)
+        child.send(CTRL_C)
+        child.expect_exact("Ctrl-C again")
+        child.send(CTRL_C)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    import json
+
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert [m["content"] for m in saved["messages"]] == ["/not a command\nline two", "ok",
+                                                         "first\nlast", "ok"]
+    assert not (tmp_path / "state" / "dscoder" / "history").exists()
