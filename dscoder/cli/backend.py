@@ -8,6 +8,7 @@ the engine is imported inside `load_engine`, the only place that generates.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -53,13 +54,17 @@ class RealBackend:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def load_engine(self, settings: Settings, warn: Warn) -> Any:
+    def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None) -> Any:
         check_device(settings.device, warn)
         from dscoder.engine import load_engine  # the only import of torch on the way to generating
 
-        return load_engine(self.model_name(settings), device=settings.device, dtype=settings.dtype,
-                           gpu_memory=settings.gpu_memory, context_length=settings.context_length,
-                           verbose=settings.verbose)
+        kwargs: dict[str, Any] = dict(device=settings.device, gpu_memory=settings.gpu_memory,
+                                      dtype=None if settings.dtype in (None, "auto") else settings.dtype,
+                                      context_length=settings.context_length)
+        accepted = inspect.signature(load_engine).parameters
+        if settings.verbose and info is not None and "log" in accepted:
+            kwargs["log"] = info  # the engine's load report (device, dtype, context)
+        return load_engine(self.model_name(settings), **kwargs)
 
     def pull(self, name: str) -> Path:
         from dscoder import hub

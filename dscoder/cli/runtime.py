@@ -32,7 +32,7 @@ class Runtime:
     def engine(self) -> Any:
         if self._engine is None:
             start = time.monotonic()
-            self._engine = self.backend.load_engine(self.settings, self.term.warn)
+            self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info)
             self.load_seconds = time.monotonic() - start
             self._tokenizer = self._engine.tokenizer
         return self._engine
