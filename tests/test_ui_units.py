@@ -1,0 +1,155 @@
+"""Settings layers, slash commands, the reply driver and the Markdown renderer, in isolation."""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fakes import FakeEngine  # noqa: E402
+
+from dscoder.cli.conversation import (EXIT, REGEN, ChatState, Conversation, fence,  # noqa: E402
+                                      run_command, with_context)
+from dscoder.cli.runtime import Interrupted, stream_reply  # noqa: E402
+from dscoder.errors import UsageError  # noqa: E402
+from dscoder.events import GenerationSettings  # noqa: E402
+from dscoder.settings import Settings, load_settings  # noqa: E402
+from dscoder.ui.console import Terminal  # noqa: E402
+from dscoder.ui.render import MarkdownStream, PlainStream, render_lines  # noqa: E402
+from dscoder.ui.repl import CappedFileHistory, unquote  # noqa: E402
+
+
+def term(pretty: bool = False) -> Terminal:
+    return Terminal(io.StringIO(), io.StringIO(), io.StringIO(), pretty=pretty, err_color=False)
+
+
+# --- settings -------------------------------------------------------------------------------
+
+def test_precedence_flag_env_file_default(tmp_path):
+    cfg = tmp_path / "dscoder" / "config.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('temperature = 0.1\ntop_p = 0.5\nseed = 1\nstop = ["END"]\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "DSCODER_TOP_P": "0.6", "DSCODER_SEED": "2"}
+    s = load_settings({"seed": 3, "stop": None}, env)
+    assert (s.temperature, s.top_p, s.seed, s.stop, s.device) == (0.1, 0.6, 3, ("END",), "auto")
+
+
+def test_env_bools_no_color_and_nohistory():
+    s = load_settings({}, {"HOME": "/nonexistent", "NO_COLOR": "1", "DSCODER_NOHISTORY": "1",
+                           "DSCODER_VERBOSE": "yes"})
+    assert (s.pretty, s.history, s.verbose) == (False, False, True)
+    with pytest.raises(UsageError, match="DSCODER_VERBOSE"):
+        load_settings({}, {"HOME": "/nonexistent", "DSCODER_VERBOSE": "maybe"})
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"device": "tpu"}, "Unknown device"), ({"top_p": 0.0}, "top-p"), ({"max_tokens": 0}, "max-tokens"),
+    ({"gpu_memory": "lots"}, "GPU memory"), ({"dtype": "int4"}, "dtype"), ({"stop": [""]}, "empty")])
+def test_bad_settings(flags, words):
+    with pytest.raises(UsageError, match=words):
+        load_settings(flags, {"HOME": "/nonexistent"})
+
+
+def test_generation_fills_unset_from_model_defaults():
+    g = Settings(temperature=0.0, stop=("\n",)).generation(GenerationSettings(top_p=0.9, stop=("X",)))
+    assert (g.temperature, g.top_p, g.stop, g.max_tokens) == (0.0, 0.9, ("X", "\n"), 1024)
+
+
+def test_stop_flag_understands_escapes():
+    assert load_settings({"stop": ["\\n\\n", "a\\tb"]}, {"HOME": "/x"}).stop == ("\n\n", "a\tb")
+
+
+# --- conversation and slash commands -----------------------------------------------------------
+
+def test_fence_is_longer_than_any_backtick_run():
+    assert fence("a ```` b") == "`````\na ```` b\n`````"
+    assert with_context("why?", "x\n") == "```\nx\n```\n\nwhy?"
+
+
+def test_slash_commands(tmp_path):
+    t = term()
+    state = ChatState(Conversation(), Settings(), "m")
+    run_command("/set temperature 0", state, t)
+    run_command("/set top-k 5", state, t)
+    run_command("/set stop \\n", state, t)
+    assert (state.settings.temperature, state.settings.top_k, state.settings.stop) == (0.0, 5, ("\n",))
+    with pytest.raises(UsageError):
+        run_command("/set temperature hot", state, t)
+    with pytest.raises(UsageError):
+        run_command("/frobnicate", state, t)
+    run_command("/system Be terse.", state, t)
+    state.conversation.add_user("q")
+    state.conversation.add_assistant("partial", interrupted=True)
+    assert state.conversation.prompt_messages() == [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "partial"}]
+    run_command(f"/save {tmp_path / 'c.json'}", state, t)
+    assert run_command("/regen", state, t) == REGEN
+    assert state.conversation.messages == [{"role": "user", "content": "q"}]
+    run_command("/clear", state, t)
+    run_command(f"/load {tmp_path / 'c.json'}", state, t)
+    assert state.conversation.messages[-1] == {"role": "assistant", "content": "partial",
+                                               "interrupted": True}
+    (tmp_path / "f.py").write_text("print(1)\n")
+    run_command(f"/read {tmp_path / 'f.py'}", state, t)
+    state.conversation.add_user("explain")
+    assert state.conversation.messages[-1]["content"].endswith("```\nprint(1)\n```\n\nexplain")
+    assert run_command("/bye", state, t) == EXIT
+
+
+def test_unquote_triple_quoted_block():
+    assert unquote('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
+    assert unquote("plain") == "plain"
+
+
+def test_history_file_is_private_and_capped(tmp_path):
+    path = tmp_path / "state" / "history"
+    h = CappedFileHistory(path, cap=3)
+    for i in range(6):
+        h.store_string(f"entry {i}\nsecond line")
+    h2 = CappedFileHistory(path, cap=3)
+    assert list(h2.load_history_strings()) == [f"entry {i}\nsecond line" for i in (5, 4, 3)]
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+# --- the reply driver ----------------------------------------------------------------------------
+
+def test_stream_reply_interrupt_keeps_partial_text():
+    engine = FakeEngine(reply="abcdefghij", chunk=2, interrupt_after=3)
+    t = term()
+    with pytest.raises(Interrupted) as info:
+        stream_reply(engine.generate([1, 2], GenerationSettings()), PlainStream(t), prompt_tokens=2)
+    assert info.value.finished.text == "abcdef" and info.value.finished.reason == "cancelled"
+    assert t.stdout.getvalue() == "abcdef\n"
+
+
+def test_stream_reply_max_lines():
+    engine = FakeEngine(reply="a\nb\nc\n", chunk=1)
+    t = term()
+    f = stream_reply(engine.generate([1], GenerationSettings()), PlainStream(t, newline=False),
+                     prompt_tokens=1, max_lines=2)
+    assert (f.text, f.reason, t.stdout.getvalue()) == ("a\nb", "stop", "a\nb")
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def test_code_blocks_have_no_left_padding_and_no_trailing_blanks():
+    lines = render_lines("Text\n\n```python\nx = 1\n```\n", width=40, code_theme="monokai",
+                         color_system="truecolor")
+    plain = [__import__("re").sub(r"\x1b\[[0-9;]*m", "", ln) for ln in lines]
+    assert "x = 1\n" in plain and "Text\n" in plain
+
+
+def test_markdown_stream_settles_lines_and_shows_everything_once():
+    out = io.StringIO()
+    t = Terminal(io.StringIO(), out, io.StringIO(), pretty=True, err_color=False)
+    stream = MarkdownStream(t)
+    text = "".join(f"line {i}\n\n" for i in range(20))
+    for i in range(0, len(text), 5):
+        stream.feed(text[i:i + 5])
+    stream.finish()
+    shown = __import__("re").sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
+    assert all(f"line {i}" in shown for i in range(20))
