@@ -81,7 +81,8 @@ class Terminal:
         self._line(message, "cyan")
 
     def _line(self, message: str, style: str) -> None:
-        self.err.print(Text(message, style=style if self.err_color else ""))
+        # wrap at words on a terminal; never break a line for a pipe or a log file
+        self.err.print(Text(message, style=style if self.err_color else ""), soft_wrap=not self.err_color)
 
     def stats(self, finished: Finished, *, verbose: bool = False, load_seconds: float | None = None) -> None:
         self.info(stats_line(finished, verbose=verbose, load_seconds=load_seconds))
