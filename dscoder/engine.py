@@ -35,7 +35,7 @@ class Engine:
     context_length: int
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     model_dir: Path | None = None
-    graphs: GraphedDecoder | None = None  # CUDA-graph decode, when the model is resident on a GPU
+    use_graphs: bool = False  # decode from CUDA graphs (the model is resident on a GPU)
     _session: Session | None = None
 
     @property
@@ -69,6 +69,7 @@ class Session:
         self.engine = engine
         self.tokens: list[int] = []  # ids whose keys and values are in the cache, in order
         self._cache: LatentKVCache | None = None
+        self._graphs: GraphedDecoder | None = None  # captured for self._cache
 
     def reset(self) -> None:
         self.tokens = []
@@ -83,9 +84,8 @@ class Session:
             grown = self.engine.model.new_cache(size)
             if cache is not None:
                 grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]
-                if self.engine.graphs is not None:
-                    self.engine.graphs.forget(cache)
             self._cache = cache = grown
+            self._graphs = GraphedDecoder(self.engine.model, grown) if self.engine.use_graphs else None
         return cache
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
@@ -93,8 +93,8 @@ class Session:
         engine, start = self.engine, len(self.tokens)
         cache = self._ensure_capacity(start + len(ids))
         with torch.inference_mode():
-            if len(ids) == 1 and engine.graphs is not None:
-                logits = engine.graphs(ids[0], start, cache)
+            if len(ids) == 1 and self._graphs is not None and engine.use_graphs:
+                logits = self._graphs(ids[0], start)
             else:
                 x = torch.tensor(ids, dtype=torch.long, device=engine.device)
                 logits = engine.model(x, cache, start)
@@ -137,6 +137,7 @@ class Session:
         detok = engine.tokenizer.detokenizer()
         stops = StopMatcher(settings.stop)
         generated: list[int] = []
+        before = engine_stats(engine.model)
         t0 = time.perf_counter()
         next_id = int(sampler(self._prefill(prompt[reused:])))
         t1 = time.perf_counter()
@@ -164,7 +165,19 @@ class Session:
                 yield TextDelta(tail, ())
         yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
                        prompt_tokens=len(prompt), cached_tokens=reused,
-                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
+                       stats=engine_stats(engine.model, before))
+
+
+def engine_stats(model: Transformer, before: dict | None = None) -> dict:
+    """Expert-offload counters (hit rate, bytes copied...), of this generation when given `before`."""
+    if getattr(model, "offload", None) is None:
+        return {}
+    from dscoder.offload.setup import offload_stats
+    from dscoder.offload.stats import delta
+
+    now = offload_stats(model)
+    return delta(now, before) if before is not None else now
 
 
 def load_engine(*args, **kwargs) -> Engine:

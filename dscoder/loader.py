@@ -69,7 +69,17 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         raise UsageError(f"--context-length must be at least 2, not {context_length}.")
     tokenizer = load_tokenizer(model_dir)
     try:
-        net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
+        if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
+            from dscoder.offload.setup import load_with_budget
+
+            net, ctx, _ = load_with_budget(model_dir, cfg, dev, dt, gpu_memory, ctx,
+                                           context_length is not None, progress=progress, log=log)
+        else:
+            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
+        if os.environ.get("DSCODER_ROUTING_TRACE"):
+            from dscoder.offload.setup import install_trace
+
+            install_trace(net)
         net.set_context(ctx)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
@@ -78,13 +88,9 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                   defaults=generation_defaults(model_dir), model_dir=model_dir,
-                  graphs=_graphs(net, dev))
+                  use_graphs=_use_graphs(dev))
 
 
-def _graphs(net, dev: torch.device):
+def _use_graphs(dev: torch.device) -> bool:
     """CUDA-graph decode for a model resident on a GPU; DSCODER_CUDA_GRAPHS=0 turns it off."""
-    if dev.type != "cuda" or os.environ.get("DSCODER_CUDA_GRAPHS", "1") == "0":
-        return None
-    from dscoder.graphs import GraphedDecoder
-
-    return GraphedDecoder(net)
+    return dev.type == "cuda" and os.environ.get("DSCODER_CUDA_GRAPHS", "1") != "0"

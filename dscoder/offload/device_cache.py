@@ -1,0 +1,166 @@
+"""The GPU pool of expert slots: lookups, copies on a side stream, and the events that order them.
+
+Ordering rules (CUDA; on the CPU every copy is a plain synchronous copy and events are None):
+- a copy into a slot waits for the compute that last read the slot (its `last_use` event);
+- compute waits only for the slots it reads (their `ready` events), never for the whole stream.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from dscoder.offload.host_store import HostExpertStore
+from dscoder.offload.policy import Key, NoSlot, Policy, SlotTable
+from dscoder.offload.stats import OffloadStats
+
+MAX_PENDING_TIMINGS = 4096
+
+
+class CopyEngine:
+    """Host-to-device copies on their own stream (CUDA) or inline (CPU), with counters."""
+
+    def __init__(self, device: torch.device, stats: OffloadStats) -> None:
+        self.device = device
+        self.stats = stats
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self) -> torch.cuda.Event | None:
+        return torch.cuda.Event(enable_timing=True) if self.cuda else None
+
+    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+             after: Sequence[torch.cuda.Event | None] = ()) -> torch.cuda.Event | None:
+        """Copy (dst, src) pairs after the given events; the event that marks them done."""
+        nbytes = sum(src.nbytes for _, src in pairs)
+        self.stats.bytes_copied += nbytes
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for dst, src in pairs:
+                dst.copy_(src)
+            dt = time.perf_counter() - t0
+            self.stats.copy_seconds += dt
+            self.stats.exposed_seconds += dt  # nothing overlaps on the CPU
+            return None
+        assert self.stream is not None
+        for ev in after:
+            if ev is not None:
+                self.stream.wait_event(ev)
+        start, done = self.event(), self.event()
+        with torch.cuda.stream(self.stream):
+            start.record()
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            done.record()
+        self._time("copy", start, done)
+        return done
+
+    def wait(self, events: Sequence[torch.cuda.Event | None]) -> None:
+        """Make the compute stream wait for these copies; time the stall as exposed copy time."""
+        events = [e for e in events if e is not None and not e.query()]
+        if not events or not self.cuda:
+            return
+        start, end = self.event(), self.event()
+        start.record()
+        for ev in events:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        end.record()
+        self._time("exposed", start, end)
+
+    def mark(self) -> torch.cuda.Event | None:
+        """An event on the compute stream after the work queued so far."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def _time(self, kind: str, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        self.stats._pending.append((kind, start, end))
+        if len(self.stats._pending) > MAX_PENDING_TIMINGS:
+            self.stats.resolve()
+
+
+class ExpertCache:
+    """`slots` experts on the device, each slot one expert's w13 (2I, H) and w2 (H, I)."""
+
+    def __init__(self, store: HostExpertStore, slots: int, device: torch.device, policy: Policy,
+                 stats: OffloadStats, copier: CopyEngine) -> None:
+        self.store = store
+        self.table = SlotTable(slots, policy)
+        self.stats, self.copier = stats, copier
+        w13, w2 = store.w13[store.layers[0]], store.w2[store.layers[0]]
+        self.w13 = torch.empty((slots, *w13.shape[1:]), dtype=w13.dtype, device=device)
+        self.w2 = torch.empty((slots, *w2.shape[1:]), dtype=w2.dtype, device=device)
+        self.ready: list[torch.cuda.Event | None] = [None] * slots
+        self.last_use: list[torch.cuda.Event | None] = [None] * slots
+        self.prefetched: set[Key] = set()  # copied ahead and not yet needed
+
+    @property
+    def slots(self) -> int:
+        return self.table.slots
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.table
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Slots holding these experts of a layer, copying the missing ones (demand path)."""
+        keys = [(layer, e) for e in experts]
+        protected = set(keys)
+        slots = []
+        for key in keys:
+            slot = self.table.get(key)
+            if slot is None:
+                self.stats.misses += 1
+                slot = self._load(key, protected)
+            else:
+                self.stats.hits += 1
+                if key in self.prefetched:
+                    self.stats.prefetch_used += 1
+            self.prefetched.discard(key)
+            slots.append(slot)
+        return slots
+
+    def prefetch(self, layer: int, experts: Sequence[int], protected: set[Key]) -> None:
+        """Start copies for experts a later layer will probably need; never evict `protected`."""
+        guard = protected | {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            if key in self.table:
+                continue
+            try:
+                self._load(key, guard)
+            except NoSlot:
+                return  # every other slot is needed now: the rest will be demand misses
+            self.prefetched.add(key)
+            self.stats.prefetched += 1
+
+    def _load(self, key: Key, protected: set[Key]) -> int:
+        slot, evicted = self.table.assign(key, protected)
+        if evicted is not None:
+            self.prefetched.discard(evicted)
+        layer, e = key
+        pairs = [(self.w13[slot], self.store.w13[layer][e]), (self.w2[slot], self.store.w2[layer][e])]
+        self.ready[slot] = self.copier.copy(pairs, after=[self.last_use[slot]])
+        return slot
+
+    def wait(self, slots: Sequence[int]) -> None:
+        self.copier.wait([self.ready[s] for s in slots])
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Compute that reads these slots has been queued: later copies into them wait for it."""
+        ev = self.copier.mark()
+        for s in slots:
+            self.last_use[s] = ev
+
+    def warm(self) -> None:
+        """Fill every slot before the first token, spread evenly over the layers."""
+        layers, n = self.store.layers, self.store.experts_per_layer
+        for i in range(min(self.slots, len(layers) * n)):
+            key = (layers[i % len(layers)], i // len(layers))
+            if key not in self.table:
+                self._load(key, set())
+        self.stats.bytes_copied = 0  # warming is part of loading, not of generation
+        self.stats.copy_seconds = self.stats.exposed_seconds = 0.0
+        self.stats._pending.clear()

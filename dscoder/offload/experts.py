@@ -1,0 +1,163 @@
+"""The offloaded stand-in for MoE.experts: same forward(x, ids, weights), experts from the cache.
+
+Decode-sized calls look their experts up in the GPU cache (copying misses on the copy stream)
+and, before computing, start copies for the next layer's likely experts: that layer's router
+applied to this layer's input predicts most of them. Prefill-sized calls stream the missing
+experts through two staging buffers, so a long prompt costs one pass over the experts.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscoder.model.moe import expert_mlp
+from dscoder.offload.device_cache import CopyEngine, ExpertCache
+from dscoder.offload.host_store import HostExpertStore
+from dscoder.offload.policy import should_stream
+from dscoder.offload.stats import OffloadStats
+
+PREDICT_TOKENS = 4  # predict the next layer's experts only for decode-sized calls
+GATHER_PAIRS = 16  # as RoutedExperts: up to this many (token, expert) pairs, gather weights by index
+
+
+@dataclass
+class OffloadRuntime:
+    store: HostExpertStore
+    cache: ExpertCache
+    copier: CopyEngine
+    stats: OffloadStats
+    staging_w13: torch.Tensor  # (2, chunk, 2I, H): two prefill buffers
+    staging_w2: torch.Tensor  # (2, chunk, H, I)
+    first_layer: int
+    policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        self.staging_ready: list = [None, None]
+        self.staging_free: list = [None, None]
+
+    @property
+    def stream_chunk(self) -> int:
+        return self.staging_w13.shape[1]
+
+
+class OffloadedExperts(nn.Module):
+    def __init__(self, runtime: OffloadRuntime, layer: int, next_layer: int | None,
+                 next_router: nn.Module | None) -> None:
+        super().__init__()
+        self.runtime, self.layer, self.next_layer = runtime, layer, next_layer
+        self._next_router = (next_router,)  # a tuple: not registered as a second parent
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rt, t = self.runtime, x.shape[0]
+        if self.layer == rt.first_layer:
+            rt.stats.tokens += t
+        flat, predicted = self._route_on_host(x, ids)
+        needed = sorted(set(flat))
+        if should_stream(t, len(needed), rt.cache.slots):
+            return self._streamed(x, ids, weights, flat, needed)
+        cache = rt.cache
+        slots = cache.acquire(self.layer, needed)
+        if predicted and self.next_layer is not None:
+            cache.prefetch(self.next_layer, predicted, {(self.layer, e) for e in needed})
+        cache.wait(slots)
+        slot_of = dict(zip(needed, slots))
+        out = self._cached(x, ids, weights, flat, slot_of)
+        cache.release(slots)
+        return out
+
+    def _route_on_host(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
+        """This layer's expert ids and the next layer's predicted ones, in one device sync."""
+        router = self._next_router[0]
+        n = ids.numel()
+        if router is None or x.shape[0] > PREDICT_TOKENS:
+            return ids.reshape(-1).tolist(), []
+        guess, _ = router(x)
+        both = torch.cat((ids.reshape(-1), guess.reshape(-1))).tolist()
+        return both[:n], sorted(set(both[n:]))
+
+    def _cached(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int],
+                slot_of: dict[int, int]) -> torch.Tensor:
+        cache = self.runtime.cache
+        t, k = ids.shape
+        if t * k <= GATHER_PAIRS:
+            # the same arithmetic as RoutedExperts._gathered, with slot indices for expert ids
+            sl = torch.tensor([slot_of[e] for e in flat], dtype=torch.long).to(x.device, non_blocking=True)
+            xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)
+            g, u = torch.bmm(cache.w13[sl], xs).squeeze(-1).chunk(2, dim=-1)
+            y = torch.bmm(cache.w2[sl], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+            y = y.float() * weights.reshape(-1, 1)
+            return y.view(t, k, -1).sum(dim=1).to(x.dtype)
+        groups = _Groups(x, ids, weights, flat)
+        for e in sorted(slot_of):
+            s = slot_of[e]
+            groups.apply(e, cache.w13[s], cache.w2[s])
+        return groups.result()
+
+    def _streamed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int],
+                  needed: list[int]) -> torch.Tensor:
+        rt, cache = self.runtime, self.runtime.cache
+        groups = _Groups(x, ids, weights, flat)
+        hits = [e for e in needed if (self.layer, e) in cache]
+        misses = [e for e in needed if (self.layer, e) not in cache]
+        rt.stats.hits += len(hits)
+        rt.stats.misses += len(misses)
+        b = rt.stream_chunk
+        chunks = [misses[i:i + b] for i in range(0, len(misses), b)]
+        for j in range(min(2, len(chunks))):
+            self._stage(j, chunks[j])
+        slots = [cache.table.get((self.layer, e)) for e in hits]
+        cache.wait(slots)  # type: ignore[arg-type]
+        for e, s in zip(hits, slots):
+            groups.apply(e, cache.w13[s], cache.w2[s])
+        cache.release(slots)  # type: ignore[arg-type]
+        for j, chunk in enumerate(chunks):
+            buf = j % 2
+            rt.copier.wait([rt.staging_ready[buf]])
+            for n, e in enumerate(chunk):
+                groups.apply(e, rt.staging_w13[buf, n], rt.staging_w2[buf, n])
+            rt.staging_free[buf] = rt.copier.mark()
+            if j + 2 < len(chunks):
+                self._stage(j + 2, chunks[j + 2])
+        return groups.result()
+
+    def _stage(self, j: int, chunk: Sequence[int]) -> None:
+        """Copy a chunk of experts into staging buffer j % 2 once its previous chunk is computed."""
+        rt, buf = self.runtime, j % 2
+        store = rt.store
+        pairs = []
+        for n, e in enumerate(chunk):
+            pairs += [(rt.staging_w13[buf, n], store.w13[self.layer][e]),
+                      (rt.staging_w2[buf, n], store.w2[self.layer][e])]
+        rt.staging_ready[buf] = rt.copier.copy(pairs, after=[rt.staging_free[buf]])
+
+
+class _Groups:
+    """Token groups per expert, as RoutedExperts._grouped forms them; results summed in fp32."""
+
+    def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int]) -> None:
+        k = ids.shape[1]
+        order = torch.argsort(ids.reshape(-1), stable=True)
+        self.x = x
+        self.tokens = order // k
+        self.pair_w = weights.reshape(-1)[order]
+        counts = Counter(flat)
+        self.span: dict[int, tuple[int, int]] = {}
+        start = 0
+        for e in sorted(counts):
+            self.span[e] = (start, start + counts[e])
+            start += counts[e]
+        self.out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+    def apply(self, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        a, b = self.span[e]
+        sel = self.tokens[a:b]
+        y = expert_mlp(self.x[sel], w13, w2)
+        self.out.index_add_(0, sel, y.float() * self.pair_w[a:b, None])
+
+    def result(self) -> torch.Tensor:
+        return self.out.to(self.x.dtype)

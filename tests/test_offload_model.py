@@ -1,0 +1,106 @@
+"""The offloaded model computes the same function as the resident one (CPU, fp32, simulated budget)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dscoder.config import ModelConfig
+from dscoder.events import Finished, GenerationSettings
+from dscoder.weights import load_model
+
+CPU = torch.device("cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def load(path, slots: int | None):
+    from dscoder.offload.setup import install_offload
+
+    cfg = ModelConfig.from_file(path / "config.json")
+    model = load_model(path, cfg, device=CPU, dtype=torch.float32)
+    if slots is not None:
+        install_offload(model, slots, CPU)
+    model.set_context(512)
+    return model
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_checkpoint):
+    return load(tiny_checkpoint, None)
+
+
+def prompt(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 100000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("slots", [6, 12, 16])  # the tiny model has 2 MoE layers x 8 experts
+@torch.inference_mode()
+def test_prefill_and_decode_match_resident(tiny_checkpoint, resident, slots):
+    model = load(tiny_checkpoint, slots)
+    ids = prompt(80, seed=slots)
+    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
+    assert rel_err(model(ids, model.new_cache(512), 0, all_logits=True), full) < 1e-5  # streamed
+    cache = model.new_cache(512)
+    parts = [model(ids[:40], cache, 0, all_logits=True)]
+    parts += [model(ids[i:i + 6], cache, i, all_logits=True) for i in range(40, 52, 6)]  # small calls
+    parts += [model(ids[i:i + 1], cache, i) for i in range(52, 80)]  # decode: cache + prefetch
+    assert rel_err(torch.cat(parts), full) < 1e-5
+    stats = model.offload.stats
+    assert stats.hits > 0 and stats.tokens == 160
+    assert (stats.misses > 0 and stats.bytes_copied > 0) == (slots < 16)  # 16: all warm
+
+
+def budget_for(path, slots: int, context: int = 512) -> str:
+    from dscoder.offload.planner import STREAM_CHUNK, kv_peak_bytes, work_bytes
+    from dscoder.offload.setup import model_sizes
+
+    s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
+    fixed = s.resident_bytes + kv_peak_bytes(s, context) + work_bytes(s, context)
+    return str(fixed + 2 * STREAM_CHUNK * s.expert_bytes + slots * s.expert_bytes)
+
+
+def test_offloaded_engine_generates_the_same_ids(tiny_checkpoint, tiny_engine):
+    from dscoder.engine import load_engine
+
+    logs: list[str] = []
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,
+                         gpu_memory=budget_for(tiny_checkpoint, 7), log=logs.append)
+    assert engine.model.offload.cache.slots == 7
+    assert any("expert cache: 7 of 16" in line for line in logs)
+    ids = [100000] + tiny_engine.tokenizer.encode("def quicksort(xs):\n    ")
+    settings = GenerationSettings(max_tokens=24, temperature=0)
+    want = list(tiny_engine.new_session().generate(ids, settings, stop_ids=()))[-1]
+    got = list(engine.new_session().generate(ids, settings, stop_ids=()))[-1]
+    assert isinstance(got, Finished) and got.token_ids == want.token_ids
+    assert got.stats["misses"] > 0 and 0 < got.stats["hit_rate"] < 1
+    assert got.stats["bytes_per_token"] > 0 and want.stats == {}
+
+
+def test_large_budget_keeps_everything_resident(tiny_checkpoint):
+    from dscoder.engine import load_engine
+
+    logs: list[str] = []
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", gpu_memory="1GiB",
+                         log=logs.append)
+    assert getattr(engine.model, "offload", None) is None
+    assert "nothing offloaded" in logs[0]
+
+
+def test_routing_trace_is_recorded(tiny_checkpoint, tmp_path, monkeypatch):
+    from dscoder.engine import load_engine
+    from dscoder.offload.trace import read_trace, replay
+
+    path = tmp_path / "routing.jsonl"
+    monkeypatch.setenv("DSCODER_ROUTING_TRACE", str(path))
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512)
+    list(engine.new_session().generate([100000, 5, 6, 7], GenerationSettings(max_tokens=5, temperature=0),
+                                       stop_ids=()))
+    for f in [engine.model.model.layers[1].mlp.experts.writer]:
+        f.close()
+    calls = read_trace(path)
+    assert {layer for layer, _ in calls} == {1, 2} and len(calls) == 2 * 5
+    assert len(calls[0][1]) == 4 and len(calls[0][1][0]) == 3  # 4 prompt tokens, top-3
+    assert replay(calls, "lru", 6).hits + replay(calls, "lru", 6).misses == sum(
+        len({e for row in ids for e in row}) for _, ids in calls)
