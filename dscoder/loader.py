@@ -88,7 +88,12 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                   defaults=generation_defaults(model_dir), model_dir=model_dir,
-                  use_graphs=_use_graphs(dev))
+                  use_graphs=_use_graphs(dev) and _host_free(net))
+
+
+def _host_free(net) -> bool:
+    # offloaded experts and routing traces need the host at every layer: no graph capture
+    return getattr(net, "offload", None) is None and not os.environ.get("DSCODER_ROUTING_TRACE")
 
 
 def _use_graphs(dev: torch.device) -> bool:
