@@ -18,31 +18,25 @@ BUCKET = 1024  # cache rows per bucket: at most this many rows read beyond the c
 
 
 class GraphedDecoder:
-    def __init__(self, model: Transformer) -> None:
+    """The decode graphs of one KV cache (one per bucket); a session owns one."""
+
+    def __init__(self, model: Transformer, cache: LatentKVCache) -> None:
         device = model.lm_head.weight.device
-        self.model = model
+        self.model, self.cache = model, cache
         self.ids = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def __call__(self, token: int, pos: int, cache: LatentKVCache) -> torch.Tensor:
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
         """Logits (1, V) for `token` at `pos`; the tensor is reused by the next call."""
-        visible = min(math.ceil((pos + 1) / BUCKET) * BUCKET, cache.capacity)
-        key = (cache.data.data_ptr(), visible)
+        visible = min(math.ceil((pos + 1) / BUCKET) * BUCKET, self.cache.capacity)
         self.ids.fill_(token)
         self.pos.fill_(pos)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(cache, visible)
-        graph, out = self.graphs[key]
+        if visible not in self.graphs:
+            self.graphs[visible] = self._capture(self.cache, visible)
+        graph, out = self.graphs[visible]
         graph.replay()
         return out
-
-    def forget(self, cache: LatentKVCache) -> None:
-        """Drop the graphs of a cache that is being replaced (they point into its memory)."""
-        ptr = cache.data.data_ptr()
-        for key in [k for k in self.graphs if k[0] == ptr]:
-            del self.graphs[key]
 
     def _capture(self, cache: LatentKVCache, visible: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream first (Triton compiles, cuBLAS picks kernels), as capture
@@ -54,6 +48,6 @@ class GraphedDecoder:
                 self.model.decode_at(self.ids, self.pos, cache, visible)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph):
             out = self.model.decode_at(self.ids, self.pos, cache, visible)
         return graph, out

@@ -22,11 +22,16 @@ class LatentKVCache:
     def bytes_per_token(self) -> int:
         return self.data[:, 0].numel() * self.data.element_size()
 
-    def write(self, layer: int, start: int | torch.Tensor, latent: torch.Tensor,
-              visible: int) -> torch.Tensor:
-        """Store latent (T, dim) at positions start.. and return the first `visible` rows."""
-        if isinstance(start, torch.Tensor):  # one token, its position on the device (CUDA graphs)
-            self.data[layer].index_copy_(0, start, latent)
-        else:
-            self.data[layer, start:start + latent.shape[0]] = latent
-        return self.data[layer, :visible]
+    def layer(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def write_cache(kv: torch.Tensor, start: int | torch.Tensor, latent: torch.Tensor,
+                visible: int) -> torch.Tensor:
+    """Store latent (T, dim) in one layer's rows kv at positions start..; return the first
+    `visible` rows. A tensor start is one token's position in device memory (CUDA graphs)."""
+    if isinstance(start, torch.Tensor):
+        kv.index_copy_(0, start, latent)
+    else:
+        kv[start:start + latent.shape[0]] = latent
+    return kv[:visible]

@@ -81,6 +81,8 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
 
             install_trace(net)
         net.set_context(ctx)
+        if dev.type == "cuda" and os.environ.get("DSCODER_COMPILE", "0") == "1":
+            net.compile_decode()
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e

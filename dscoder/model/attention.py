@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscoder.config import ModelConfig
-from dscoder.kv_cache import LatentKVCache
+from dscoder.kv_cache import write_cache
 from dscoder.model.layers import Linear, RMSNorm
 from dscoder.model.rope import apply_rope
 from dscoder.model.step import Step
@@ -52,10 +52,11 @@ class MLAttention(nn.Module):
         kv, k_pe = c[:, : self.rank], c[:, self.rank:]
         return torch.cat((self.kv_a_layernorm(kv), apply_rope(k_pe, rope)), dim=-1)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step) -> torch.Tensor:
-        """x: (T, hidden) at positions step.start...; rope: their (T, rope/2, 2) table."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
+        """x: (T, hidden) at positions step.start...; rope: their (T, rope/2, 2) table;
+        kv: this layer's cache rows (capacity, rank + rope)."""
         q_nope, q_pe = self._query(x, rope)
-        cached = cache.write(self.layer, step.start, self._latent(x, rope), step.visible)
+        cached = write_cache(kv, step.start, self._latent(x, rope), step.visible)
         attend = self._attend_absorbed if step.absorbed else self._attend_expanded
         out = attend(q_nope, q_pe, cached, step.mask)
         return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.vdim))

@@ -22,8 +22,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, step)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -53,6 +53,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope: torch.Tensor | None = None  # (positions, rope/2, 2) fp32, built by set_context
+        self._compiled_layer = None  # torch.compile'd decode layer, see compile_decode
 
     def set_context(self, length: int) -> None:
         """Precompute the rotary table for positions [0, length)."""
@@ -77,13 +78,29 @@ class Transformer(nn.Module):
     def run(self, ids: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step,
             all_logits: bool = False) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
-        for layer in self.model.layers:
-            x = layer(x, rope, cache, step)
+        call = _call_layer
+        if self._compiled_layer is not None and isinstance(step.start, torch.Tensor):
+            call = self._compiled_layer
+        for i, layer in enumerate(self.model.layers):
+            x = call(layer, x, rope, cache.layer(i), step)
         if not all_logits:
             x = x[-1:]
         return self.lm_head(self.model.norm(x)).float()
+
+    def compile_decode(self) -> None:
+        """Fuse the decode step's small kernels with torch.compile (one graph per layer kind:
+        the layers differ only in their weights, which are inputs of the compiled graph)."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._compiled_layer = torch.compile(_call_layer, dynamic=False)
 
     def new_cache(self, capacity: int) -> LatentKVCache:
         w = self.lm_head.weight
         return LatentKVCache(self.cfg.num_hidden_layers, self.cfg.kv_cache_dim, capacity,
                              device=w.device, dtype=w.dtype)
+
+
+def _call_layer(layer: DecoderLayer, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
+                step: Step) -> torch.Tensor:
+    return layer(x, rope, kv, step)

@@ -1,0 +1,139 @@
+"""Full-GPU Lite: our engine against transformers' DeepseekV2ForCausalLM, same weights, one run.
+
+    python benchmarks/bench_fullgpu.py --dir /tmp/lite          # on an 80 GB GPU
+    python benchmarks/bench_fullgpu.py --shape tiny --dir /tmp/t  # a dry run anywhere
+
+Measures, for both engines: logits agreement on a 512-token prompt (relative error), prefill
+tokens/s on a 4,096-token prompt, decode tokens/s at a 2,048-token context, and for ours also
+decode at a 32K context, with and without CUDA graphs. Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (card, emit_json, gpu_memory, lite_checkpoint, log, print_table,  # noqa: E402
+                    random_prompt, sync, timed)
+
+from dscoder.events import GenerationSettings  # noqa: E402
+
+
+def generate(engine, prompt: list[int], n: int):
+    events = list(engine.new_session().generate(prompt, GenerationSettings(max_tokens=n, temperature=0),
+                                                stop_ids=()))
+    return events[-1]
+
+
+def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
+    from dscoder.engine import load_engine
+
+    with timed(r, "load_s"):
+        engine = load_engine(args.dir, device=args.device, context_length=args.long_context + 1024)
+    with torch.inference_mode():
+        m = engine.model
+        logits = m(torch.tensor(logits_prompt, device=engine.device), m.new_cache(1024), 0,
+                   all_logits=True).cpu()
+    generate(engine, random_prompt(args.prefill, 9), 1)  # warm-up: kernels, allocator
+    f = generate(engine, random_prompt(args.prefill, 1), 1)
+    r["prefill_tok_s"] = args.prefill / f.prefill_seconds
+    log(f"ours prefill {r['prefill_tok_s']:.0f} tok/s")
+    generate(engine, random_prompt(args.context, 8), 8)  # capture the graphs of this bucket
+    f = generate(engine, random_prompt(args.context, 2), args.decode + 1)
+    r["decode_tok_s"] = f.decode_tokens_per_second
+    r["ttft_s"] = f.prefill_seconds
+    log(f"ours decode {r['decode_tok_s']:.1f} tok/s at {args.context} context")
+    engine.use_graphs = False
+    f = generate(engine, random_prompt(args.context, 2), 65)
+    r["decode_eager_tok_s"] = f.decode_tokens_per_second
+    engine.use_graphs = True
+    log(f"ours eager decode {r['decode_eager_tok_s']:.1f} tok/s")
+    if args.long_context:
+        f = generate(engine, random_prompt(args.long_context, 3), args.decode // 2 + 1)
+        r["long_prefill_tok_s"] = args.long_context / f.prefill_seconds
+        r["long_decode_tok_s"] = f.decode_tokens_per_second
+        log(f"ours at {args.long_context}: prefill {r['long_prefill_tok_s']:.0f} tok/s, "
+            f"decode {r['long_decode_tok_s']:.1f} tok/s")
+    r["kv_bytes_per_token"] = engine.model.new_cache(1).bytes_per_token
+    r.update(gpu_memory())
+    chat = [engine.tokenizer.bos_id] + engine.tokenizer.encode("User: write quicksort in python\n\nAssistant:")
+    r["sample_text"] = generate(engine, chat, 24).text
+    del engine, m
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return logits
+
+
+def reference(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
+    from transformers import DeepseekV2ForCausalLM
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with timed(r, "load_s"):
+        model = DeepseekV2ForCausalLM.from_pretrained(args.dir, dtype=dtype, device_map=args.device).eval()
+    dev = model.device
+    with torch.inference_mode():
+        logits = model(torch.tensor([logits_prompt], device=dev)).logits[0].float().cpu()
+        p = torch.tensor([random_prompt(args.prefill, 1)], device=dev)
+        model(p[:, :64])  # warm-up
+        with timed(r, "prefill_s"):
+            model(p)
+        r["prefill_tok_s"] = args.prefill / r["prefill_s"]
+        log(f"transformers prefill {r['prefill_tok_s']:.0f} tok/s")
+        c = torch.tensor([random_prompt(args.context, 2)], device=dev)
+        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+        with timed(r, "first_s"):
+            model.generate(c, max_new_tokens=1, **kw)
+        n = args.ref_decode
+        with timed(r, "gen_s"):
+            model.generate(c, max_new_tokens=n + 1, min_new_tokens=n + 1, **kw)
+        r["decode_tok_s"] = n / (r["gen_s"] - r["first_s"])
+        log(f"transformers decode {r['decode_tok_s']:.2f} tok/s")
+    del model
+    gc.collect()
+    return logits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/dscoder-lite"))
+    p.add_argument("--shape", default="lite")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--decode", type=int, default=256)
+    p.add_argument("--long-context", type=int, default=32768)
+    p.add_argument("--ref-decode", type=int, default=32)
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args()
+    lite_checkpoint(args.dir, args.shape)
+    prompt = random_prompt(512, 7)
+    r = {"card": card(), "shape": args.shape, "ours": {}, "transformers": {}}
+    ours_logits = ours(args, r["ours"], prompt)
+    if not args.skip_reference:
+        ref_logits = reference(args, r["transformers"], prompt)
+        r["logits_rel_err"] = ((ours_logits - ref_logits).norm() / ref_logits.norm()).item()
+        r["argmax_agreement"] = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    o, t = r["ours"], r["transformers"]
+
+    def f(d: dict, k: str, fmt: str = "{:.1f}") -> str:
+        return fmt.format(d[k]) if k in d else "-"
+    print_table([
+        ("load s", f(o, "load_s"), f(t, "load_s")),
+        (f"prefill tok/s ({args.prefill})", f(o, "prefill_tok_s", "{:.0f}"), f(t, "prefill_tok_s", "{:.0f}")),
+        (f"decode tok/s (ctx {args.context})", f(o, "decode_tok_s"), f(t, "decode_tok_s", "{:.2f}")),
+        ("decode tok/s, no CUDA graph", f(o, "decode_eager_tok_s"), "-"),
+        (f"prefill tok/s ({args.long_context})", f(o, "long_prefill_tok_s", "{:.0f}"), "-"),
+        (f"decode tok/s (ctx {args.long_context})", f(o, "long_decode_tok_s"), "-"),
+        ("peak GPU GiB allocated", f(o, "peak_allocated_gib"), "-"),
+        ("logits rel err vs reference", f(r, "logits_rel_err", "{:.2e}"), ""),
+    ])
+    emit_json(r, os.environ.get("OUT"))
+
+
+if __name__ == "__main__":
+    main()

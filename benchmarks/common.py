@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmarks: the Lite checkpoint, timers, memory, output."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def lite_checkpoint(path: Path, shape: str = "lite") -> Path:
+    """Reuse the random checkpoint at path, or write one (on the GPU when there is one)."""
+    from dscoder.random_checkpoint import write_random_checkpoint
+
+    if (path / "model.safetensors.index.json").is_file():
+        log(f"reusing checkpoint {path}")
+        return path
+    t = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_random_checkpoint(path, shape, seed=0, device=device)
+    log(f"wrote {shape} checkpoint to {path} in {time.perf_counter() - t:.1f} s")
+    return path
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timed(into: dict, key: str):
+    sync()
+    t = time.perf_counter()
+    yield
+    sync()
+    into[key] = time.perf_counter() - t
+
+
+def random_prompt(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [100000] + torch.randint(0, 100000, (n - 1,), generator=g).tolist()
+
+
+def gpu_memory() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric'.ljust(width)}  {'dscoder':>14}  {'baseline':>14}")
+    for name, ours, base in rows:
+        print(f"{name.ljust(width)}  {ours:>14}  {base:>14}")
+
+
+def emit_json(result: dict, out_dir: str | None) -> None:
+    line = json.dumps(result, sort_keys=True)
+    if out_dir:
+        Path(out_dir, "result.json").write_text(line + "\n")
+    print(line)
