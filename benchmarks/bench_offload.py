@@ -1,0 +1,268 @@
+"""Single-GPU Lite under a GPU memory budget: our offloading engine against transformers + accelerate.
+
+    python benchmarks/bench_offload.py                                # H100: full, 24GiB, 12GiB
+    python benchmarks/bench_offload.py --budgets 12GiB --decode 64    # one row, shorter
+    python benchmarks/bench_offload.py --device cpu --shape tiny --dir /tmp/t   # dry run, no GPU
+
+For each budget: load time, time to first token for a 2,048-token prompt, prefill tok/s, decode
+tok/s over 256 tokens, peak GPU memory (allocated, reserved), expert hit rate and bytes copied per
+token, host memory. Then the baseline a user would try first, transformers' DeepseekV2ForCausalLM
+with accelerate's device_map="auto" and the same max_memory (kept short: it runs at <1 tok/s).
+Progress goes to stderr; a failing row is reported and the others still run. Prints a table, then
+one JSON line (the last line of stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GiB = 2**30
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def checkpoint(path: Path, shape: str, device: str) -> Path:
+    from dscoder.random_checkpoint import write_random_checkpoint
+
+    if (path / "model.safetensors.index.json").is_file():
+        log(f"reusing checkpoint {path}")
+        return path
+    log(f"writing a random {shape} checkpoint to {path} ...")
+    t = time.perf_counter()
+    write_random_checkpoint(path, shape, seed=0, device=device)
+    log(f"wrote it in {time.perf_counter() - t:.1f} s")
+    return path
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [100000] + torch.randint(0, 100000, (n - 1,), generator=g).tolist()
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def reset_gpu(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peaks(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
+
+
+def small_budget(path: Path, context: int) -> str:
+    """A simulated budget for the dry run: one expert slot more than the minimum."""
+    from dscoder.config import ModelConfig
+    from dscoder.offload.planner import STREAM_CHUNK, kv_peak_bytes, min_slots, work_bytes
+    from dscoder.offload.setup import model_sizes
+
+    s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
+    fixed = s.resident_bytes + kv_peak_bytes(s, context) + work_bytes(s, context)
+    return str(fixed + (2 * STREAM_CHUNK + min_slots(s) + 1) * s.expert_bytes)
+
+
+def budget_arg(args, budget: str) -> str | None:
+    if budget == "full":
+        return None
+    if budget == "small":
+        return small_budget(args.dir, args.context)
+    return budget
+
+
+def run_ours(args, budget: str) -> dict:
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    r: dict = {"engine": "dscoder", "budget": budget}
+    reset_gpu(args.device)
+    t = time.perf_counter()
+    engine = load_engine(args.dir, device=args.device, dtype=args.dtype, context_length=args.context,
+                         gpu_memory=budget_arg(args, budget), log=lambda m: log(f"  {m}"))
+    r["load_s"] = time.perf_counter() - t
+    r["host_rss_gib"] = rss_gib()
+    log(f"  loaded in {r['load_s']:.1f} s, host RSS {r['host_rss_gib']:.1f} GiB")
+    off = getattr(engine.model, "offload", None)
+    r["slots"] = off.cache.slots if off else None
+
+    def generate(prompt: list[int], n: int):
+        s = GenerationSettings(max_tokens=n, temperature=0)
+        return list(engine.new_session().generate(prompt, s, stop_ids=()))[-1]
+
+    generate(random_prompt(16, 7), 4)  # warm-up: kernels, cuBLAS, allocator
+    f = generate(random_prompt(args.prompt, 1), args.decode + 1)
+    r["ttft_s"] = f.prefill_seconds
+    r["prefill_tok_s"] = f.prefill_tokens_per_second
+    r["decode_tok_s"] = f.decode_tokens_per_second
+    r.update({k: f.stats[k] for k in ("hit_rate", "bytes_per_token", "hits", "misses",
+                                      "prefetched", "prefetch_used", "copy_seconds",
+                                      "exposed_seconds") if k in f.stats})
+    r.update(gpu_peaks(args.device))
+    del engine, off
+    return r
+
+
+class _TokenClock:
+    """A stopping criterion that never stops, only notes when each token came out."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def run_baseline(args, budget: str) -> dict:
+    import transformers
+    from transformers import StoppingCriteriaList
+
+    r: dict = {"engine": "transformers+accelerate", "budget": budget}
+    reset_gpu(args.device)
+    dtype = getattr(torch, args.dtype)
+    kw: dict = {"dtype": dtype}
+    if args.device == "cuda":
+        kw["device_map"] = "auto"
+        if budget != "full":
+            kw["max_memory"] = {0: int(budget_bytes(args, budget)), "cpu": f"{args.host_gib}GiB"}
+    t = time.perf_counter()
+    model = transformers.DeepseekV2ForCausalLM.from_pretrained(args.dir, **kw).eval()
+    r["load_s"] = time.perf_counter() - t
+    log(f"  baseline loaded in {r['load_s']:.1f} s")
+    first = "cuda" if args.device == "cuda" else "cpu"
+    ids = torch.tensor([random_prompt(args.baseline_prompt, 1)], device=first)
+    clock = _TokenClock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=args.baseline_decode, min_new_tokens=args.baseline_decode,
+                       do_sample=False, pad_token_id=0, eos_token_id=None,
+                       stopping_criteria=StoppingCriteriaList([clock]))
+    times = clock.times
+    r["ttft_s"] = times[0] - t0
+    r["prefill_tok_s"] = args.baseline_prompt / r["ttft_s"]
+    if len(times) > 1:
+        r["decode_tok_s"] = (len(times) - 1) / (times[-1] - times[0])
+    r["prompt_tokens"], r["decode_tokens"] = args.baseline_prompt, len(times)
+    r.update(gpu_peaks(args.device))
+    del model
+    return r
+
+
+def budget_bytes(args, budget: str) -> int:
+    from dscoder.offload.sizes import parse_size
+
+    return parse_size(budget_arg(args, budget) or "0")
+
+
+def guarded(fn, args, budget: str) -> dict:
+    log(f"{fn.__name__.removeprefix('run_')} at budget {budget} ...")
+    try:
+        r = fn(args, budget)
+        log(f"  {_summary(r)}")
+        return r
+    except Exception as e:  # one failing row must not lose the others
+        log(f"  FAILED: {type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stderr)
+        return {"engine": fn.__name__, "budget": budget, "error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        reset_gpu(args.device)
+
+
+def _summary(r: dict) -> str:
+    keys = ("ttft_s", "prefill_tok_s", "decode_tok_s", "hit_rate", "peak_reserved_gib")
+    return ", ".join(f"{k} {r[k]:.3g}" for k in keys if isinstance(r.get(k), (int, float)))
+
+
+COLUMNS = [("engine", "engine", "{}"), ("budget", "budget", "{}"), ("load s", "load_s", "{:.1f}"),
+           ("TTFT s", "ttft_s", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
+           ("decode tok/s", "decode_tok_s", "{:.2f}"), ("hit rate", "hit_rate", "{:.1%}"),
+           ("MB/token", "bytes_per_token", "{:.0f}"), ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
+           ("peak resv GiB", "peak_reserved_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
+
+
+def print_table(rows: list[dict]) -> None:
+    def cell(r: dict, key: str, fmt: str) -> str:
+        v = r.get(key)
+        if v is None:
+            return "error" if key == "ttft_s" and "error" in r else "-"
+        return fmt.format(v / 1e6 if key == "bytes_per_token" else v)
+
+    table = [[h for h, _, _ in COLUMNS]] + [[cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['engine']} at {r['budget']}: {r['error']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/dscoder-lite"))
+    p.add_argument("--shape", default="lite", choices=["lite", "tiny"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--budgets", default=None, help="comma-separated: full,24GiB,12GiB (tiny: full,small)")
+    p.add_argument("--baseline-budgets", default=None, help="default: the budgets other than full")
+    p.add_argument("--prompt", type=int, default=2048)
+    p.add_argument("--decode", type=int, default=256)
+    p.add_argument("--context", type=int, default=4096, help="KV cache the budget must hold")
+    p.add_argument("--baseline-prompt", type=int, default=64)
+    p.add_argument("--baseline-decode", type=int, default=8)
+    p.add_argument("--host-gib", type=int, default=100, help="accelerate's max_memory for the CPU")
+    p.add_argument("--no-baseline", action="store_true")
+    args = p.parse_args()
+    args.dtype = "bfloat16" if args.shape == "lite" else "float32"
+    budgets = (args.budgets or ("full,24GiB,12GiB" if args.shape == "lite" else "full,small")).split(",")
+    base = [] if args.no_baseline else (args.baseline_budgets.split(",") if args.baseline_budgets
+                                        else [b for b in budgets if b != "full"])
+    t0 = time.perf_counter()
+    checkpoint(args.dir, args.shape, args.device)
+    rows = [guarded(run_ours, args, b) for b in budgets]
+    rows += [guarded(run_baseline, args, b) for b in base]
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = {"bench": "offload", "card": card, "shape": args.shape, "prompt": args.prompt,
+              "decode": args.decode, "torch": torch.__version__, "commit": _commit(),
+              "date": time.strftime("%Y-%m-%d"), "peak_host_rss_gib": resource.getrusage(
+                  resource.RUSAGE_SELF).ru_maxrss / 2**20, "seconds": time.perf_counter() - t0,
+              "rows": rows}
+    print_table(rows)
+    print(json.dumps(result, sort_keys=True, default=str))
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
