@@ -23,7 +23,7 @@ from dscoder.model.transformer import Transformer
 from dscoder.sampling import Sampler
 from dscoder.stops import StopMatcher
 
-PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
+PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
 FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversation grows
 
 

@@ -89,3 +89,15 @@ def test_decode_with_device_position_matches_decode(pair):
     expected = ours(ids[29:], cache_a, 29)
     got = ours.decode_at(ids[29:], torch.tensor([29]), cache_b, visible=64)
     assert rel_err(got, expected) < 1e-5
+
+
+@torch.inference_mode()
+def test_grouped_and_per_expert_prefill_agree(pair, monkeypatch):
+    import dscoder.model.moe as moe
+
+    ours, _ = pair
+    ids = prompt(64, seed=4)
+    grouped = ours(ids, ours.new_cache(128), 0, all_logits=True)
+    monkeypatch.setattr(moe, "grouped_mm_supported", lambda x: False)
+    looped = ours(ids, ours.new_cache(128), 0, all_logits=True)
+    assert rel_err(grouped, looped) < 1e-5

@@ -58,19 +58,24 @@ class MLAttention(nn.Module):
         q_nope, q_pe = self._query(x, rope)
         cached = write_cache(kv, step.start, self._latent(x, rope), step.visible)
         attend = self._attend_absorbed if step.absorbed else self._attend_expanded
-        out = attend(q_nope, q_pe, cached, step.mask)
+        out = attend(q_nope, q_pe, cached, step)
         return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.vdim))
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                         mask: torch.Tensor | None) -> torch.Tensor:
+                         step: Step) -> torch.Tensor:
         total = cached.shape[0]
         kv = self.kv_b_proj(cached[:, : self.rank]).view(total, self.heads, self.nope + self.vdim)
         kv = kv.transpose(0, 1)  # (H, S, nope+v)
         k_pe = cached[:, self.rank:].expand(self.heads, total, self.rope)
         k = torch.cat((kv[..., : self.nope], k_pe), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        return F.scaled_dot_product_attention(q, k, kv[..., self.nope:], attn_mask=mask,
-                                              scale=self.scale)
+        v = kv[..., self.nope:]
+        if q.is_cuda and v.shape[-1] < q.shape[-1]:
+            # the fused kernels want one head size for q, k and v: pad v with zeros, then cut
+            v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
+                                             scale=self.scale)
+        return out[..., : self.vdim]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk (H, nope, rank) and W_uv (H, v, rank)."""
@@ -78,11 +83,12 @@ class MLAttention(nn.Module):
         return w[:, : self.nope], w[:, self.nope:]
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                         mask: torch.Tensor | None) -> torch.Tensor:
+                         step: Step) -> torch.Tensor:
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.matmul(q_nope, w_uk)  # (H, T, rank): the key projection moved onto the query
         latent, k_pe = cached[:, : self.rank], cached[:, self.rank:]
         scores = (torch.matmul(q_lat, latent.T) + torch.matmul(q_pe, k_pe.T)).float() * self.scale
+        mask = step.causal_mask(latent.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
