@@ -59,6 +59,16 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
         r["long_decode_tok_s"] = f.decode_tokens_per_second
         log(f"ours at {args.long_context}: prefill {r['long_prefill_tok_s']:.0f} tok/s, "
             f"decode {r['long_decode_tok_s']:.1f} tok/s")
+    if args.profile:
+        profile(engine, args)
+    if args.compile:
+        engine.model.compile_decode()
+        f = generate(engine, random_prompt(args.context, 4), 8)
+        r["compile_first_call_s"] = f.prefill_seconds + f.decode_seconds
+        f = generate(engine, random_prompt(args.context, 2), args.decode + 1)
+        r["decode_compiled_tok_s"] = f.decode_tokens_per_second
+        log(f"ours compiled decode {r['decode_compiled_tok_s']:.1f} tok/s "
+            f"(first call {r['compile_first_call_s']:.0f} s)")
     r["kv_bytes_per_token"] = engine.model.new_cache(1).bytes_per_token
     r.update(gpu_memory())
     chat = [engine.tokenizer.bos_id] + engine.tokenizer.encode("User: write quicksort in python\n\nAssistant:")
@@ -67,6 +77,25 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return logits
+
+
+def profile(engine, args) -> None:
+    """Kernel time tables for one prefill and a few eager decode steps, into $OUT."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    out = Path(os.environ.get("OUT", "."))
+    use = engine.use_graphs
+    for name, n_prompt, n_gen, graphs in (("prefill", args.prefill, 1, False),
+                                          ("decode_eager", args.context, 9, False),
+                                          ("decode_graph", args.context, 9, True)):
+        engine.use_graphs = graphs and engine.device.type == "cuda"
+        prompt = random_prompt(n_prompt, 5)
+        generate(engine, prompt, n_gen)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generate(engine, prompt, n_gen)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        (out / f"profile_{name}.txt").write_text(table)
+    engine.use_graphs = use
 
 
 def reference(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
@@ -109,6 +138,8 @@ def main() -> None:
     p.add_argument("--long-context", type=int, default=32768)
     p.add_argument("--ref-decode", type=int, default=32)
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd decode")
+    p.add_argument("--profile", action="store_true", help="write kernel tables to $OUT")
     args = p.parse_args()
     lite_checkpoint(args.dir, args.shape)
     prompt = random_prompt(512, 7)
@@ -127,6 +158,7 @@ def main() -> None:
         (f"prefill tok/s ({args.prefill})", f(o, "prefill_tok_s", "{:.0f}"), f(t, "prefill_tok_s", "{:.0f}")),
         (f"decode tok/s (ctx {args.context})", f(o, "decode_tok_s"), f(t, "decode_tok_s", "{:.2f}")),
         ("decode tok/s, no CUDA graph", f(o, "decode_eager_tok_s"), "-"),
+        ("decode tok/s, torch.compile", f(o, "decode_compiled_tok_s"), "-"),
         (f"prefill tok/s ({args.long_context})", f(o, "long_prefill_tok_s", "{:.0f}"), "-"),
         (f"decode tok/s (ctx {args.long_context})", f(o, "long_decode_tok_s"), "-"),
         ("peak GPU GiB allocated", f(o, "peak_allocated_gib"), "-"),

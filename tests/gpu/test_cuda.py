@@ -95,3 +95,35 @@ def test_bf16_engine_close_to_fp32_reference(tiny_checkpoint):
         with torch.inference_mode():
             out[dt] = m(ids, m.new_cache(128), 0, all_logits=True)
     assert rel_err(out[torch.bfloat16], out[torch.float32]) < 5e-2
+
+
+def test_grouped_prefill_matches_per_expert_in_bf16(tiny_checkpoint, monkeypatch):
+    import dscoder.model.moe as moe
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
+    m.set_context(256)
+    ids = torch.randint(0, 100000, (200,), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.inference_mode():
+        assert moe.grouped_mm_supported(m.lm_head.weight)
+        grouped = m(ids, m.new_cache(256), 0, all_logits=True)
+        monkeypatch.setattr(moe, "grouped_mm_supported", lambda x: False)
+        looped = m(ids, m.new_cache(256), 0, all_logits=True)
+    assert rel_err(grouped, looped) < 2e-2
+
+
+def test_chunked_prefill_on_cuda_matches_one_pass(tiny_checkpoint):
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.float32)
+    m.set_context(512)
+    ids = torch.randint(0, 100000, (300,), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.inference_mode():
+        whole = m(ids, m.new_cache(512), 0, all_logits=True)
+        cache = m.new_cache(512)
+        parts = [m(ids[:100], cache, 0, all_logits=True), m(ids[100:], cache, 100, all_logits=True)]
+    assert rel_err(torch.cat(parts), whole) < 1e-4
