@@ -48,10 +48,10 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
     r["decode_tok_s"] = f.decode_tokens_per_second
     r["ttft_s"] = f.prefill_seconds
     log(f"ours decode {r['decode_tok_s']:.1f} tok/s at {args.context} context")
-    engine.use_graphs = False
+    use, engine.use_graphs = engine.use_graphs, False
     f = generate(engine, random_prompt(args.context, 2), 65)
     r["decode_eager_tok_s"] = f.decode_tokens_per_second
-    engine.use_graphs = True
+    engine.use_graphs = use
     log(f"ours eager decode {r['decode_eager_tok_s']:.1f} tok/s")
     if args.long_context:
         f = generate(engine, random_prompt(args.long_context, 3), args.decode // 2 + 1)
