@@ -180,8 +180,7 @@ def engine_stats(model: Transformer, before: dict | None = None) -> dict:
     return delta(now, before) if before is not None else now
 
 
-def load_engine(*args, **kwargs) -> Engine:
-    """See dscoder.loader.load_engine (kept there so this module stays about generation)."""
-    from dscoder.loader import load_engine as load
 
-    return load(*args, **kwargs)
+from dscoder.loader import load_engine  # noqa: E402  (the public entry point lives beside Engine)
+
+__all__ = ["Engine", "Session", "load_engine"]

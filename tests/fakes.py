@@ -136,7 +136,7 @@ class FakeBackend:
     def context_length(self, settings) -> int:
         return settings.context_length or 4096
 
-    def load_engine(self, settings, warn, info=None) -> FakeEngine:
+    def load_engine(self, settings, warn, info=None, progress=None) -> FakeEngine:
         self.loads += 1
         if self.fail is not None:
             raise self.fail

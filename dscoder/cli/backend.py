@@ -8,7 +8,6 @@ the engine is imported inside `load_engine`, the only place that generates.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from pathlib import Path
@@ -18,13 +17,15 @@ from dscoder.errors import DscoderError, UsageError
 from dscoder.settings import Settings
 
 Warn = Callable[[str], None]
+Progress = Callable[[int, int], None]  # (bytes loaded, bytes in all)
 
 
 class Backend(Protocol):
     def model_name(self, settings: Settings) -> str: ...
     def load_tokenizer(self, settings: Settings) -> Any: ...
     def context_length(self, settings: Settings) -> int | None: ...
-    def load_engine(self, settings: Settings, warn: Warn) -> Any: ...
+    def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
+                    progress: Progress | None = None) -> Any: ...
     def pull(self, name: str) -> Path: ...
 
 
@@ -54,17 +55,16 @@ class RealBackend:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None) -> Any:
+    def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
+                    progress: Progress | None = None) -> Any:
         check_device(settings.device, warn)
         from dscoder.engine import load_engine  # the only import of torch on the way to generating
 
-        kwargs: dict[str, Any] = dict(device=settings.device, gpu_memory=settings.gpu_memory,
-                                      dtype=None if settings.dtype in (None, "auto") else settings.dtype,
-                                      context_length=settings.context_length)
-        accepted = inspect.signature(load_engine).parameters
-        if settings.verbose and info is not None and "log" in accepted:
-            kwargs["log"] = info  # the engine's load report (device, dtype, context)
-        return load_engine(self.model_name(settings), **kwargs)
+        return load_engine(self.model_name(settings), device=settings.device,
+                           gpu_memory=settings.gpu_memory,
+                           dtype=None if settings.dtype in (None, "auto") else settings.dtype,
+                           context_length=settings.context_length, progress=progress,
+                           log=info if settings.verbose else None)
 
     def pull(self, name: str) -> Path:
         from dscoder import hub

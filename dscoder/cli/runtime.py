@@ -32,7 +32,9 @@ class Runtime:
     def engine(self) -> Any:
         if self._engine is None:
             start = time.monotonic()
-            self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info)
+            with self.term.load_progress() as progress:
+                self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info,
+                                                        progress)
             self.load_seconds = time.monotonic() - start
             self._tokenizer = self._engine.tokenizer
         return self._engine

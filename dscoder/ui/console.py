@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Mapping, TextIO
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, TextIO
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from dscoder.events import Finished
@@ -95,6 +97,18 @@ class Terminal:
                 style = ("bold" if line.startswith(("---", "+++")) else "cyan" if line.startswith("@@")
                          else "green" if line.startswith("+") else "red" if line.startswith("-") else "")
             self.err.print(Text(line, style=style), soft_wrap=True, highlight=False)
+
+    @contextmanager
+    def load_progress(self) -> Iterator[Callable[[int, int], None]]:
+        """A (done, total) callback that draws a bar on stderr while weights load, on a terminal
+        only: a log file or a pipe gets no progress noise."""
+        if not self.err_color:
+            yield lambda done, total: None
+            return
+        with Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(),
+                      TimeRemainingColumn(), console=self.err, transient=True) as bar:
+            task = bar.add_task("load", total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
 
     def show_prompt(self, text: str, tokens: int) -> None:
         """--show-prompt: the exact prompt text on stdout, its size on stderr."""
