@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import sys
 import time
@@ -111,17 +112,27 @@ def run_ours(args, budget: str) -> dict:
     r["slots"] = off.cache.slots if off else None
 
     def generate(prompt: list[int], n: int):
+        """The Finished event, and the offload counters of the decode part alone."""
+        from dscoder.engine import engine_stats
+
         s = GenerationSettings(max_tokens=n, temperature=0)
-        return list(engine.new_session().generate(prompt, s, stop_ids=()))[-1]
+        snap = None
+        for ev in engine.new_session().generate(prompt, s, stop_ids=()):
+            if snap is None:  # the first event comes right after prefill
+                snap = engine_stats(engine.model)
+        return ev, engine_stats(engine.model, snap) if snap else {}
 
     generate(random_prompt(16, 7), 4)  # warm-up: kernels, cuBLAS, allocator
-    f = generate(random_prompt(args.prompt, 1), args.decode + 1)
+    f, dec = generate(random_prompt(args.prompt, 1), args.decode + 1)
     r["ttft_s"] = f.prefill_seconds
     r["prefill_tok_s"] = f.prefill_tokens_per_second
     r["decode_tok_s"] = f.decode_tokens_per_second
-    r.update({k: f.stats[k] for k in ("hit_rate", "bytes_per_token", "hits", "misses",
+    r.update({k: f.stats[k] for k in ("hit_rate", "ready_rate", "bytes_per_token", "hits", "misses",
                                       "prefetched", "prefetch_used", "copy_seconds",
                                       "exposed_seconds") if k in f.stats})
+    r.update({f"decode_{k}": dec[k] for k in ("hit_rate", "ready_rate", "bytes_per_token",
+                                               "wasted_prefetches", "copy_seconds",
+                                               "exposed_seconds") if k in dec})
     r.update(gpu_peaks(args.device))
     del engine, off
     return r
@@ -194,14 +205,15 @@ def guarded(fn, args, budget: str) -> dict:
 
 
 def _summary(r: dict) -> str:
-    keys = ("ttft_s", "prefill_tok_s", "decode_tok_s", "hit_rate", "peak_reserved_gib")
+    keys = ("ttft_s", "prefill_tok_s", "decode_tok_s", "decode_hit_rate", "decode_ready_rate",
+            "decode_bytes_per_token", "decode_copy_seconds", "decode_exposed_seconds", "peak_reserved_gib")
     return ", ".join(f"{k} {r[k]:.3g}" for k in keys if isinstance(r.get(k), (int, float)))
 
 
 COLUMNS = [("engine", "engine", "{}"), ("budget", "budget", "{}"), ("load s", "load_s", "{:.1f}"),
            ("TTFT s", "ttft_s", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
-           ("decode tok/s", "decode_tok_s", "{:.2f}"), ("hit rate", "hit_rate", "{:.1%}"),
-           ("MB/token", "bytes_per_token", "{:.0f}"), ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
+           ("decode tok/s", "decode_tok_s", "{:.2f}"), ("hit rate", "decode_hit_rate", "{:.1%}"),
+           ("ready", "decode_ready_rate", "{:.1%}"), ("MB/token", "decode_bytes_per_token", "{:.0f}"), ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
            ("peak resv GiB", "peak_reserved_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
 
 
@@ -210,7 +222,7 @@ def print_table(rows: list[dict]) -> None:
         v = r.get(key)
         if v is None:
             return "error" if key == "ttft_s" and "error" in r else "-"
-        return fmt.format(v / 1e6 if key == "bytes_per_token" else v)
+        return fmt.format(v / 1e6 if key.endswith("bytes_per_token") else v)
 
     table = [[h for h, _, _ in COLUMNS]] + [[cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
@@ -235,7 +247,13 @@ def main() -> None:
     p.add_argument("--baseline-decode", type=int, default=8)
     p.add_argument("--host-gib", type=int, default=100, help="accelerate's max_memory for the CPU")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--prefetch-depth", type=int, help="MoE layers ahead to prefetch (DSCODER_PREFETCH_DEPTH)")
+    p.add_argument("--policy", help="eviction policy (DSCODER_OFFLOAD_POLICY): lru, lfu, lru-layer, lfu-layer")
     args = p.parse_args()
+    if args.prefetch_depth is not None:
+        os.environ["DSCODER_PREFETCH_DEPTH"] = str(args.prefetch_depth)
+    if args.policy:
+        os.environ["DSCODER_OFFLOAD_POLICY"] = args.policy
     args.dtype = "bfloat16" if args.shape == "lite" else "float32"
     budgets = (args.budgets or ("full,24GiB,12GiB" if args.shape == "lite" else "full,small")).split(",")
     base = [] if args.no_baseline else (args.baseline_budgets.split(",") if args.baseline_budgets

@@ -114,10 +114,10 @@ class ExpertCache:
             if slot is None:
                 self.stats.misses += 1
                 slot = self._load(key, protected)
+            elif key in self.prefetched:
+                self.stats.prefetch_used += 1  # copied for this step, ahead of time
             else:
                 self.stats.hits += 1
-                if key in self.prefetched:
-                    self.stats.prefetch_used += 1
             self.prefetched.discard(key)
             slots.append(slot)
         return slots

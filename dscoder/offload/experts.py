@@ -46,11 +46,12 @@ class OffloadRuntime:
 
 
 class OffloadedExperts(nn.Module):
-    def __init__(self, runtime: OffloadRuntime, layer: int, next_layer: int | None,
-                 next_router: nn.Module | None) -> None:
+    def __init__(self, runtime: OffloadRuntime, layer: int,
+                 ahead: Sequence[tuple[int, nn.Module]] = ()) -> None:
+        """ahead: (layer, router) of the next MoE layers whose experts this layer prefetches."""
         super().__init__()
-        self.runtime, self.layer, self.next_layer = runtime, layer, next_layer
-        self._next_router = (next_router,)  # a tuple: not registered as a second parent
+        self.runtime, self.layer = runtime, layer
+        self._ahead = tuple(ahead)  # a tuple: the routers are not registered a second time
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, t = self.runtime, x.shape[0]
@@ -62,23 +63,29 @@ class OffloadedExperts(nn.Module):
             return self._streamed(x, ids, weights, flat, needed)
         cache = rt.cache
         slots = cache.acquire(self.layer, needed)
-        if predicted and self.next_layer is not None:
-            cache.prefetch(self.next_layer, predicted, {(self.layer, e) for e in needed})
+        protected = {(self.layer, e) for e in needed}
+        for layer, experts in predicted:  # nearest layer first: its copies are needed soonest
+            cache.prefetch(layer, experts, protected)
+            protected |= {(layer, e) for e in experts}
         cache.wait(slots)
         slot_of = dict(zip(needed, slots))
         out = self._cached(x, ids, weights, flat, slot_of)
         cache.release(slots)
         return out
 
-    def _route_on_host(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
-        """This layer's expert ids and the next layer's predicted ones, in one device sync."""
-        router = self._next_router[0]
+    def _route_on_host(self, x: torch.Tensor,
+                       ids: torch.Tensor) -> tuple[list[int], list[tuple[int, list[int]]]]:
+        """This layer's expert ids and later layers' predicted ones, in one device sync: their
+        routers applied to this layer's input guess most of what they will pick."""
         n = ids.numel()
-        if router is None or x.shape[0] > PREDICT_TOKENS:
+        if not self._ahead or x.shape[0] > PREDICT_TOKENS:
             return ids.reshape(-1).tolist(), []
-        guess, _ = router(x)
-        both = torch.cat((ids.reshape(-1), guess.reshape(-1))).tolist()
-        return both[:n], sorted(set(both[n:]))
+        guesses = [router(x)[0].reshape(-1) for _, router in self._ahead]
+        both = torch.cat((ids.reshape(-1), *guesses)).tolist()
+        m = guesses[0].numel()
+        predicted = [(layer, sorted(set(both[n + j * m:n + (j + 1) * m])))
+                     for j, (layer, _) in enumerate(self._ahead)]
+        return both[:n], predicted
 
     def _cached(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int],
                 slot_of: dict[int, int]) -> torch.Tensor:

@@ -19,6 +19,8 @@ from dscoder.offload.stats import OffloadStats
 from dscoder.offload.trace import TRACE_ENV, TraceWriter
 
 POLICY_ENV = "DSCODER_OFFLOAD_POLICY"
+DEPTH_ENV = "DSCODER_PREFETCH_DEPTH"
+DEFAULT_DEPTH = 1  # MoE layers ahead whose experts a decode step starts copying
 DEFAULT_POLICY = "lru"  # random routing: all policies tie; see BENCHMARKS.md "Offloading"
 Log = Callable[[str], None]
 
@@ -80,8 +82,9 @@ def make_plan(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu_me
 def enforce_budget(budget: int, device: torch.device) -> None:
     """Make the caching allocator refuse to grow past the budget (an OOM instead of overuse)."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
 
 
 def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -107,7 +110,7 @@ def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dt
 
 
 def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
-                    policy: str = DEFAULT_POLICY) -> OffloadRuntime:
+                    policy: str = DEFAULT_POLICY, prefetch_depth: int | None = None) -> OffloadRuntime:
     """Move every MoE layer's routed experts into a host store behind a `slots`-expert cache."""
     from dscoder.model.moe import MoE
 
@@ -129,10 +132,10 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
         staging_w13=torch.empty((2, chunk, *w13.shape[1:]), dtype=w13.dtype, device=device),
         staging_w2=torch.empty((2, chunk, *w2.shape[1:]), dtype=w2.dtype, device=device),
         first_layer=moe[0], policy=policy)
+    depth = prefetch_depth if prefetch_depth is not None else int(os.environ.get(DEPTH_ENV, DEFAULT_DEPTH))
     for n, i in enumerate(moe):
-        nxt = moe[n + 1] if n + 1 < len(moe) else None
-        router = layers[nxt].mlp.gate if nxt is not None else None
-        layers[i].mlp.experts = OffloadedExperts(runtime, i, nxt, router)
+        ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + depth]]
+        layers[i].mlp.experts = OffloadedExperts(runtime, i, ahead)
     cache.warm()
     model.offload = runtime
     return runtime

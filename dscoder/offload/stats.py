@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class OffloadStats:
-    hits: int = 0  # needed experts already in (or on their way to) a GPU slot
+    hits: int = 0  # needed experts that were in a GPU slot and needed no copy
     misses: int = 0  # needed experts copied on demand (cache path) or streamed (prefill path)
-    prefetched: int = 0  # copies started for the next layer before it ran
-    prefetch_used: int = 0  # of those, the ones that layer then needed
+    prefetched: int = 0  # copies started for a later layer before it ran
+    prefetch_used: int = 0  # needed experts that a prefetch had copied (or was copying)
     bytes_copied: int = 0
     copy_seconds: float = 0.0  # time the copy engine was busy
     exposed_seconds: float = 0.0  # time compute waited for copies
@@ -34,17 +34,21 @@ class OffloadStats:
 
     def summary(self) -> dict:
         """The counters people read: hit rate, bytes per token, copy time."""
-        d = self.as_dict()
-        looked_up = self.hits + self.misses
-        d["hit_rate"] = self.hits / looked_up if looked_up else 0.0
-        d["bytes_per_token"] = self.bytes_copied / self.tokens if self.tokens else 0.0
-        return d
+        return _rates(self.as_dict())
 
 
 def delta(after: dict, before: dict) -> dict:
     """Counters of one generation: after minus before, rates recomputed."""
-    out = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
-    looked_up = out.get("hits", 0) + out.get("misses", 0)
-    out["hit_rate"] = out.get("hits", 0) / looked_up if looked_up else 0.0
-    out["bytes_per_token"] = out.get("bytes_copied", 0) / out["tokens"] if out.get("tokens") else 0.0
-    return out
+    keys = ("hits", "misses", "prefetched", "prefetch_used", "bytes_copied", "copy_seconds",
+            "exposed_seconds", "tokens")
+    return _rates({k: after.get(k, 0) - before.get(k, 0) for k in keys})
+
+
+def _rates(d: dict) -> dict:
+    """hit_rate: needed experts already cached; ready_rate: cached or prefetched in time."""
+    needed = d["hits"] + d["misses"] + d["prefetch_used"]
+    d["hit_rate"] = d["hits"] / needed if needed else 0.0
+    d["ready_rate"] = (d["hits"] + d["prefetch_used"]) / needed if needed else 0.0
+    d["bytes_per_token"] = d["bytes_copied"] / d["tokens"] if d["tokens"] else 0.0
+    d["wasted_prefetches"] = d["prefetched"] - d["prefetch_used"]
+    return d
