@@ -63,14 +63,14 @@ class OffloadedExperts(nn.Module):
             return self._streamed(x, ids, weights, flat, needed)
         cache = rt.cache
         slots = cache.acquire(self.layer, needed)
+        cache.wait(slots)
+        out = self._cached(x, ids, weights, flat, dict(zip(needed, slots)))
+        cache.release(slots)
+        # queue this layer's compute first, then the Python work of prefetching runs beside it
         protected = {(self.layer, e) for e in needed}
         for layer, experts in predicted:  # nearest layer first: its copies are needed soonest
             cache.prefetch(layer, experts, protected)
             protected |= {(layer, e) for e in experts}
-        cache.wait(slots)
-        slot_of = dict(zip(needed, slots))
-        out = self._cached(x, ids, weights, flat, slot_of)
-        cache.release(slots)
         return out
 
     def _route_on_host(self, x: torch.Tensor,
