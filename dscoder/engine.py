@@ -85,7 +85,7 @@ class Session:
             if cache is not None:
                 grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]
             self._cache = cache = grown
-            self._graphs = GraphedDecoder(self.engine.model, grown) if self.engine.use_graphs else None
+            self._graphs = make_decoder(self.engine.model, grown) if self.engine.use_graphs else None
         return cache
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
@@ -167,6 +167,12 @@ class Session:
                        prompt_tokens=len(prompt), cached_tokens=reused,
                        prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
                        stats=engine_stats(engine.model, before))
+
+
+def make_decoder(model: Transformer, cache: LatentKVCache):
+    """Graph-replayed decode for a cache: whole steps, or per-MoE-layer segments when offloaded."""
+    offload = getattr(model, "offload", None)
+    return offload.decoder(model, cache) if offload is not None else GraphedDecoder(model, cache)
 
 
 def engine_stats(model: Transformer, before: dict | None = None) -> dict:

@@ -94,8 +94,8 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
 
 
 def _host_free(net) -> bool:
-    # offloaded experts and routing traces need the host at every layer: no graph capture
-    return getattr(net, "offload", None) is None and not os.environ.get("DSCODER_ROUTING_TRACE")
+    # routing traces need the host at every layer (offloaded models replay per-layer segments)
+    return not os.environ.get("DSCODER_ROUTING_TRACE")
 
 
 def _use_graphs(dev: torch.device) -> bool:

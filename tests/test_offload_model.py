@@ -104,3 +104,21 @@ def test_routing_trace_is_recorded(tiny_checkpoint, tmp_path, monkeypatch):
     assert len(calls[0][1]) == 4 and len(calls[0][1][0]) == 3  # 4 prompt tokens, top-3
     assert replay(calls, "lru", 6).hits + replay(calls, "lru", 6).misses == sum(
         len({e for row in ids for e in row}) for _, ids in calls)
+
+
+@pytest.mark.parametrize("slots,ahead", [(6, 1), (8, 2)])
+@torch.inference_mode()
+def test_segmented_decoder_matches_resident(tiny_checkpoint, resident, slots, ahead):
+    """The per-MoE-layer segments that CUDA graphs replay, run eagerly on the CPU."""
+    from dscoder.offload.decoder import OffloadedDecoder
+
+    model = load(tiny_checkpoint, slots)
+    ids = prompt(64, seed=3)
+    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
+    cache = model.new_cache(512)
+    parts = [model(ids[:40], cache, 0, all_logits=True)]
+    decoder = OffloadedDecoder(model, model.offload, cache, ahead=ahead, graphs=False)
+    parts += [decoder(int(ids[i]), i).clone() for i in range(40, 64)]
+    assert rel_err(torch.cat(parts), full) < 1e-5
+    s = model.offload.stats
+    assert s.tokens == 40 + 24 and s.prefetched > 0 and s.misses > 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscoder.model.moe import expert_mlp
+from dscoder.offload.decoder import OffloadedDecoder
 from dscoder.offload.device_cache import CopyEngine, ExpertCache
 from dscoder.offload.host_store import HostExpertStore
 from dscoder.offload.policy import should_stream
@@ -35,6 +36,11 @@ class OffloadRuntime:
     staging_w2: torch.Tensor  # (2, chunk, H, I)
     first_layer: int
     policy: str = "lru"
+    prefetch_depth: int = 1
+
+    def decoder(self, model: nn.Module, cache) -> OffloadedDecoder:
+        """Graph-replayed decode segments for one KV cache (see dscoder.offload.decoder)."""
+        return OffloadedDecoder(model, self, cache, self.prefetch_depth, graphs=True)
 
     def __post_init__(self) -> None:
         self.staging_ready: list = [None, None]

@@ -133,6 +133,7 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
         staging_w2=torch.empty((2, chunk, *w2.shape[1:]), dtype=w2.dtype, device=device),
         first_layer=moe[0], policy=policy)
     depth = prefetch_depth if prefetch_depth is not None else int(os.environ.get(DEPTH_ENV, DEFAULT_DEPTH))
+    runtime.prefetch_depth = depth
     for n, i in enumerate(moe):
         ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + depth]]
         layers[i].mlp.experts = OffloadedExperts(runtime, i, ahead)

@@ -92,10 +92,26 @@ def test_engine_under_budget_stays_under_it(tiny_checkpoint):
     try:
         engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32", context_length=512,
                              gpu_memory=str(budget))
-        assert engine.model.offload.cache.slots >= 7 and not engine.use_graphs
+        assert engine.model.offload.cache.slots >= 7 and engine.use_graphs  # segment graphs
         f = list(engine.new_session().generate([100000, 5, 6, 7] * 20, GenerationSettings(
             max_tokens=16, temperature=0), stop_ids=()))[-1]
         assert f.stats["hits"] + f.stats["misses"] > 0 and f.generated_tokens == 16
         assert torch.cuda.max_memory_allocated() - base <= budget
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+@torch.inference_mode()
+def test_graphed_segments_match_resident(tiny_checkpoint, resident, ahead):
+    from dscoder.offload.decoder import OffloadedDecoder
+
+    model = load(tiny_checkpoint, 7)
+    ids = torch.randint(0, 100000, (1100,), generator=torch.Generator().manual_seed(5)).to(CUDA)
+    full = resident(ids, resident.new_cache(2048), 0, all_logits=True)
+    cache = model.new_cache(2048)
+    parts = [model(ids[:1000], cache, 0, all_logits=True)]
+    decoder = OffloadedDecoder(model, model.offload, cache, ahead=ahead, graphs=True)
+    parts += [decoder(int(ids[i]), i).clone() for i in range(1000, 1100)]  # crosses a bucket
+    assert len(decoder.graphs) == 2
+    assert rel_err(torch.cat(parts), full) < 1e-4

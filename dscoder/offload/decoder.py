@@ -1,0 +1,165 @@
+"""Offloaded decode in CUDA-graph segments: one graph replay per MoE layer, the host in between.
+
+Eager decode of Lite is bound by kernel launches (a thousand per token), and the expert cache
+needs the host at every MoE layer (to look the routed ids up). So the step is cut at the
+routers: segment j computes MoE layer j's experts from cache slots whose indices sit in a
+device buffer, then everything up to and including the next MoE layer's router, and copies the
+routed ids (and the guesses for later layers) into pinned host memory. Between segments the
+host reads those ids, copies misses, writes the slot indices and starts prefetches.
+
+Every tensor that crosses a segment lives in a static buffer, so the segments' graphs can share
+one memory pool and be captured per attention bucket, like dscoder.graphs. On the CPU (tests)
+the same segments run eagerly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dscoder.kv_cache import LatentKVCache
+from dscoder.model.step import Step
+
+BUCKET = 1024  # cache rows per attention bucket (as dscoder.graphs)
+
+
+class OffloadedDecoder:
+    """Decode steps of one KV cache for an offloaded model: __call__(token, pos) -> logits (1, V)."""
+
+    def __init__(self, model, runtime, cache: LatentKVCache, ahead: int, graphs: bool) -> None:
+        self.model, self.rt, self.cache = model, runtime, cache
+        layers = model.model.layers
+        self.moe = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate")]
+        self.ahead = ahead
+        dev = model.lm_head.weight.device
+        cfg = model.cfg
+        k, n = cfg.num_experts_per_tok, len(self.moe)
+        self.k = k
+        self.use_graphs = graphs and dev.type == "cuda"
+        pin = dev.type == "cuda"
+        self.ids = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.h = torch.zeros(1, cfg.hidden_size, dtype=model.lm_head.weight.dtype, device=dev)
+        self.moe_in = torch.zeros_like(self.h)
+        self.route_w = torch.zeros(n, k, dtype=torch.float32, device=dev)
+        self.slot_ids = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self.slot_host = torch.zeros(n, k, dtype=torch.long, pin_memory=pin)
+        self.ids_host = torch.zeros(n, k * (1 + ahead), dtype=torch.long, pin_memory=pin)
+        self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # --- the segments: device work only, no host synchronisation --------------------------------
+
+    def _segment(self, j: int, visible: int) -> None:
+        """j == 0: embedding up to the first MoE router; j >= 1: MoE layer moe[j-1]'s experts up
+        to the next router (or the logits)."""
+        layers = self.model.model.layers
+        rope = self.model.rope.index_select(0, self.pos)
+        step = Step.on_device(self.pos, visible)
+        if j == 0:
+            self.h.copy_(self.model.model.embed_tokens(self.ids))
+            first = 0
+        else:
+            self._experts(j - 1)
+            first = self.moe[j - 1] + 1
+        last = self.moe[j] if j < len(self.moe) else len(layers)
+        for i in range(first, last):  # dense layers between MoE layers run whole
+            self.h.copy_(layers[i](self.h, rope, self.cache.layer(i), step))
+        if j < len(self.moe):
+            self._attend_and_route(j, rope, step)
+        else:
+            self.logits.copy_(self.model.lm_head(self.model.model.norm(self.h)).float())
+
+    def _attend_and_route(self, n: int, rope: torch.Tensor, step: Step) -> None:
+        i = self.moe[n]
+        layer = self.model.model.layers[i]
+        x = self.h + layer.self_attn(layer.input_layernorm(self.h), rope, self.cache.layer(i), step)
+        h = layer.post_attention_layernorm(x)
+        self.h.copy_(x)
+        self.moe_in.copy_(h)
+        ids, w = layer.mlp.gate(h)
+        self.route_w[n].copy_(w[0])
+        later = [self.model.model.layers[m].mlp.gate(h)[0].reshape(-1)
+                 for m in self.moe[n + 1:n + 1 + self.ahead]]
+        row = torch.cat((ids.reshape(-1), *later))
+        self.ids_host[n, : row.numel()].copy_(row, non_blocking=True)
+
+    def _experts(self, n: int) -> None:
+        from dscoder.model import moe_kernels
+
+        mlp = self.model.model.layers[self.moe[n]].mlp
+        h, pool = self.moe_in, self.rt.cache
+        sl, w = self.slot_ids[n].view(1, -1), self.route_w[n].view(1, -1)
+        if moe_kernels.available(h):
+            out = moe_kernels.routed_experts_decode(h, sl, w, pool.w13, pool.w2)
+        else:  # the same arithmetic as RoutedExperts._gathered
+            flat = sl.reshape(-1)
+            xs = h.repeat_interleave(self.k, dim=0).unsqueeze(-1)
+            g, u = torch.bmm(pool.w13[flat], xs).squeeze(-1).chunk(2, dim=-1)
+            y = torch.bmm(pool.w2[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+            out = (y.float() * w.reshape(-1, 1)).view(1, self.k, -1).sum(dim=1).to(h.dtype)
+        if mlp.shared_experts is not None:
+            out = out + mlp.shared_experts(h)
+        self.h.copy_(self.h + out)
+
+    # --- the host loop --------------------------------------------------------------------------
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        visible = min(math.ceil((pos + 1) / BUCKET) * BUCKET, self.cache.capacity)
+        self.ids.fill_(token)
+        self.pos.fill_(pos)
+        run = self._runner(visible)
+        cache, k = self.rt.cache, self.k
+        run(0)
+        for n, layer in enumerate(self.moe):
+            _sync(self.h)  # the routed ids of this layer are in ids_host now
+            row = self.ids_host[n].tolist()
+            flat = row[:k]
+            needed = sorted(set(flat))
+            slots = cache.acquire(layer, needed)
+            slot_of = dict(zip(needed, slots))
+            self.slot_host[n] = torch.tensor([slot_of[e] for e in flat], dtype=torch.long)
+            self.slot_ids[n].copy_(self.slot_host[n], non_blocking=True)
+            cache.wait(slots)
+            run(n + 1)
+            cache.release(slots)
+            protected = {(layer, e) for e in needed}
+            for m, later in enumerate(self.moe[n + 1:n + 1 + self.ahead]):
+                guess = sorted(set(row[k * (m + 1):k * (m + 2)]))
+                cache.prefetch(later, guess, protected)
+                protected |= {(later, e) for e in guess}
+        self.rt.stats.tokens += 1
+        return self.logits
+
+    def _runner(self, visible: int):
+        if not self.use_graphs:
+            return lambda j: self._segment(j, visible)
+        if visible not in self.graphs:
+            self.graphs[visible] = self._capture(visible)
+        graphs = self.graphs[visible]
+        return lambda j: graphs[j].replay()
+
+    def _capture(self, visible: int) -> list[torch.cuda.CUDAGraph]:
+        # warm up on a side stream (Triton compiles, cuBLAS picks kernels) as capture requires;
+        # warm-up writes KV row `pos` and the static buffers, which the real step rewrites
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for j in range(len(self.moe) + 1):
+                    self._segment(j, visible)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for j in range(len(self.moe) + 1):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._segment(j, visible)
+            graphs.append(g)
+        return graphs
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
