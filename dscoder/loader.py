@@ -81,8 +81,9 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
 
             install_trace(net)
         net.set_context(ctx)
-        if dev.type == "cuda" and os.environ.get("DSCODER_COMPILE", "0") == "1":
-            net.compile_decode()
+        use_graphs = _use_graphs(dev) and _host_free(net)
+        if use_graphs and _resident(net) and os.environ.get("DSCODER_COMPILE", "1") != "0":
+            net.compile_decode()  # fuses the step's small kernels; compiles on the first reply
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
@@ -90,12 +91,20 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                   defaults=generation_defaults(model_dir), model_dir=model_dir,
-                  use_graphs=_use_graphs(dev) and _host_free(net))
+                  use_graphs=use_graphs)
 
 
 def _host_free(net) -> bool:
     # routing traces need the host at every layer (offloaded models replay per-layer segments)
     return not os.environ.get("DSCODER_ROUTING_TRACE")
+
+
+def _resident(net) -> bool:
+    """Every routed expert lives on the GPU (nothing offloaded)."""
+    from dscoder.model.moe import RoutedExperts
+
+    return all(isinstance(m, RoutedExperts) and m.w13.is_cuda
+               for layer in net.model.layers for m in [getattr(layer.mlp, "experts", None)] if m is not None)
 
 
 def _use_graphs(dev: torch.device) -> bool:

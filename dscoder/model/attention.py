@@ -73,9 +73,11 @@ class MLAttention(nn.Module):
         if q.is_cuda and v.shape[-1] < q.shape[-1]:
             # the fused kernels want one head size for q, k and v: pad v with zeros, then cut
             v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
-                                             scale=self.scale)
-        return out[..., : self.vdim]
+        # a batch dimension of one: the fused kernels take only 4-D inputs (3-D falls back to
+        # the unfused math path, which materialises every score in fp32)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=step.mask,
+                                             is_causal=step.causal, scale=self.scale)
+        return out[0, ..., : self.vdim]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk (H, nope, rank) and W_uv (H, v, rank)."""
