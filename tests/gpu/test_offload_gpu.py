@@ -107,6 +107,8 @@ def test_graphed_segments_match_resident(tiny_checkpoint, resident, ahead):
     from dscoder.offload.decoder import OffloadedDecoder
 
     model = load(tiny_checkpoint, 7)
+    model.set_context(2048)
+    resident.set_context(2048)
     ids = torch.randint(0, 100000, (1100,), generator=torch.Generator().manual_seed(5)).to(CUDA)
     full = resident(ids, resident.new_cache(2048), 0, all_logits=True)
     cache = model.new_cache(2048)
