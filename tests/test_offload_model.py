@@ -122,3 +122,19 @@ def test_segmented_decoder_matches_resident(tiny_checkpoint, resident, slots, ah
     assert rel_err(torch.cat(parts), full) < 1e-5
     s = model.offload.stats
     assert s.tokens == 40 + 24 and s.prefetched > 0 and s.misses > 0
+
+
+@torch.inference_mode()
+def test_group_limited_routing_offloaded(tiny236_checkpoint):
+    """The 236B model's features (q low-rank, group-limited routing, scaling 16) offloaded."""
+    from dscoder.offload.decoder import OffloadedDecoder
+
+    ref, model = load(tiny236_checkpoint, None), load(tiny236_checkpoint, 9)
+    ids = prompt(60, seed=4)
+    full = ref(ids, ref.new_cache(512), 0, all_logits=True)
+    cache = model.new_cache(512)
+    parts = [model(ids[:40], cache, 0, all_logits=True)]
+    parts += [model(ids[i:i + 1], cache, i) for i in range(40, 50)]
+    decoder = OffloadedDecoder(model, model.offload, cache, ahead=1, graphs=False)
+    parts += [decoder(int(ids[i]), i).clone() for i in range(50, 60)]
+    assert rel_err(torch.cat(parts), full) < 1e-5

@@ -89,7 +89,11 @@ def kv_peak_bytes(sizes: ModelSizes, context: int, first_capacity: int = FIRST_C
 
 
 def work_bytes(sizes: ModelSizes, context: int, chunk: int = PREFILL_CHUNK) -> int:
-    """A generous estimate of activations for one prefill chunk attending over the context."""
+    """A generous estimate of activations for one prefill chunk attending over the context.
+
+    It assumes the unfused attention path (fp32 scores). On an H100 with fused SDPA and
+    4096-token chunks the measured work at 12GiB was 0.61 GiB against 1.26 GiB reserved here:
+    tightening this would buy about 50 more expert slots at 12GiB, once measured on the GPU."""
     b, t, s, h = sizes.dtype_bytes, min(chunk, context), context, sizes.heads
     expanded_kv = s * h * (sizes.qk_head_dim + 2 * sizes.v_head_dim) * b
     scores = h * t * s * 4  # the math attention path materialises (heads, T, S) scores
