@@ -93,7 +93,9 @@ class Transformer(nn.Module):
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._compiled_layer = torch.compile(_call_layer, dynamic=False)
+        # dynamic=None: the first shape compiles static; when the cache rows read grow to the
+        # next bucket, one dynamic recompile covers every later length
+        self._compiled_layer = torch.compile(_call_layer, dynamic=None)
 
     def new_cache(self, capacity: int) -> LatentKVCache:
         w = self.lm_head.weight
