@@ -157,8 +157,11 @@ def _restyle(line: str, newline: str) -> str:
 
 
 def unified_diff(original: TextFile, new_text: str) -> str:
-    """Plain unified diff (labels a/FILE, b/FILE) of what write_atomic would change; "" if nothing."""
-    name = original.path.as_posix()
+    """Plain unified diff of what write_atomic would change; "" if nothing.
+
+    The labels are a/FILE and b/FILE with FILE as the user gave it; an absolute path loses its
+    leading slash, as in git (`git diff --no-index /tmp/x.py ...` shows a/tmp/x.py)."""
+    name = original.path.as_posix().lstrip("/")
     old, new = split_keepends(original.text), split_keepends(_final_text(original, new_text))
     out = difflib.unified_diff(old, new, f"a/{name}", f"b/{name}")
     # difflib leaves a line without "\n" glued to the next one; mark it as diff/patch expect.

@@ -17,7 +17,9 @@ from dscoder.events import GenerationSettings
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-_GPU_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
+# "auto" (free GPU memory less a margin, see dscoder/offload/setup.py) or a size as
+# dscoder/offload/sizes.py reads it: 12GiB, 24GB, 12G, 512MiB, 1000000B
+_GPU_MEMORY = re.compile(r"^\s*(auto|\d+(\.\d+)?\s*([KMGT]i?B?|B)?)\s*$", re.IGNORECASE)
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -160,7 +162,8 @@ def validate(s: Settings) -> Settings:
     if s.dtype is not None and s.dtype not in DTYPES:
         raise bad(f"Unknown dtype {s.dtype!r}; use one of {', '.join(DTYPES)}.")
     if s.gpu_memory is not None and not _GPU_MEMORY.match(s.gpu_memory):
-        raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; write it like 12GiB or 12000MiB.")
+        raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; "
+                  "write it like 12GiB, 24GB, 512MiB or auto.")
     for key in ("max_tokens", "context_length"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise bad(f"{key.replace('_', '-')} must be at least 1.")

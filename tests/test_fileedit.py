@@ -374,9 +374,19 @@ def test_unified_diff(tmp_path: Path) -> None:
     p = make(tmp_path, b"a\r\nb\r\n")
     tf = read_text_file(p)
     d = unified_diff(tf, "a\nX\nb\n")
-    name = p.as_posix()
+    name = p.as_posix().lstrip("/")  # absolute: a/tmp/..., as git labels it
     assert d == f"--- a/{name}\n+++ b/{name}\n@@ -1,2 +1,3 @@\n a\n+X\n b\n"
     assert unified_diff(tf, tf.text) == ""
+
+
+def test_unified_diff_labels_the_path_as_given(tmp_path: Path, monkeypatch) -> None:
+    p = make(tmp_path, b"a\n")
+    absolute = unified_diff(read_text_file(p), "a\nb\n").splitlines()[:2]
+    assert absolute == [f"--- a{p.as_posix()}", f"+++ b{p.as_posix()}"]  # not a//tmp/...
+    assert "//" not in absolute[0]
+    monkeypatch.chdir(tmp_path)
+    relative = unified_diff(read_text_file(Path(p.name)), "a\nb\n").splitlines()[:2]
+    assert relative == [f"--- a/{p.name}", f"+++ b/{p.name}"]
 
 
 def test_unified_diff_no_final_newline(tmp_path: Path) -> None:

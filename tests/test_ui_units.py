@@ -53,6 +53,20 @@ def test_bad_settings(flags, words):
         load_settings(flags, {"HOME": "/nonexistent"})
 
 
+@pytest.mark.parametrize("size", ["auto", "AUTO", " Auto ", "12GiB", "24GB", "12G", "512MiB",
+                                  "1.5gib", "12000", "64B"])
+def test_gpu_memory_sizes_and_auto(size):
+    assert load_settings({"gpu_memory": size}, {"HOME": "/nonexistent"}).gpu_memory == size
+
+
+@pytest.mark.parametrize("size", ["lots", "auto12", "12XB", "-1GiB", "GiB", ""])
+def test_gpu_memory_garbage_is_one_sentence(size):
+    with pytest.raises(UsageError) as info:
+        load_settings({"gpu_memory": size}, {"HOME": "/nonexistent"})
+    assert info.value.message.startswith("Cannot read GPU memory") and "auto" in info.value.message
+    assert info.value.message.count(". ") == 0 and info.value.message.endswith(".")
+
+
 def test_generation_fills_unset_from_model_defaults():
     g = Settings(temperature=0.0, stop=("\n",)).generation(GenerationSettings(top_p=0.9, stop=("X",)))
     assert (g.temperature, g.top_p, g.stop, g.max_tokens) == (0.0, 0.9, ("X", "\n"), 1024)
