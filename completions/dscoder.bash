@@ -29,9 +29,9 @@ _dscoder() {
     esac
     case "$cmd" in
         "") opts="--model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --version -h --help"; COMPREPLY=($(compgen -W "chat complete insert pull completion" -- "$cur")) ;;
-        chat) opts="--system -s --json --no-history --show-prompt -h --help"; COMPREPLY=() ;;
-        complete) opts="--suffix --suffix-file --max-lines --show-prompt -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
-        insert) opts="--line -l --dry-run --print --backup --show-prompt -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        chat) opts="--system -s --json --no-history --show-prompt --model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty -h --help"; COMPREPLY=() ;;
+        complete) opts="--suffix --suffix-file --max-lines --show-prompt --model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        insert) opts="--line -l --dry-run --print --backup --show-prompt --model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
         pull) opts=" -h --help"; COMPREPLY=() ;;
         completion) opts=" -h --help"; COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")) ;;
     esac

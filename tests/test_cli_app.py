@@ -199,3 +199,58 @@ def test_completion_command_matches_generated_files():
         assert r.code == 0
         assert r.stdout == (root / "completions" / name).read_text()
     assert invoke(["completion", "tcsh"]).code == 2
+
+
+# --- global options after the subcommand ---------------------------------------------------------
+
+def test_global_options_work_after_the_subcommand(fake, tmp_path):
+    r = invoke(["chat", "--temperature", "0", "-n", "7", "--stop", "\\n\\n", "--seed", "3",
+                "--top-p", "0.5", "--top-k", "4", "--model", "x/chat", "--no-pretty", "hi"])
+    assert (r.code, r.stdout) == (0, "The answer.\n"), r.stderr
+    s = fake.engine.calls[-1]["settings"]
+    assert (s.temperature, s.max_tokens, s.stop, s.seed, s.top_p, s.top_k) == (0.0, 7, ("\n\n",), 3, 0.5, 4)
+    fake.engine.reply = "one\ntwo\n"
+    r = invoke(["complete", "-", "--max-tokens", "64", "--temperature", "0.3", "--context-length", "99"],
+               input="x")
+    assert r.code == 0, r.stderr
+    assert fake.engine.calls[-1]["settings"].max_tokens == 64 and fake.engine.context_length == 99
+    f = tmp_path / "f.py"
+    f.write_text("a\nb\n")
+    fake.engine.reply = "X\n"
+    r = invoke(["insert", str(f), "--line", "2", "--model", "X", "--max-tokens", "64",
+                "--device", "cpu", "--gpu-memory", "auto", "--dtype", "float32", "--dry-run"])
+    assert r.code == 0, r.stderr
+    assert fake.engine.calls[-1]["settings"].max_tokens == 64
+
+
+def test_subcommand_value_wins_and_flags_beat_env_and_config(fake, tmp_path, monkeypatch):
+    cfg = tmp_path / "config" / "dscoder"
+    cfg.mkdir(parents=True)
+    (cfg / "config.toml").write_text("temperature = 0.9\ntop_k = 5\nseed = 1\n")
+    monkeypatch.setenv("DSCODER_TOP_K", "7")
+    monkeypatch.setenv("DSCODER_SEED", "2")
+    r = invoke(["--temperature", "0.5", "--stop", "A", "-n", "9", "chat", "--temperature", "0.1",
+                "--stop", "B", "--seed", "4", "hi"])
+    assert r.code == 0, r.stderr
+    s = fake.engine.calls[-1]["settings"]
+    # after > before > env > config; --stop after replaces the list given before
+    assert (s.temperature, s.stop, s.max_tokens, s.top_k, s.seed) == (0.1, ("B",), 9, 7, 4)
+
+
+def test_bad_value_after_the_subcommand_and_debug_there(fake):
+    r = invoke(["chat", "--temperature", "-1", "hi"])
+    assert (r.code, r.stderr.strip()) == (2, "error: temperature must be 0 (greedy) or more.")
+    r = invoke(["chat", "--gpu-memory", "lots", "hi"])
+    assert r.code == 2 and r.stderr.startswith("error: Cannot read GPU memory 'lots'")
+    fake.fail = ValueError("boom")
+    r = invoke(["chat", "--debug", "hi"])
+    assert r.code == 1 and "Traceback" in r.stderr
+
+
+def test_subcommand_help_and_completions_offer_the_global_options():
+    r = invoke(["insert", "--help"])
+    assert r.code == 0 and "--temperature" in r.stdout and "--no-pretty" in r.stdout
+    assert "--version" not in r.stdout
+    bash = invoke(["completion", "bash"]).stdout
+    chat_line = next(ln for ln in bash.splitlines() if ln.strip().startswith("chat)"))
+    assert "--temperature" in chat_line and "--gpu-memory" in chat_line

@@ -7,11 +7,13 @@ import torch. Tests replace the model through `dscoder.cli.backend.BACKEND` (see
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional
 
 import typer
 
@@ -21,7 +23,8 @@ from dscoder.errors import DscoderError, ExitCode
 HELP = """Chat with DeepSeek-Coder-V2, complete code and fill gaps in files, all in-process.
 
 Settings come from flags, then DSCODER_* environment variables (DSCODER_MODEL, DSCODER_TEMPERATURE,
-...), then $XDG_CONFIG_HOME/dscoder/config.toml, then defaults. Exit codes: 0 success, 1 runtime
+...), then $XDG_CONFIG_HOME/dscoder/config.toml, then defaults. These options also work after chat,
+complete and insert (dscoder chat --temperature 0 "hi"), and there they win. Exit codes: 0 success, 1 runtime
 error, 2 bad usage or input, 130 interrupted."""
 
 app = typer.Typer(name="dscoder", help=HELP, add_completion=False, no_args_is_help=True,
@@ -48,7 +51,7 @@ def main_options(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="Hub id (in the local cache) or a local model folder. [env DSCODER_MODEL; default deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct]")] = None,
     device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
-    gpu_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB; routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
     dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
     context_length: Annotated[Optional[int], typer.Option(metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
@@ -62,10 +65,50 @@ def main_options(
     no_pretty: Annotated[bool, typer.Option("--no-pretty", help="Plain text even on a terminal (also when NO_COLOR is set or stdout is not a terminal).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    ctx.obj = {"model": model, "device": device, "gpu_memory": gpu_memory, "dtype": dtype,
-               "context_length": context_length, "max_tokens": max_tokens, "temperature": temperature,
-               "top_p": top_p, "top_k": top_k, "seed": seed, "stop": stop, "verbose": verbose,
-               "debug": debug, "pretty": False if no_pretty else None}
+    given = dict(locals())  # before anything else is bound here
+    ctx.obj = _flags({name: given[name] for name in GLOBAL_OPTIONS})
+
+
+# The global options are the parameters of main_options (less ctx and --version): the one place
+# they are defined. `global_options` gives the same parameters to a subcommand.
+GLOBAL_OPTIONS = tuple(n for n in inspect.signature(main_options).parameters if n not in ("ctx", "version"))
+
+
+def _flags(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values as settings flags: None (or an empty --stop list) means not given."""
+    flags = {k: v for k, v in values.items() if k != "no_pretty"}
+    flags["pretty"] = False if values.get("no_pretty") else None
+    return flags
+
+
+def merge_flags(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """Flags given before the subcommand, overridden by those given after it, one key at a time."""
+    given = {k: v for k, v in after.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
+    return {**before, **given}
+
+
+def global_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Let a subcommand also take every global option (dscoder chat --temperature 0 "hi").
+
+    The wrapper's signature is the command's plus main_options' global parameters (keyword-only,
+    so typer adds them after the command's own options); their values, when given, override the
+    ones given before the subcommand, and the result becomes this command's ctx.obj, which
+    `runtime` reads. The command itself never sees them."""
+    root = inspect.signature(main_options, eval_str=True).parameters
+    own = inspect.signature(command, eval_str=True)
+    extra = [root[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in GLOBAL_OPTIONS]
+    assert "ctx" in own.parameters, f"{command.__name__} needs a ctx: typer.Context parameter"
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        ctx = kwargs["ctx"]  # typer passes every parameter by name
+        after = _flags({n: kwargs.pop(n) for n in GLOBAL_OPTIONS})
+        ctx.obj = merge_flags(ctx.find_root().obj or {}, after)
+        command(*args, **kwargs)
+
+    wrapper.__signature__ = own.replace(parameters=[*own.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {}  # the types are in __signature__ (the copied ones are strings)
+    return wrapper
 
 
 def runtime(ctx: typer.Context, **more: Any) -> Any:
@@ -74,7 +117,7 @@ def runtime(ctx: typer.Context, **more: Any) -> Any:
     from dscoder.settings import load_settings
     from dscoder.ui.console import make_terminal
 
-    flags = {**(ctx.find_root().obj or {}), **more}
+    flags = {**(ctx.obj or {}), **more}
     settings = load_settings(flags)
     _STATE["debug"] = settings.debug
     return Runtime(settings, make_terminal(pretty=settings.pretty))
@@ -84,6 +127,7 @@ SHOW_PROMPT = typer.Option("--show-prompt", help="Print the exact prompt and its
 
 
 @app.command()
+@global_options
 def chat(
     ctx: typer.Context,
     message: Annotated[Optional[list[str]], typer.Argument(metavar="[MESSAGE]...", help="The instruction (words are joined). Without it and without piped input, an interactive chat starts.", show_default=False)] = None,
@@ -104,6 +148,7 @@ def chat(
 
 
 @app.command()
+@global_options
 def complete(
     ctx: typer.Context,
     file: Annotated[Optional[str], typer.Argument(help="The code to continue; - or nothing reads stdin.", show_default=False, metavar="[FILE|-]")] = None,
@@ -120,6 +165,7 @@ def complete(
 
 
 @app.command()
+@global_options
 def insert(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(metavar="FILE", help="The file to edit.", show_default=False)],

@@ -47,7 +47,7 @@ class Cmd:
 
 def _first_sentence(text: str) -> str:
     text = re.sub(r"\s*\[env [^\]]*\]", "", " ".join((text or "").split()))
-    return text.split(". ")[0].rstrip(".")
+    return re.split(r"(?<!e\.g)(?<!i\.e)\. ", text)[0].rstrip(".")  # "e.g. 12GiB" goes on
 
 
 def _annotation(p: Any) -> Any:

@@ -43,6 +43,10 @@ def _opt(o: "Opt") -> list[str]:
     return [".TP", names + value, esc(o.help)]
 
 
+def _bold(text: str) -> str:
+    return f"\\fB{esc(text)}\\fR"
+
+
 def _paragraphs(text: str) -> list[str]:
     out = []
     for para in text.strip().split("\n\n"):
@@ -58,10 +62,20 @@ def man_page(root: "Cmd", subs: list["Cmd"]) -> str:
              ".SH SYNOPSIS", f"\\fBdscoder\\fR {esc(root.usage.split(' ', 1)[1])}",
              *(f".br\n\\fBdscoder\\fR {esc(c.usage.split(' ', 1)[1])}" for c in subs),
              ".SH DESCRIPTION", *_paragraphs(root.help),
-             ".SH OPTIONS", *(ln for o in root.options for ln in _opt(o)), ".SH COMMANDS"]
+             ".SH OPTIONS"]
+    # Subcommands that also take the global options (after their name) list only their own.
+    takers = [c for c in subs if set(root.options) & set(c.options)]
+    if takers:
+        left_out = [o.names[0] for o in root.options if not all(o in c.options for c in takers)]
+        lead = f"Apart from {', '.join(map(_bold, left_out))}, these" if left_out else "These"
+        lines += [".PP", f"{lead} options also work after {', '.join(_bold(c.name) for c in takers)}, "
+                  "where they win over the same option given before the command."]
+    lines += [*(ln for o in root.options for ln in _opt(o)), ".SH COMMANDS"]
     for c in subs:
         lines += [f'.SS "{esc(c.usage)}"', *_paragraphs(c.help)]
-        lines += [ln for o in c.options for ln in _opt(o)]
+        lines += [ln for o in c.options if o not in root.options for ln in _opt(o)]
+        if c in takers:
+            lines += [".PP", "The global options (see \\fBOPTIONS\\fR) work here too."]
     lines += [".SH ENVIRONMENT"]
     for key in _CONVERT:
         lines += [".TP", f"\\fB{esc(env_name(key))}\\fR", f"Same as the {esc(key.replace('_', ' '))} setting."]
