@@ -87,3 +87,29 @@ def test_chat_multiline_and_paste_is_not_a_command(tmp_path):
     assert [m["content"] for m in saved["messages"]] == ["/not a command\nline two", "ok",
                                                          "first\nlast", "ok"]
     assert not (tmp_path / "state" / "dscoder" / "history").exists()
+
+
+def test_typing_during_a_reply_is_not_echoed_into_it(tmp_path):
+    words = " ".join(f"w{i}" for i in range(150))
+    child = spawn(tmp_path, "chat", "--no-history", reply=f"Reply: {words} REPLY-DONE", delay=0.02)
+    try:
+        child.expect_exact(PROMPT)
+        child.send("first" + ENTER)
+        child.expect("w1[0-9] ")  # the reply is streaming
+        child.send("zqxj typed ahead" + ENTER)  # keys pressed meanwhile, Enter included
+        child.expect_exact("REPLY-DONE")
+        seen = child.before
+        child.expect_exact(PROMPT)  # the prompt is empty again: the typed keys were discarded
+        seen += child.before
+        assert "zqxj" not in seen
+        child.send("/show" + ENTER)
+        child.expect_exact("messages: 2")  # the typed line was never sent as a message
+        child.expect_exact(PROMPT)
+        child.send("second" + ENTER)  # the prompt still echoes and works
+        child.expect_exact("REPLY-DONE")
+        child.expect_exact(PROMPT)
+        child.send(CTRL_D)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

@@ -17,7 +17,7 @@ from dscoder.cli.runtime import Interrupted, stream_reply  # noqa: E402
 from dscoder.errors import UsageError  # noqa: E402
 from dscoder.events import GenerationSettings  # noqa: E402
 from dscoder.settings import Settings, load_settings  # noqa: E402
-from dscoder.ui.console import Terminal  # noqa: E402
+from dscoder.ui.console import Terminal, muted_input  # noqa: E402
 from dscoder.ui.render import MarkdownStream, PlainStream, render_lines  # noqa: E402
 from dscoder.ui.repl import CappedFileHistory, unquote  # noqa: E402
 
@@ -167,3 +167,40 @@ def test_markdown_stream_settles_lines_and_shows_everything_once():
     stream.finish()
     shown = __import__("re").sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
     assert all(f"line {i}" in shown for i in range(20))
+
+
+# --- typing while a reply streams ------------------------------------------------------------------
+
+def test_muted_input_hides_and_discards_typeahead_and_restores_on_ctrl_c():
+    import os
+    import select
+    import time
+
+    termios = pytest.importorskip("termios")
+    master, slave = os.openpty()
+    try:
+        stream = os.fdopen(slave, "r", closefd=False)
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ECHO
+        with pytest.raises(KeyboardInterrupt):
+            with muted_input(stream):
+                assert not termios.tcgetattr(slave)[3] & termios.ECHO
+                assert termios.tcgetattr(slave)[3] & termios.ISIG  # Ctrl-C still interrupts
+                os.write(master, b"typed ahead\n")
+                time.sleep(0.1)
+                raise KeyboardInterrupt
+        assert termios.tcgetattr(slave) == before  # echo is back
+        assert select.select([master], [], [], 0.1)[0] == []  # nothing was echoed to the screen
+        assert select.select([slave], [], [], 0.1)[0] == []  # and the typed line is gone
+        os.write(master, b"x\n")  # afterwards the terminal echoes again
+        assert select.select([master], [], [], 2)[0] and b"x" in os.read(master, 100)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_muted_input_leaves_non_terminals_alone():
+    with muted_input(io.StringIO("abc")):
+        pass
+    with muted_input(sys.stdin if not sys.stdin.isatty() else io.StringIO()):
+        pass

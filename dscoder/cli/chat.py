@@ -118,8 +118,9 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
         raise
     stream = answer_stream(rt.term, code_theme=rt.settings.code_theme)
     try:
-        finished = stream_reply(session.generate(prompt.ids, rt.generation()), stream,
-                                prompt_tokens=len(prompt.ids))
+        with rt.term.input_muted():  # keys typed meanwhile would land in the live window
+            finished = stream_reply(session.generate(prompt.ids, rt.generation()), stream,
+                                    prompt_tokens=len(prompt.ids))
     except Interrupted as e:
         finished = e.finished
         rt.term.hint("(interrupted)")

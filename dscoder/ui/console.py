@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator, Mapping, TextIO
 
 from rich.console import Console
@@ -110,10 +110,51 @@ class Terminal:
             task = bar.add_task("load", total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
+    def input_muted(self) -> AbstractContextManager[None]:
+        """While a reply streams: keys typed are not echoed into it (see `muted_input`)."""
+        return muted_input(self.stdin)
+
     def show_prompt(self, text: str, tokens: int) -> None:
         """--show-prompt: the exact prompt text on stdout, its size on stderr."""
         self.write(text if text.endswith("\n") or not self.stdout_is_tty else text + "\n")
         self.info(f"[{tokens} tokens]")
+
+
+@contextmanager
+def muted_input(stream: TextIO) -> Iterator[None]:
+    """Terminal echo off while the body runs, and what was typed meanwhile thrown away after it.
+
+    While a reply streams, the terminal would echo keys typed into rich's live window and garble
+    it. Only ECHO goes off: ICANON and ISIG stay, so Ctrl-C still interrupts the reply. The
+    keys typed during the reply are discarded (TCIFLUSH) rather than kept for the next prompt:
+    the user never saw them (no echo), and a stray Enter among them would send a message that
+    nobody read over. The settings come back in any case: normal end, Ctrl-C or an exception.
+    Anything but a terminal (a pipe, a file, no termios on this platform) is left alone."""
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, AttributeError, ValueError, OSError):
+        saved = None
+    if saved is None:
+        yield
+        return
+    muted = list(saved)
+    muted[3] &= ~(termios.ECHO | termios.ECHONL)  # lflag
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, muted)
+    except termios.error:  # e.g. a background process group: leave the terminal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            termios.tcflush(fd, termios.TCIFLUSH)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except termios.error:
+            pass
 
 
 def _console(stream: TextIO, color: bool) -> Console:
