@@ -17,9 +17,6 @@ from dscoder.events import GenerationSettings
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# "auto" (free GPU memory less a margin, see dscoder/offload/setup.py) or a size as
-# dscoder/offload/sizes.py reads it: 12GiB, 24GB, 12G, 512MiB, 1000000B
-_GPU_MEMORY = re.compile(r"^\s*(auto|\d+(\.\d+)?\s*([KMGT]i?B?|B)?)\s*$", re.IGNORECASE)
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -154,6 +151,20 @@ def _bool_env(env: Mapping[str, str], name: str) -> bool:
     return name in env and _convert("history", env[name], name)
 
 
+def _gpu_memory_ok(text: str) -> bool:
+    """'auto' (free GPU memory less a margin, see dscoder/offload/setup.py) or a size the engine
+    reads with the same parser (12GiB, 24GB, 12G, 512MiB, 1000000)."""
+    from dscoder.offload.sizes import parse_size  # torch-free
+
+    if text.strip().lower() == "auto":
+        return True
+    try:
+        parse_size(text)
+    except UsageError:
+        return False
+    return True
+
+
 def validate(s: Settings) -> Settings:
     def bad(msg: str) -> UsageError:
         return UsageError(msg)
@@ -161,7 +172,7 @@ def validate(s: Settings) -> Settings:
         raise bad(f"Unknown device {s.device!r}; use auto, cuda, cuda:N or cpu.")
     if s.dtype is not None and s.dtype not in DTYPES:
         raise bad(f"Unknown dtype {s.dtype!r}; use one of {', '.join(DTYPES)}.")
-    if s.gpu_memory is not None and not _GPU_MEMORY.match(s.gpu_memory):
+    if s.gpu_memory is not None and not _gpu_memory_ok(s.gpu_memory):
         raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; "
                   "write it like 12GiB, 24GB, 512MiB or auto.")
     for key in ("max_tokens", "context_length"):
