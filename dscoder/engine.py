@@ -22,6 +22,7 @@ from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.sampling import Sampler
 from dscoder.stops import StopMatcher
+from dscoder.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
 FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversation grows
@@ -30,7 +31,7 @@ FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversa
 @dataclass
 class Engine:
     model: Transformer
-    tokenizer: object  # dscoder.tokenizer.Tokenizer
+    tokenizer: Tokenizer
     config: ModelConfig
     context_length: int
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
@@ -184,7 +185,6 @@ def engine_stats(model: Transformer, before: dict | None = None) -> dict:
 
     now = offload_stats(model)
     return delta(now, before) if before is not None else now
-
 
 
 from dscoder.loader import load_engine  # noqa: E402  (the public entry point lives beside Engine)
