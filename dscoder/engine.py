@@ -25,6 +25,9 @@ from dscoder.stops import StopMatcher
 from dscoder.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
+# offloaded models prefill this many tokens layer by layer (bounds the extra activations: the
+# hidden states of these tokens, about 0.3 GB for Lite, on top of one chunk's work)
+LAYER_MAJOR_TOKENS = 16384
 FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversation grows
 
 
@@ -103,9 +106,26 @@ class Session:
         return logits
 
     def _prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        if getattr(self.engine.model, "offload", None) is not None and len(ids) > PREFILL_CHUNK:
+            return self._prefill_by_layer(ids)
         logits = None
         for i in range(0, len(ids), PREFILL_CHUNK):
             logits = self._forward(ids[i:i + PREFILL_CHUNK])
+        assert logits is not None
+        return logits
+
+    def _prefill_by_layer(self, ids: Sequence[int]) -> torch.Tensor:
+        # Offloaded experts cross PCIe once per layer per call: a long prompt goes layer by layer
+        # over up to LAYER_MAJOR_TOKENS tokens at a time, not one pass over the experts per chunk.
+        logits = None
+        for i in range(0, len(ids), LAYER_MAJOR_TOKENS):
+            part = ids[i:i + LAYER_MAJOR_TOKENS]
+            start = len(self.tokens)
+            cache = self._ensure_capacity(start + len(part))
+            x = torch.tensor(part, dtype=torch.long, device=self.engine.device)
+            with torch.inference_mode():
+                logits = self.engine.model.prefill_by_layer(x, cache, start, PREFILL_CHUNK)
+            self.tokens.extend(part)
         assert logits is not None
         return logits
 

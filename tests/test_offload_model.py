@@ -138,3 +138,35 @@ def test_group_limited_routing_offloaded(tiny236_checkpoint):
     decoder = OffloadedDecoder(model, model.offload, cache, ahead=1, graphs=False)
     parts += [decoder(int(ids[i]), i).clone() for i in range(50, 60)]
     assert rel_err(torch.cat(parts), full) < 1e-5
+
+
+@torch.inference_mode()
+def test_long_prefill_by_layer_streams_each_expert_once(tiny_checkpoint, resident):
+    # 4 chunks of 32 tokens: chunk by chunk, every chunk streams the experts it misses again;
+    # layer by layer, the whole prompt needs each layer's experts once
+    ids = prompt(128, seed=5)
+    want = resident(ids, resident.new_cache(512), 0)
+    by_chunk = load(tiny_checkpoint, 6)
+    cache = by_chunk.new_cache(512)
+    for c in range(0, 128, 32):
+        by_chunk(ids[c:c + 32], cache, c)
+    by_layer = load(tiny_checkpoint, 6)
+    got = by_layer.prefill_by_layer(ids, by_layer.new_cache(512), 0, chunk=32)
+    assert rel_err(got, want) < 1e-5
+    one_pass = 2 * 8  # MoE layers x experts: an upper bound on the misses of a single pass
+    assert by_layer.offload.stats.misses <= one_pass < by_chunk.offload.stats.misses
+
+
+def test_engine_prefills_long_prompts_by_layer_when_offloaded(tiny_checkpoint, tiny_engine, monkeypatch):
+    import dscoder.engine as engine_mod
+    from dscoder.engine import load_engine
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(engine_mod, "LAYER_MAJOR_TOKENS", 64)  # two layer-major passes
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,
+                         gpu_memory=budget_for(tiny_checkpoint, 7))
+    ids = [100000] + prompt(100, seed=6).tolist()
+    settings = GenerationSettings(max_tokens=8, temperature=0)
+    want = list(tiny_engine.new_session().generate(ids, settings, stop_ids=()))[-1]
+    got = list(engine.new_session().generate(ids, settings, stop_ids=()))[-1]
+    assert got.token_ids == want.token_ids

@@ -26,6 +26,22 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def feed_forward_by_chunks(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The feed-forward over many tokens: routed experts see every token in one call (an
+        offloaded layer then streams its experts once), the dense parts go chunk by chunk so
+        their activations stay as small as in chunked prefill."""
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            ids, weights = self.mlp.gate(h)
+            out = self.mlp.experts(h, ids, weights)
+            dense = self.mlp.shared_experts
+        else:
+            out, dense = torch.zeros_like(h), self.mlp
+        if dense is not None:
+            for c0 in range(0, h.shape[0], chunk):
+                out[c0:c0 + chunk] += dense(h[c0:c0 + chunk])
+        return x + out
+
 
 class Embedding(nn.Module):
     def __init__(self, vocab: int, dim: int) -> None:
@@ -68,6 +84,24 @@ class Transformer(nn.Module):
             absorbed = t == 1  # decode reads the latent cache directly; prefill expands it
         step = Step.at(start, t, ids.device, absorbed)
         return self.run(ids, self.rope[start:start + t], cache, step, all_logits)
+
+    def prefill_by_layer(self, ids: torch.Tensor, cache: LatentKVCache, start: int,
+                         chunk: int) -> torch.Tensor:
+        """A long prompt layer by layer rather than chunk by chunk: the same function, but each
+        layer's experts are needed once for the whole prompt. Attention still runs a chunk at a
+        time (a chunk sees this layer's cache rows of the chunks before it). Logits of the last token."""
+        assert self.rope is not None, "call set_context first"
+        t = ids.shape[0]
+        x = self.model.embed_tokens(ids)
+        for i, layer in enumerate(self.model.layers):
+            kv = cache.layer(i)
+            for c0 in range(0, t, chunk):
+                c1 = min(c0 + chunk, t)
+                step = Step.at(start + c0, c1 - c0, ids.device, absorbed=False)
+                h = layer.input_layernorm(x[c0:c1])
+                x[c0:c1] += layer.self_attn(h, self.rope[start + c0:start + c1], kv, step)
+            x = layer.feed_forward_by_chunks(x, chunk)
+        return self.lm_head(self.model.norm(x[-1:])).float()
 
     def decode_at(self, ids: torch.Tensor, pos: torch.Tensor, cache: LatentKVCache,
                   visible: int) -> torch.Tensor:

@@ -12,7 +12,10 @@ from dscoder.offload.sizes import format_size
 
 DEFAULT_OFFLOAD_CONTEXT = 8192  # the full 160K context's KV cache would eat most of a 12 GiB budget
 STREAM_CHUNK = 4  # experts per prefill staging buffer (two buffers: one copying, one computing)
-PREFILL_CHUNK = 2048  # tokens per prefill forward (dscoder.engine.PREFILL_CHUNK)
+# tokens of prefill activations the work estimate is sized for. The engine runs 4096-token chunks
+# (dscoder.engine.PREFILL_CHUNK), which measured 0.61 GiB against the 1.26 GiB this estimate
+# reserves (see work_bytes); it stays at 2048 so the plan matches the one measured in BENCHMARKS.md.
+PREFILL_CHUNK = 2048
 FIRST_CAPACITY = 4096  # the engine's first KV cache size; it doubles up to the context
 
 
