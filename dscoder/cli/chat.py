@@ -57,19 +57,15 @@ def chat(rt: Runtime, message: str | None, *, system: str | None, json_out: bool
     content = with_context(message, piped) if message is not None else piped
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": content}]
-    if show_prompt:
-        prompt = build_prompt(rt, messages)
-        rt.term.show_prompt(prompt.text, len(prompt.ids))
+    prompt = rt.prompt_to_run(lambda: build_prompt(rt, messages), show_prompt)
+    if prompt is None:
         return
-    engine = rt.engine()
-    prompt = build_prompt(rt, messages)
     stream = _Silent() if json_out else answer_stream(rt.term, code_theme=rt.settings.code_theme)
-    events = engine.generate(prompt.ids, rt.generation())
-    finished = stream_reply(events, stream, prompt_tokens=len(prompt.ids))
+    finished = stream_reply(rt.engine().generate(prompt.ids, rt.generation()), stream,
+                            prompt_tokens=len(prompt.ids))
     if json_out:
         rt.term.write(json.dumps(result_json(rt, finished), ensure_ascii=False) + "\n")
-    if rt.settings.verbose or rt.term.err_color:  # keep logs of scripts clean
-        rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)
+    rt.report(finished)
 
 
 def result_json(rt: Runtime, f: Finished) -> dict[str, Any]:

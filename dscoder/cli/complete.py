@@ -50,15 +50,10 @@ def complete(rt: Runtime, file: str | None, *, suffix: str | None, suffix_file: 
              max_lines: int | None, show_prompt: bool) -> None:
     prefix = read_source(rt, file)
     suffix_text = read_suffix(suffix, suffix_file)
-    if show_prompt:
-        prompt = build(rt, prefix, suffix_text)
-        rt.term.show_prompt(prompt.text, len(prompt.ids))
+    prompt = rt.prompt_to_run(lambda: build(rt, prefix, suffix_text), show_prompt)
+    if prompt is None:
         return
-    engine = rt.engine()
-    prompt = build(rt, prefix, suffix_text)
     # Raw text, never Markdown: the output is code that continues the input.
     stream = answer_stream(rt.term, markdown=False, newline=rt.term.stdout_is_tty)
-    events = engine.generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
-    finished = stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines)
-    if rt.settings.verbose or rt.term.err_color:
-        rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)
+    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
+    rt.report(stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines))

@@ -36,16 +36,12 @@ def insert(rt: Runtime, file: Path, *, line: int, dry_run: bool, print_only: boo
     writes = not (dry_run or print_only or show_prompt)
     if writes:
         check_writable(file)
-    if show_prompt:
-        prompt = build(rt, prefix, suffix)
-        rt.term.show_prompt(prompt.text, len(prompt.ids))
+    prompt = rt.prompt_to_run(lambda: build(rt, prefix, suffix), show_prompt)
+    if prompt is None:
         return
-    engine = rt.engine()
-    prompt = build(rt, prefix, suffix)
-    events = engine.generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
+    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
     finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids))
-    if rt.settings.verbose or rt.term.err_color:
-        rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)
+    rt.report(finished)
     text = clean_insertion(finished.text, prefix, suffix)
     if not text:
         raise NothingToInsert(f"The model produced nothing useful to insert at line {line}; "

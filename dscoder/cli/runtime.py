@@ -59,6 +59,23 @@ class Runtime:
             return None
         return max(window - self.generation().max_tokens, window // 2)
 
+    def prompt_to_run(self, build: Callable[[], Any], show_prompt: bool) -> Any | None:
+        """The prompt to generate from, or None once --show-prompt has printed it (no weights
+        loaded). Otherwise it is built after the engine loads: the engine's context window, not
+        the config's, sets the prompt's budget."""
+        if show_prompt:
+            prompt = build()
+            self.term.show_prompt(prompt.text, len(prompt.ids))
+            return None
+        self.engine()
+        return build()
+
+    def report(self, finished: Finished) -> None:
+        """The stats line after a one-shot reply: on a terminal or with --verbose only, so that
+        the logs of scripts stay clean."""
+        if self.settings.verbose or self.term.err_color:
+            self.term.stats(finished, verbose=self.settings.verbose, load_seconds=self.load_seconds)
+
     def fim_stop_ids(self) -> set[int]:
         tok = self.tokenizer()
         return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id}
