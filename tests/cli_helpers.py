@@ -1,12 +1,14 @@
 """Running the real CLI entry point in process (typer's CliRunner isolation) with a fake model."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from dscoder.cli.app import run  # noqa: E402
@@ -28,3 +30,13 @@ def invoke(args: list[str], *, input: str | None = "", env: dict | None = None) 
         sys.stderr.flush()
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return Result(int(code), stdout, stderr)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No user config, history or colour leaks into a test (import it into a test module)."""
+    for name in list(os.environ):
+        if name.startswith("DSCODER_") or name == "NO_COLOR":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))

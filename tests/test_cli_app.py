@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cli_helpers import invoke  # noqa: E402
+from cli_helpers import invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
 from fakes import FakeBackend, FakeEngine  # noqa: E402
 
 from dscoder.cli import backend  # noqa: E402
@@ -18,14 +18,6 @@ from dscoder.errors import ModelNotFound  # noqa: E402
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No user config, history or colour leaks into a test."""
-    for name in list(__import__("os").environ):
-        if name.startswith("DSCODER_") or name == "NO_COLOR":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
 @pytest.fixture

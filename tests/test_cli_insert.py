@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cli_helpers import invoke  # noqa: E402
+from cli_helpers import invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
 from fakes import FakeBackend  # noqa: E402
 
 from dscoder.cli import backend  # noqa: E402
@@ -17,12 +17,6 @@ from dscoder.cli import backend  # noqa: E402
 SRC = b"def add(a, b):\n    pass\n\nprint(add(1, 2))\n"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("DSCODER_") or name == "NO_COLOR":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
 
 
 @pytest.fixture
