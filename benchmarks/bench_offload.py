@@ -27,30 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import lite_checkpoint, log, random_prompt  # noqa: E402  (beside this script)
 
 GiB = 2**30
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def checkpoint(path: Path, shape: str, device: str) -> Path:
-    from dscoder.random_checkpoint import write_random_checkpoint
-
-    if (path / "model.safetensors.index.json").is_file():
-        log(f"reusing checkpoint {path}")
-        return path
-    log(f"writing a random {shape} checkpoint to {path} ...")
-    t = time.perf_counter()
-    write_random_checkpoint(path, shape, seed=0, device=device)
-    log(f"wrote it in {time.perf_counter() - t:.1f} s")
-    return path
-
-
-def random_prompt(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return [100000] + torch.randint(0, 100000, (n - 1,), generator=g).tolist()
 
 
 def rss_gib() -> float:
@@ -259,7 +238,7 @@ def main() -> None:
     base = [] if args.no_baseline else (args.baseline_budgets.split(",") if args.baseline_budgets
                                         else [b for b in budgets if b != "full"])
     t0 = time.perf_counter()
-    checkpoint(args.dir, args.shape, args.device)
+    lite_checkpoint(args.dir, args.shape, args.device)
     rows = [guarded(run_ours, args, b) for b in budgets]
     rows += [guarded(run_baseline, args, b) for b in base]
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -14,7 +14,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def lite_checkpoint(path: Path, shape: str = "lite") -> Path:
+def lite_checkpoint(path: Path, shape: str = "lite", device: str | None = None) -> Path:
     """Reuse the random checkpoint at path, or write one (on the GPU when there is one)."""
     from dscoder.random_checkpoint import write_random_checkpoint
 
@@ -22,7 +22,7 @@ def lite_checkpoint(path: Path, shape: str = "lite") -> Path:
         log(f"reusing checkpoint {path}")
         return path
     t = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     write_random_checkpoint(path, shape, seed=0, device=device)
     log(f"wrote {shape} checkpoint to {path} in {time.perf_counter() - t:.1f} s")
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
 from common import lite_checkpoint, log, random_prompt  # noqa: E402
 
 from dscoder.events import GenerationSettings  # noqa: E402
