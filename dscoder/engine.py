@@ -106,7 +106,7 @@ class Session:
         return logits
 
     def _prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        if getattr(self.engine.model, "offload", None) is not None and len(ids) > PREFILL_CHUNK:
+        if self.engine.model.offload is not None and len(ids) > PREFILL_CHUNK:
             return self._prefill_by_layer(ids)
         logits = None
         for i in range(0, len(ids), PREFILL_CHUNK):
@@ -192,13 +192,13 @@ class Session:
 
 def make_decoder(model: Transformer, cache: LatentKVCache):
     """Graph-replayed decode for a cache: whole steps, or per-MoE-layer segments when offloaded."""
-    offload = getattr(model, "offload", None)
+    offload = model.offload
     return offload.decoder(model, cache) if offload is not None else GraphedDecoder(model, cache)
 
 
 def engine_stats(model: Transformer, before: dict | None = None) -> dict:
     """Expert-offload counters (hit rate, bytes copied...), of this generation when given `before`."""
-    if getattr(model, "offload", None) is None:
+    if model.offload is None:
         return {}
     from dscoder.offload.setup import offload_stats
     from dscoder.offload.stats import delta

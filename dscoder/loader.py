@@ -81,9 +81,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
 
             install_trace(net)
         net.set_context(ctx)
-        use_graphs = _use_graphs(dev) and _host_free(net)
-        if use_graphs and _resident(net) and os.environ.get("DSCODER_COMPILE", "1") != "0":
-            net.compile_decode()  # fuses the step's small kernels; compiles on the first reply
+        use_graphs = _fast_decode(net, dev)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
@@ -94,19 +92,15 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                   use_graphs=use_graphs)
 
 
-def _host_free(net) -> bool:
-    # routing traces need the host at every layer (offloaded models replay per-layer segments)
-    return not os.environ.get("DSCODER_ROUTING_TRACE")
-
-
-def _resident(net) -> bool:
-    """Every routed expert lives on the GPU (nothing offloaded)."""
-    from dscoder.model.moe import RoutedExperts
-
-    return all(isinstance(m, RoutedExperts) and m.w13.is_cuda
-               for layer in net.model.layers for m in [getattr(layer.mlp, "experts", None)] if m is not None)
-
-
-def _use_graphs(dev: torch.device) -> bool:
-    """CUDA-graph decode for a model resident on a GPU; DSCODER_CUDA_GRAPHS=0 turns it off."""
-    return dev.type == "cuda" and os.environ.get("DSCODER_CUDA_GRAPHS", "1") != "0"
+def _fast_decode(net, dev: torch.device) -> bool:
+    """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
+    step (it fuses the step's small kernels; the compile happens on the first reply).
+    DSCODER_CUDA_GRAPHS=0 and DSCODER_COMPILE=0 turn each off; a routing trace needs the host at
+    every layer, so it turns graphs off too."""
+    env = os.environ
+    if (dev.type != "cuda" or env.get("DSCODER_CUDA_GRAPHS", "1") == "0"
+            or env.get("DSCODER_ROUTING_TRACE")):
+        return False
+    if net.offload is None and env.get("DSCODER_COMPILE", "1") != "0":
+        net.compile_decode()
+    return True

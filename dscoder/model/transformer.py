@@ -70,6 +70,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope: torch.Tensor | None = None  # (positions, rope/2, 2) fp32, built by set_context
         self._compiled_layer = None  # torch.compile'd decode layer, see compile_decode
+        self.offload = None  # dscoder.offload's runtime when routed experts live in host memory
 
     def set_context(self, length: int) -> None:
         """Precompute the rotary table for positions [0, length)."""

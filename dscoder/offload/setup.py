@@ -144,7 +144,7 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
 
 def offload_stats(model: torch.nn.Module) -> dict:
     """The offload counters of a model ({} when nothing is offloaded)."""
-    runtime = getattr(model, "offload", None)
+    runtime = model.offload
     return runtime.stats.summary() if runtime is not None else {}
 
 
