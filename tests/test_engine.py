@@ -120,6 +120,17 @@ def test_generation_stops_at_the_context_window(tiny_checkpoint):
     assert final.reason == "length" and len(ids) + len(final.token_ids) == 16
 
 
-def test_engine_generate_uses_generation_config_defaults(tiny_engine):
-    assert tiny_engine.defaults.temperature == pytest.approx(0.3)
-    assert tiny_engine.defaults.top_p == pytest.approx(0.95)
+def test_sampling_defaults_come_from_generation_config(tiny_engine, tmp_path):
+    import json
+
+    from dscoder.loader import generation_defaults
+
+    # the released file (0.3 / 0.95) reaches the engine...
+    assert (tiny_engine.defaults.temperature, tiny_engine.defaults.top_p) == pytest.approx((0.3, 0.95))
+    # ...and other values are read, not assumed (GenerationSettings' own defaults are 0.3 / 0.95)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}))
+    d = generation_defaults(tmp_path)
+    assert (d.temperature, d.top_p, d.top_k) == pytest.approx((0.7, 0.8, 20))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert generation_defaults(tmp_path).temperature == 0
