@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
 from common import (card, emit_json, gpu_memory, lite_checkpoint, log, print_table,  # noqa: E402
-                    random_prompt, sync, timed)
+                    random_prompt, timed)
 
 from dscoder.events import GenerationSettings  # noqa: E402
 

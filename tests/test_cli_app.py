@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cli_helpers import invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
-from fakes import FakeBackend, FakeEngine  # noqa: E402
+from fakes import FakeBackend  # noqa: E402
 
 from dscoder.cli import backend  # noqa: E402
 from dscoder.errors import ModelNotFound  # noqa: E402
