@@ -57,9 +57,16 @@ class RealBackend:
 
     def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
                     progress: Progress | None = None) -> Any:
+        from dscoder import signals
+
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
+        # The only import of torch on the way to generating. torch's start-up swallows a
+        # KeyboardInterrupt (during its numpy import) and a second import then fails half-way,
+        # so Ctrl-C/SIGTERM wait until the import is done, and are delivered then.
+        with signals.deferred():
+            from dscoder.engine import load_engine
+        signals.check()
         check_device(settings.device, warn)
-        from dscoder.engine import load_engine  # the only import of torch on the way to generating
 
         return load_engine(model_dir, device=settings.device,
                            gpu_memory=settings.gpu_memory,
