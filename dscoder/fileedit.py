@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import shlex
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
+from dscoder import signals
 from dscoder.errors import DscoderError, FileChanged, UsageError
 
 BOM = b"\xef\xbb\xbf"
@@ -80,11 +83,12 @@ def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
         raise UsageError(f"cannot read {path}: {e.strerror or e}.") from None
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _decode(path: Path | str, data: bytes,
+            binary: str = "looks like a binary file (it contains NUL bytes); give a text file") -> str:
     if data.startswith(_UTF16_BOMS):
         raise UsageError(f"{path} is UTF-16 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8).")
     if looks_binary(data):
-        raise UsageError(f"{path} looks like a binary file (it contains NUL bytes); give a text file.")
+        raise UsageError(f"{path} {binary}.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,6 +96,25 @@ def _decode(path: Path, data: bytes) -> str:
             f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
             "convert it to UTF-8 first (e.g. iconv -f LATIN1 -t UTF-8)."
         ) from None
+
+
+PIPED = "The piped input"
+
+
+def read_stdin_text(stream: TextIO) -> str:
+    """All of piped stdin as text, by the same rules as a file: UTF-8, no NUL bytes, else a
+    UsageError. The bytes are decoded here, not by Python's stdin, whose errors depend on the
+    locale (under LC_ALL=C it uses surrogateescape and lets any byte through)."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        data = buffer.read()
+    else:  # a text stream without bytes (tests): re-encode what it decoded
+        try:
+            data = stream.read().encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = b"\xff"  # a lone surrogate: it did not come from UTF-8
+    text = _decode(PIPED, data, binary="looks like binary data (it contains NUL bytes); pipe text instead")
+    return text.removeprefix("\ufeff")
 
 
 def _dominant_newline(decoded: str) -> str:
@@ -187,23 +210,50 @@ def check_writable(path: Path) -> None:
         )
 
 
+def backup_path(path: Path) -> Path:
+    """Where --backup keeps the original: FILE~ beside the file (the real file, for a symlink)."""
+    target = _real(Path(path))
+    return target.with_name(target.name + "~")
+
+
+def check_backup(path: Path) -> None:
+    """UsageError now, before generation, if FILE~ cannot become the backup."""
+    backup = backup_path(path)
+    if backup.is_dir() or (backup.exists() and not backup.is_file()):
+        raise UsageError(f"the backup path {backup} is a folder or not a regular file; "
+                         "move it away, or leave out --backup.")
+    if backup.exists() and not os.access(backup, os.W_OK) and not os.access(backup.parent, os.W_OK):
+        raise UsageError(f"cannot replace the backup {backup}; make it writable, or leave out --backup.")
+
+
 def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> None:
     """Replace the file with new_text ("\\n" newlines) in the original's newline style, BOM and mode.
 
     FileChanged (nothing written) if the bytes on disk are no longer those read; UsageError if the
-    file or folder is not writable. On any exception, Ctrl-C included, the original is untouched and
-    no temporary file is left behind. backup=True first saves the old bytes, exactly, as FILE~.
+    file or folder is not writable. On any exception, Ctrl-C and SIGTERM included, the original is
+    untouched and no temporary file is left behind (a SIGKILL's is removed by the next write).
+    backup=True first saves the old bytes, exactly, as FILE~, with the file's mode and owner.
+    A file with other hard links is rewritten in place (see `_write_in_place`), so that all its
+    names keep sharing the new text, as vim and emacs do.
     """
     check_writable(original.path)
     target = _real(original.path)
     data = _encode(original, _final_text(original, new_text))
+    remove_stale_temps(target)
     try:
+        if _hard_links(target) > 1:
+            _write_in_place(original, target, data, backup)
+            return
         tmp = _write_temp(target, data, original.mode)
         try:
             old = _ensure_unchanged(original, target)
             if backup:
                 _write_backup(target, old, original.mode)
-            os.replace(tmp, target)
+            # The point of no return: an interrupt that was swallowed somewhere (signals.check)
+            # or that arrives now stops us before the rename, never after it.
+            with signals.deferred():
+                signals.check()
+                os.replace(tmp, target)
         except BaseException:
             _remove_quietly(tmp)
             raise
@@ -214,16 +264,85 @@ def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> 
     _fsync_dir(target.parent)
 
 
-def _write_temp(target: Path, data: bytes, mode: int) -> Path:
-    """A fsynced temporary copy of `data` next to `target`, with its mode and (if we can) owner."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+def _hard_links(target: Path) -> int:
+    try:
+        return os.stat(target).st_nlink
+    except OSError:
+        return 1
+
+
+def _write_in_place(original: TextFile, target: Path, data: bytes, backup: bool) -> None:
+    """Overwrite the file's own inode: a rename would give this name a new inode and silently
+    stop the other hard links from sharing the edit. Not atomic against a crash or SIGKILL, so
+    the write itself runs with Ctrl-C and SIGTERM held back, after every check has passed."""
+    old = _ensure_unchanged(original, target)
+    if backup:
+        _write_backup(target, old, original.mode)
+    with signals.deferred():
+        signals.check()
+        with open(target, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _temp_name_re(name: str) -> re.Pattern[str]:
+    # .NAME.PID.XXXXXXXX.dscoder-tmp: mkstemp's 8 random characters never include a dot
+    return re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of FILE (and of its backup FILE~) left by a writer that died
+    between writing and renaming them (SIGKILL, a crash, a power cut); their names carry the
+    writer's pid, so those of a writer still running are kept. Returns what was removed."""
+    target = _real(Path(path))
+    removed: list[Path] = []
+    for name in (target.name, target.name + "~"):
+        pattern = _temp_name_re(name)
+        try:
+            candidates = [p for p in target.parent.glob(f".{glob_escape(name)}.*{TEMP_SUFFIX}")]
+        except OSError:
+            continue
+        for p in candidates:
+            m = pattern.fullmatch(p.name)
+            if m and not _alive(int(m.group(1))):
+                try:
+                    os.unlink(p)
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _write_temp(target: Path, data: bytes, mode: int, owner_of: Path | None = None) -> Path:
+    """A fsynced temporary copy of `data` next to `target`, with its mode and (if we can) the
+    owner of `owner_of` (default: `target`). The name carries our pid, for remove_stale_temps."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX,
+                                dir=target.parent)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)  # mkstemp makes 0600; fchmod ignores the umask
-            _copy_owner(f.fileno(), target)
+            _copy_owner(f.fileno(), owner_of or target)
             os.fsync(f.fileno())
     except BaseException:
         _remove_quietly(tmp)
@@ -261,7 +380,7 @@ def _ensure_unchanged(original: TextFile, target: Path) -> bytes:
 def _write_backup(target: Path, data: bytes, mode: int) -> None:
     backup = target.with_name(target.name + "~")
     try:
-        tmp = _write_temp(backup, data, mode)
+        tmp = _write_temp(backup, data, mode, owner_of=target)
         try:
             os.replace(tmp, backup)
         except BaseException:

@@ -38,13 +38,23 @@ def _raise(signum: int) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM through our handler (main thread only; elsewhere a no-op)."""
+@contextmanager
+def handled() -> Iterator[None]:
+    """SIGINT and SIGTERM go through our handler while the body runs (the previous handlers
+    come back after it, so that running the CLI in-process, as tests do, leaves no trace).
+    Only the main thread can set handlers; elsewhere this changes nothing."""
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
     reset()
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def reset() -> None:
@@ -68,7 +78,7 @@ def check() -> None:
         _raise(_state["received"])
 
 
-def exit_code(exc: BaseException) -> int:
+def exit_code(exc: BaseException | None = None) -> int:
     """130 for Ctrl-C, 143 for SIGTERM."""
     if isinstance(exc, Terminated) or _state["received"] == signal.SIGTERM:
         return ExitCode.TERMINATED

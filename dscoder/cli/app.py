@@ -232,8 +232,7 @@ def run(argv: list[str] | None = None) -> int:
     from dscoder.cli.streams import guarded
 
     args = list(sys.argv[1:] if argv is None else argv)
-    signals.install()
-    with guarded():
+    with signals.handled(), guarded():
         return _run(args)
 
 
@@ -243,6 +242,8 @@ def _run(args: list[str]) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
+        if rv == ExitCode.INTERRUPTED:  # typer turns a KeyboardInterrupt into 130, SIGTERM too
+            return signals.exit_code()
         return rv if isinstance(rv, int) else ExitCode.OK
     except typer.Exit as e:
         return e.exit_code

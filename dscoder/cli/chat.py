@@ -26,14 +26,14 @@ class _Silent:
 
 def read_piped(rt: Runtime) -> str | None:
     """Piped stdin as text, or None when stdin is a terminal (or empty)."""
+    from dscoder.fileedit import read_stdin_text
+
     if rt.term.stdin_is_tty:
         return None
     try:
-        data = rt.term.stdin.read()
+        data = read_stdin_text(rt.term.stdin)
     except (OSError, ValueError):  # stdin closed
         return None
-    except UnicodeDecodeError:
-        raise UsageError("The piped input is not UTF-8 text; pipe text, not binary data.") from None
     return data if data.strip() else None
 
 

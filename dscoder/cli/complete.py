@@ -14,10 +14,12 @@ def read_source(rt: Runtime, file: str | None) -> str:
     if file is None or file == "-":
         if file is None and rt.term.stdin_is_tty:
             raise UsageError("Give a FILE to continue, or pipe code in (cat foo.py | dscoder complete).")
+        from dscoder.fileedit import read_stdin_text
+
         try:
-            return rt.term.stdin.read()
-        except UnicodeDecodeError:
-            raise UsageError("The piped input is not UTF-8 text.") from None
+            return read_stdin_text(rt.term.stdin)
+        except (OSError, ValueError) as e:  # stdin closed: nothing to continue
+            raise UsageError("Standard input is closed; give a FILE or pipe code in.") from e
     from dscoder.fileedit import read_text_file
 
     return read_text_file(Path(file)).text
