@@ -19,6 +19,7 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Part = int | str  # a special id the template inserts, or a run of text
 ROLES = ("system", "user", "assistant")
 PREFIX_SHARE = 0.75  # FIM: the prefix's share of the budget when prefix and suffix are both long
+LOW_WATER = 0.5  # chat: a conversation that overflows is cut to this share of the limit at once
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Prompt:
     ids: list[int]
     text: str  # the rendered prompt, special tokens spelled out (for --show-prompt)
     dropped_messages: int = 0  # chat: messages dropped (whole turns) to fit
+    dropped_turns: int = 0  # chat: the oldest turns left out (pass it to the next chat_prompt)
     truncated_chars: tuple[int, int] = (0, 0)  # characters cut from the prefix start / suffix end
 
 
@@ -92,25 +94,39 @@ def _without_turns(messages: Sequence[Message], turns: list[list[int]], k: int) 
 
 
 def chat_prompt(tok: Tokenizer, messages: Sequence[Message], *,
-                max_prompt_tokens: int | None = None) -> Prompt:
-    """The chat prompt with the generation prompt ``Assistant:``; drops the oldest whole turns
-    (keeping system messages and the last user message) when it exceeds ``max_prompt_tokens``."""
+                max_prompt_tokens: int | None = None, dropped_turns: int = 0,
+                low_water: float = LOW_WATER) -> Prompt:
+    """The chat prompt with the generation prompt ``Assistant:``; leaves out the oldest whole
+    turns (keeping system messages and the last user message) when it exceeds ``max_prompt_tokens``.
+
+    ``dropped_turns``: turns the previous prompt of this conversation already left out; they
+    stay out while the rest fits, so consecutive prompts share their prefix and the engine reuses
+    its KV cache. When the rest no longer fits, turns go out at once until the prompt is at most
+    ``low_water`` of the limit: the window then has room for several more turns before the
+    prefix has to change again (one turn per turn would change it, and prefill the whole
+    window, on every turn)."""
     _check_messages(messages)
-    ids, text = _build(tok, _chat_parts(tok, messages))
-    if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
-        return Prompt(ids, text)
     turns = _turns(messages)
+    k0 = min(dropped_turns, len(turns))
 
     def attempt(k: int) -> tuple[list[int], str]:
         return _build(tok, _chat_parts(tok, _without_turns(messages, turns, k)))
 
-    k = _least(1, len(turns), lambda k: len(attempt(k)[0]) <= max_prompt_tokens)
-    ids, text = attempt(k)
-    if len(ids) > max_prompt_tokens:
+    def prompt(k: int, built: tuple[list[int], str]) -> Prompt:
+        return Prompt(built[0], built[1], dropped_messages=sum(len(t) for t in turns[:k]),
+                      dropped_turns=k)
+
+    built = attempt(k0)
+    if max_prompt_tokens is None or len(built[0]) <= max_prompt_tokens:
+        return prompt(k0, built)
+    target = int(max_prompt_tokens * low_water)
+    k = _least(k0 + 1, len(turns), lambda k: len(attempt(k)[0]) <= target) if k0 < len(turns) else k0
+    built = attempt(k)
+    if len(built[0]) > max_prompt_tokens:
         raise PromptTooLong(
-            f"The prompt needs {len(ids)} tokens even without earlier turns, but the limit is "
+            f"The prompt needs {len(built[0])} tokens even without earlier turns, but the limit is "
             f"{max_prompt_tokens}; shorten the message or the system prompt, or raise the limit.")
-    return Prompt(ids, text, dropped_messages=sum(len(t) for t in turns[:k]))
+    return prompt(k, built)
 
 
 def _least(lo: int, hi: int, ok: Callable[[int], bool]) -> int:

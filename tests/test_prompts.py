@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dscoder.errors import PromptTooLong, UsageError
-from dscoder.prompts import Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head, keep_tail
+from dscoder.prompts import (LOW_WATER, Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head,
+                             keep_tail)
 from dscoder.tokenizer import Tokenizer, load_tokenizer
 
 BOS, EOS, HOLE, BEGIN, END = 100000, 100001, 100002, 100003, 100004
@@ -125,17 +126,51 @@ def test_chat_truncation_drops_oldest_whole_turns(tok: Tokenizer) -> None:
     messages = _long_chat()
     full = chat_prompt(tok, messages)
     limit = len(full.ids) // 2
-    p = chat_prompt(tok, messages, max_prompt_tokens=limit)
+    p = chat_prompt(tok, messages, max_prompt_tokens=limit, low_water=1.0)
     assert len(p.ids) <= limit
     assert p.dropped_messages % 2 == 0 and p.dropped_messages > 0  # whole user+assistant turns
     kept = [messages[0], *messages[1 + p.dropped_messages:]]
     assert p == Prompt(chat_prompt(tok, kept).ids, chat_prompt(tok, kept).text,
-                       dropped_messages=p.dropped_messages)
+                       dropped_messages=p.dropped_messages, dropped_turns=p.dropped_messages // 2)
     assert p.text.startswith("<｜begin▁of▁sentence｜>You are a careful reviewer.\n\nUser: question")
     assert p.text.endswith("User: final question: what now?\n\nAssistant:")
     # as few turns as possible were dropped
     one_less = [messages[0], *messages[1 + p.dropped_messages - 2:]]
     assert len(chat_prompt(tok, one_less).ids) > limit
+
+
+def test_chat_overflow_drops_down_to_the_low_water_mark(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    limit = len(chat_prompt(tok, messages).ids) - 1  # just over: one turn would be enough
+    p = chat_prompt(tok, messages, max_prompt_tokens=limit)
+    assert len(p.ids) <= limit * LOW_WATER
+    # the fewest turns that reach the low-water mark
+    one_less = [messages[0], *messages[1 + p.dropped_messages - 2:]]
+    assert len(chat_prompt(tok, one_less).ids) > limit * LOW_WATER
+
+
+def test_chat_after_overflow_keeps_its_prefix_for_several_turns(tok: Tokenizer) -> None:
+    """A long chat cuts old turns in batches: between cuts each prompt extends the previous one
+    (the KV cache is reused), instead of one turn dropped and the whole window prefilled per turn."""
+    limit, messages, dropped, prompts = 400, [system("Be brief.")], 0, []
+    for i in range(40):
+        messages.append(user(f"question {i}: " + "why " * 10))
+        p = chat_prompt(tok, messages, max_prompt_tokens=limit, dropped_turns=dropped)
+        assert len(p.ids) <= limit and p.dropped_turns >= dropped
+        dropped = p.dropped_turns
+        prompts.append(p.ids)
+        messages.append(assistant(f"answer {i}: " + "because " * 10))
+    assert dropped > 0
+    changed = sum(1 for a, b in zip(prompts, prompts[1:]) if b[:len(a) - 1] != a[:len(a) - 1])
+    # every turn here adds ~50 tokens: a cut to half the window lasts about 4 turns
+    assert 1 <= changed <= 40 // 3, changed
+
+
+def test_chat_dropped_turns_stay_dropped_while_the_rest_fits(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    p = chat_prompt(tok, messages, max_prompt_tokens=10_000, dropped_turns=3)
+    assert p.dropped_turns == 3 and p.dropped_messages == 6
+    assert p.ids == chat_prompt(tok, [messages[0], *messages[7:]]).ids
 
 
 def test_chat_truncation_not_needed(tok: Tokenizer) -> None:

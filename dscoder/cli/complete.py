@@ -57,5 +57,9 @@ def complete(rt: Runtime, file: str | None, *, suffix: str | None, suffix_file: 
         return
     # Raw text, never Markdown: the output is code that continues the input.
     stream = answer_stream(rt.term, markdown=False, newline=rt.term.stdout_is_tty)
+    if rt.term.stdout_is_tty:  # control characters in the model's text are shown, not obeyed
+        from dscoder.visible import EscapingStream
+
+        stream = EscapingStream(stream)
     events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
     rt.report(stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines))
