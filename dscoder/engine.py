@@ -160,28 +160,38 @@ class Session:
         generated: list[int] = []
         before = engine_stats(engine.model)
         t0 = time.perf_counter()
-        next_id = int(sampler(self._prefill(prompt[reused:])))
-        t1 = time.perf_counter()
+        t1: float | None = None
         reason = "length"
-        while budget > 0:
-            if next_id in stop_ids:
-                reason = "eos"
-                break
-            generated.append(next_id)
-            text, hit = stops.feed(detok.add(next_id))
-            if text:
-                yield TextDelta(text, (next_id,))
-            if hit:
-                reason = "stop"
-                break
-            if len(generated) >= budget:
-                break
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            next_id = int(sampler(self._forward([next_id])))
+        try:
+            next_id = int(sampler(self._prefill(prompt[reused:])))
+            t1 = time.perf_counter()
+            while budget > 0:
+                if next_id in stop_ids:
+                    reason = "eos"
+                    break
+                generated.append(next_id)
+                text, hit = stops.feed(detok.add(next_id))
+                if text:
+                    yield TextDelta(text, (next_id,))
+                if hit:
+                    reason = "stop"
+                    break
+                if len(generated) >= budget:
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                next_id = int(sampler(self._forward([next_id])))
+        except KeyboardInterrupt:
+            # Ctrl-C (or SIGTERM) inside a step: the cache holds every token counted in
+            # self.tokens, so the reply ends here like a cancel, and the caller hears of the
+            # interrupt from the "cancelled" Finished, with this generation's real numbers.
+            reason = "cancelled"
+        if t1 is None:
+            t1 = time.perf_counter()
         if reason != "stop":
-            tail = stops.finish(detok.flush())
+            # a character cut in half by the end (max tokens, a cancel) is dropped, not U+FFFD
+            tail = stops.finish(detok.flush(partial=False))
             if tail:
                 yield TextDelta(tail, ())
         yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),

@@ -149,9 +149,14 @@ class StreamDetokenizer:
         data = self._tokenizer.token_bytes(token_id, skip_special=self._skip_special)
         return self._decoder.decode(data)
 
-    def flush(self) -> str:
-        """Whatever is pending (replacement characters if truly incomplete); then starts afresh."""
-        return self._decoder.decode(b"", final=True)
+    def flush(self, *, partial: bool = True) -> str:
+        """Whatever is pending, then starts afresh. Pending bytes are the start of a character
+        that never got its last bytes: partial=True gives U+FFFD for it (as ``decode`` does),
+        partial=False drops it (generation that was cut off must not put U+FFFD in a file)."""
+        if partial:
+            return self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return ""
 
 
 def _read_json(path: Path) -> Any:

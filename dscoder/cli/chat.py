@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,9 @@ def chat(rt: Runtime, message: str | None, *, system: str | None, json_out: bool
     if prompt is None:
         return
     stream = _Silent() if json_out else _shown(rt, answer_stream(rt.term, code_theme=rt.settings.code_theme))
-    finished = stream_reply(rt.engine().generate(prompt.ids, rt.generation()), stream,
-                            prompt_tokens=len(prompt.ids))
+    cancel = threading.Event()
+    finished = stream_reply(rt.engine().generate(prompt.ids, rt.generation(), cancel=cancel),
+                            stream, prompt_tokens=len(prompt.ids), cancel=cancel)
     if json_out:
         rt.term.write(json.dumps(result_json(rt, finished), ensure_ascii=False) + "\n")
     rt.report(finished)
@@ -164,8 +166,9 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
     stream = _shown(rt, answer_stream(rt.term, code_theme=rt.settings.code_theme))
     try:
         with rt.term.input_muted():  # keys typed meanwhile would land in the live window
-            finished = stream_reply(session.generate(prompt.ids, rt.generation()), stream,
-                                    prompt_tokens=len(prompt.ids))
+            cancel = threading.Event()
+            finished = stream_reply(session.generate(prompt.ids, rt.generation(), cancel=cancel),
+                                    stream, prompt_tokens=len(prompt.ids), cancel=cancel)
     except Interrupted as e:
         if signals.received() == signal.SIGTERM:  # not a Ctrl-C: the process is asked to end
             raise

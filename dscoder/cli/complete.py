@@ -1,6 +1,7 @@
 """`dscoder complete [FILE|-]`: continue code (raw prefix), or fill a gap when given a suffix (FIM)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from dscoder.cli.runtime import Runtime, stream_reply
@@ -61,5 +62,8 @@ def complete(rt: Runtime, file: str | None, *, suffix: str | None, suffix_file: 
         from dscoder.visible import EscapingStream
 
         stream = EscapingStream(stream)
-    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
-    rt.report(stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines))
+    cancel = threading.Event()  # set for --max-lines, so the engine ends the reply and reports it
+    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids(),
+                                  cancel=cancel)
+    rt.report(stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines,
+                           cancel=cancel))

@@ -6,6 +6,7 @@ meanwhile leaves it exactly as it was.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from dscoder import signals
@@ -45,8 +46,10 @@ def insert(rt: Runtime, file: Path, *, line: int, dry_run: bool, print_only: boo
     prompt = rt.prompt_to_run(lambda: build(rt, prefix, suffix), show_prompt)
     if prompt is None:
         return
-    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
-    finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids))
+    cancel = threading.Event()
+    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids(),
+                                  cancel=cancel)
+    finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids), cancel=cancel)
     rt.report(finished)
     text = clean_insertion(finished.text, prefix, suffix)
     if not text:
