@@ -20,6 +20,10 @@ Part = int | str  # a special id the template inserts, or a run of text
 ROLES = ("system", "user", "assistant")
 PREFIX_SHARE = 0.75  # FIM: the prefix's share of the budget when prefix and suffix are both long
 LOW_WATER = 0.5  # chat: a conversation that overflows is cut to this share of the limit at once
+# Text is cut by characters before it is tokenized, so time and memory follow the context window,
+# not the file (a 50 MB file took minutes and 18 GB to tokenize whole). Code averages 3-4
+# characters a token; 16 keeps a full window for all but pathological text (runs of blanks).
+CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ def chat_prompt(tok: Tokenizer, messages: Sequence[Message], *,
     _check_messages(messages)
     turns = _turns(messages)
     k0 = min(dropped_turns, len(turns))
+    if max_prompt_tokens is not None:
+        _refuse_huge(tok, messages, turns, max_prompt_tokens)
 
     def attempt(k: int) -> tuple[list[int], str]:
         return _build(tok, _chat_parts(tok, _without_turns(messages, turns, k)))
@@ -129,6 +135,32 @@ def chat_prompt(tok: Tokenizer, messages: Sequence[Message], *,
     return prompt(k, built)
 
 
+def _refuse_huge(tok: Tokenizer, messages: Sequence[Message], turns: list[list[int]],
+                 limit: int) -> None:
+    """PromptTooLong at once for a message that can never fit (10 MB piped into chat), found by
+    tokenizing at most ``limit * CHARS_PER_TOKEN`` characters of it, not all of it."""
+    droppable = {i for turn in turns for i in turn}
+    for i, m in enumerate(messages):
+        if i not in droppable and _surely_over(tok, m["content"], limit):
+            raise PromptTooLong(
+                f"Message {i + 1} has {len(m['content'])} characters, more than fit in the prompt "
+                f"(the limit is {limit} tokens); shorten it, or pipe in only the part that matters.")
+
+
+def _surely_over(tok: Tokenizer, text: str, limit: int) -> bool:
+    """Whether ``text`` needs more than ``limit`` tokens, decided from a bounded piece of it:
+    the tokens of a prefix are at most one more (its last one, cut) than the whole has there."""
+    if len(text) > limit * max_token_chars(tok):
+        return True
+    head = text[: limit * CHARS_PER_TOKEN]
+    return len(head) < len(text) and len(tok.encode(head)) > limit + 1
+
+
+def max_token_chars(tok: Tokenizer) -> int:
+    """The most characters one token can stand for (128 for DeepSeek-Coder-V2: a run of spaces)."""
+    return getattr(tok, "max_token_chars", 128)
+
+
 def _least(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     """Smallest k in [lo, hi] with ok(k) (assuming ok is monotone), or hi if none is."""
     while lo < hi:
@@ -148,7 +180,9 @@ def _count(tok: Tokenizer, text: str) -> int:
 
 def keep_tail(tok: Tokenizer, text: str, budget: int) -> str:
     """The end of ``text`` in at most ``budget`` tokens, starting at a line start if that keeps
-    at least half the budget. The pre-tokenizer isolates newlines, so lines encode alone."""
+    at least half the budget. The pre-tokenizer isolates newlines, so lines encode alone.
+    Only the last ``budget * CHARS_PER_TOKEN`` characters are tokenized."""
+    text = text[max(len(text) - max(budget, 0) * CHARS_PER_TOKEN, 0):]
     ids, offsets = tok.encode_with_offsets(text)
     if len(ids) <= budget:
         return text
@@ -168,7 +202,8 @@ def keep_tail(tok: Tokenizer, text: str, budget: int) -> str:
 
 def keep_head(tok: Tokenizer, text: str, budget: int) -> str:
     """The start of ``text`` in at most ``budget`` tokens, ending at a line end if that keeps at
-    least half the budget."""
+    least half the budget. Only the first ``budget * CHARS_PER_TOKEN`` characters are tokenized."""
+    text = text[: max(budget, 0) * CHARS_PER_TOKEN]
     ids, offsets = tok.encode_with_offsets(text)
     if len(ids) <= budget:
         return text
@@ -209,10 +244,13 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
     kept_prefix, kept_suffix = prefix, suffix
     if max_prompt_tokens is not None:
         room = _room(max_prompt_tokens, 4, "fill-in-the-middle")
-        n_prefix, n_suffix = _count(tok, prefix), _count(tok, suffix)
-        if n_prefix + n_suffix > room:
-            kept_prefix = keep_tail(tok, prefix, _budget_split(room, n_prefix, n_suffix))
-            kept_suffix = keep_head(tok, suffix, room - _count(tok, kept_prefix))
+        # never tokenize more than the window could hold (see CHARS_PER_TOKEN)
+        near_prefix = prefix[max(len(prefix) - room * CHARS_PER_TOKEN, 0):]
+        near_suffix = suffix[: room * CHARS_PER_TOKEN]
+        n_prefix, n_suffix = _count(tok, near_prefix), _count(tok, near_suffix)
+        if n_prefix + n_suffix > room or len(near_prefix) < len(prefix) or len(near_suffix) < len(suffix):
+            kept_prefix = keep_tail(tok, near_prefix, _budget_split(room, n_prefix, n_suffix))
+            kept_suffix = keep_head(tok, near_suffix, room - _count(tok, kept_prefix))
     parts: list[Part] = [tok.bos_id, tok.fim_begin_id, kept_prefix, tok.fim_hole_id,
                          kept_suffix, tok.fim_end_id]
     ids, text = _build(tok, parts)

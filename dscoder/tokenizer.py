@@ -13,6 +13,7 @@ half a character and its output always joins up to ``decode(ids)``.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids the tokenizer knows (the model's embedding may be larger)."""
         return max(self._tok.get_vocab_size(), max(self._added, default=-1) + 1)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters a token of encoded text can stand for (its bytes bound them):
+        with it, text can be measured against a token budget before it is tokenized."""
+        return max((len(self.token_bytes(i)) for i in self._tok.get_vocab().values()), default=1)
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids: no BOS, and special-token strings stay ordinary text."""
