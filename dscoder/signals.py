@@ -55,6 +55,7 @@ def handled() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        reset()
 
 
 def reset() -> None:

@@ -129,10 +129,10 @@ def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
             _close(events)
             stream.finish()
             raise Interrupted(acc.finished("cancelled")) from None
+        if isinstance(event, Finished):
+            stream.finish()
+            return _final(event, acc, interrupted)
         try:
-            if isinstance(event, Finished):
-                stream.finish()
-                return _final(event, acc, interrupted)
             if acc.full or interrupted:
                 continue  # the engine is finishing after a cancel: nothing more to show
             text = acc.add(event, max_lines)
