@@ -251,7 +251,7 @@ def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> 
                 _write_backup(target, old, original.mode)
             # The point of no return: an interrupt that was swallowed somewhere (signals.check)
             # or that arrives now stops us before the rename, never after it.
-            with signals.deferred():
+            with signals.deferred(deliver=False):
                 signals.check()
                 os.replace(tmp, target)
         except BaseException:
@@ -278,7 +278,7 @@ def _write_in_place(original: TextFile, target: Path, data: bytes, backup: bool)
     old = _ensure_unchanged(original, target)
     if backup:
         _write_backup(target, old, original.mode)
-    with signals.deferred():
+    with signals.deferred(deliver=False):
         signals.check()
         with open(target, "r+b") as f:
             f.write(data)

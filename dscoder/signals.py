@@ -58,6 +58,13 @@ def handled() -> Iterator[None]:
         reset()
 
 
+def install_for_process() -> None:
+    """Our handlers for the rest of the process (the console script, before its imports)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+
+
 def reset() -> None:
     _state.update(received=None, deferring=0, pending=None)
 
@@ -87,8 +94,11 @@ def exit_code(exc: BaseException | None = None) -> int:
 
 
 @contextmanager
-def deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while the body runs; deliver one that came when it ends."""
+def deferred(deliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while the body runs; deliver one that came when it ends.
+    deliver=False is for a commit (the rename that makes an edit): an interrupt that arrives
+    while it happens is too late to stop it, so the command finishes and says what it did,
+    rather than exit 130 over a file that was written after all."""
     _state["deferring"] += 1
     try:
         yield
@@ -97,4 +107,6 @@ def deferred() -> Iterator[None]:
         pending = _state["pending"]
         if not _state["deferring"] and pending is not None:
             _state["pending"] = None
-            _raise(pending)
+            if deliver:
+                _raise(pending)
+            _state["received"] = None

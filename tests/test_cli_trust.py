@@ -66,6 +66,10 @@ def test_deferred_interrupt_is_delivered_after_the_block_and_check_sees_a_swallo
         with pytest.raises(signals.Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
         assert signals.exit_code() == 143
+        signals.reset()
+        with signals.deferred(deliver=False):  # a commit: too late to stop, so it is not raised
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received() is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler back
 
 
@@ -92,6 +96,36 @@ def test_sigterm_is_exit_143_and_writes_nothing(tmp_path):
     assert p.returncode == 143, err
     assert "Traceback" not in err and src.read_bytes() == SRC
     assert not list(tmp_path.glob(f".*{TEMP_SUFFIX}"))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_at_any_moment_of_start_up_exits_without_writing(tiny_checkpoint, tmp_path, sig, code):
+    """The real CLI on the tiny checkpoint, interrupted at moments spread over start-up: the
+    imports (torch's swallowed Ctrl-C), the load, generation. Always the code, never a write."""
+    src = tmp_path / "a.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSCODER_")}
+    env["XDG_STATE_HOME"] = str(tmp_path)
+    for delay in (0.3, 0.6, 1.0, 1.4, 2.0):
+        src.write_bytes(SRC)
+        p = subprocess.Popen([sys.executable, "-m", "dscoder.cli.entry", "--model", str(tiny_checkpoint),
+                              "--device", "cpu", "--dtype", "float32", "-n", "4", "insert", str(src),
+                              "-l", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(sig)
+        out, err = p.communicate(timeout=120)
+        if p.returncode == 0:  # it finished before the signal (a fast machine): a normal run
+            continue
+        if "Inserted" in err:  # the signal came after the write had been made: too late to stop it
+            continue
+        assert src.read_bytes() == SRC, (delay, p.returncode, err)
+        if p.returncode == -sig or "Fatal Python error" in err:
+            continue  # a loaded machine: Python itself was still starting, before any of our code
+        assert p.returncode == code, (delay, err)
+        assert "Traceback" not in err and "Unexpected" not in err, (delay, err)
+        assert not list(tmp_path.glob(f".*{TEMP_SUFFIX}"))
 
 
 # --- temporary files ---------------------------------------------------------------------------
@@ -403,3 +437,88 @@ def test_max_tokens_cutting_a_character_drops_it(tiny_engine, monkeypatch):
     f = events[-1]
     assert f.reason == "length" and f.token_ids == (a, b, c)
     assert f.text == "a" and "".join(e.text for e in events[:-1]) == "a"
+
+
+# --- the REPL survives -------------------------------------------------------------------------
+
+class _Script:
+    """Stands in for the prompt_toolkit LineReader: returns scripted lines, then Ctrl-D."""
+
+    made: list = []
+
+    def __init__(self, history, commands=(), on_hint=None) -> None:
+        self.history = history
+        _Script.made.append(self)
+
+    def read(self):
+        from dscoder.ui.repl import Entry
+
+        return Entry(_Script.lines.pop(0), pasted=False) if _Script.lines else None
+
+
+def _repl(monkeypatch, fake, lines, env=None):
+    from dscoder.ui import repl as repl_mod
+    from dscoder.ui.console import Terminal
+
+    _Script.lines, _Script.made = list(lines), []
+    monkeypatch.setattr(repl_mod, "LineReader", _Script)
+    monkeypatch.setattr(Terminal, "stdin_is_tty", property(lambda self: True))
+    return invoke(["--no-pretty", "chat"], env=env)
+
+
+def test_repl_survives_an_unexpected_error_and_keeps_the_conversation(fake, monkeypatch, tmp_path):
+    real_generate = fake.engine.generate
+    calls = {"n": 0}
+
+    def flaky(prompt_ids, settings, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_generate(prompt_ids, settings, **kw)
+
+    fake.engine.generate = flaky
+    fake.engine.new_session = lambda: fake.engine
+    fake.engine.reply = "ok"
+    save = tmp_path / "c.json"
+    r = _repl(monkeypatch, fake, ["first", "second", "third", f"/save {save}"])
+    assert r.code == 0, r.stderr
+    assert "illegal memory access" in r.stderr and "conversation is kept" in r.stderr
+    import json
+
+    messages = json.loads(save.read_text())["messages"]
+    # the failed turn's message was taken back; the others and their answers are kept
+    assert [m["content"] for m in messages] == ["first", "ok", "third", "ok"]
+
+
+@pytest.mark.parametrize("make", ["read-only", "state-is-a-file", "history-is-a-folder"])
+def test_unusable_history_falls_back_to_memory_before_loading(fake, monkeypatch, tmp_path, make):
+    state = tmp_path / "state"
+    if make == "state-is-a-file":
+        state.write_text("x")
+    elif make == "history-is-a-folder":
+        (state / "dscoder" / "history").mkdir(parents=True)
+    else:
+        state.mkdir()
+        monkeypatch.setattr(os, "access", lambda *a, **k: False)
+        real_mkdir = Path.mkdir
+
+        def read_only(self, *a, **k):
+            if str(self).startswith(str(state)):
+                raise PermissionError(13, "Permission denied")
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    order = []
+    fake.engine.reply = "ok"
+    real_load = fake.load_engine
+    fake.load_engine = lambda *a, **k: (order.append("load"), real_load(*a, **k))[1]
+    r = _repl(monkeypatch, fake, ["hi"], env={"XDG_STATE_HOME": str(state)})
+    assert r.code == 0, r.stderr
+    assert r.stderr.count("warning: Cannot keep the input history") == 1
+    assert _Script.made[0].history is None and order == ["load"]
+    assert r.stdout.startswith("ok")
+    from dscoder.errors import DscoderError
+
+    fake.fail = DscoderError("the weights did not load")  # the warning came before the load
+    r = _repl(monkeypatch, fake, ["hi"], env={"XDG_STATE_HOME": str(state)})
+    assert r.code == 1 and "Cannot keep the input history" in r.stderr
