@@ -522,3 +522,16 @@ def test_unusable_history_falls_back_to_memory_before_loading(fake, monkeypatch,
     fake.fail = DscoderError("the weights did not load")  # the warning came before the load
     r = _repl(monkeypatch, fake, ["hi"], env={"XDG_STATE_HOME": str(state)})
     assert r.code == 1 and "Cannot keep the input history" in r.stderr
+
+
+def test_repl_ends_on_sigterm_during_a_reply_but_not_on_ctrl_c(fake, monkeypatch):
+    fake.engine.interrupt_after = 1
+    r = _repl(monkeypatch, fake, ["one", "two"])
+    assert r.code == 0 and r.stderr.count("(interrupted)") == 2  # Ctrl-C: the session goes on
+
+    def sigterm() -> None:
+        signals._state["received"] = signal.SIGTERM
+
+    fake.engine.on_generate = sigterm
+    r = _repl(monkeypatch, fake, ["one", "two"])
+    assert r.code == 143 and "(interrupted)" not in r.stderr
