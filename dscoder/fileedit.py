@@ -186,9 +186,36 @@ def unified_diff(original: TextFile, new_text: str) -> str:
     leading slash, as in git (`git diff --no-index /tmp/x.py ...` shows a/tmp/x.py)."""
     name = original.path.as_posix().lstrip("/")
     old, new = split_keepends(original.text), split_keepends(_final_text(original, new_text))
-    out = difflib.unified_diff(old, new, f"a/{name}", f"b/{name}")
+    # difflib on a whole 50 MB file takes seconds and gigabytes; an edit changes one stretch, so
+    # only that stretch and its context lines are compared, and the hunk headers shifted back.
+    head = _common_head(old, new)
+    tail = _common_head(old[head:][::-1], new[head:][::-1])
+    lo = max(head - _CONTEXT, 0)
+    cut = max(tail - _CONTEXT, 0)
+    out = difflib.unified_diff(old[lo:len(old) - cut], new[lo:len(new) - cut], f"a/{name}",
+                               f"b/{name}", n=_CONTEXT)
+    out = (_shift_hunk(ln, lo) if ln.startswith("@@") else ln for ln in out)
     # difflib leaves a line without "\n" glued to the next one; mark it as diff/patch expect.
     return "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in out)
+
+
+_CONTEXT = 3  # unchanged lines shown around a change, as in diff -u and git
+_HUNK = re.compile(r"@@ -(\d+)((?:,\d+)?) \+(\d+)((?:,\d+)?) @@")
+
+
+def _common_head(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _shift_hunk(line: str, offset: int) -> str:
+    if not offset:
+        return line
+    return _HUNK.sub(lambda m: f"@@ -{int(m[1]) + offset}{m[2]} +{int(m[3]) + offset}{m[4]} @@", line, 1)
 
 
 def _real(path: Path) -> Path:
