@@ -535,3 +535,33 @@ def test_repl_ends_on_sigterm_during_a_reply_but_not_on_ctrl_c(fake, monkeypatch
     fake.engine.on_generate = sigterm
     r = _repl(monkeypatch, fake, ["one", "two"])
     assert r.code == 143 and "(interrupted)" not in r.stderr
+
+
+def test_diff_of_a_long_file_compares_only_the_change_and_numbers_it_right(tmp_path):
+    import difflib
+
+    from dscoder.fileedit import split_keepends, unified_diff
+
+    lines = [f"line {i}\n" for i in range(5000)]
+    p = tmp_path / "long.txt"
+    p.write_text("".join(lines))
+    original = read_text_file(p)
+    new = "".join(lines[:2500] + ["new 1\n", "new 2\n"] + lines[2500:])
+    name = p.as_posix().lstrip("/")
+    whole = "".join(difflib.unified_diff(split_keepends(original.text), split_keepends(new),
+                                         f"a/{name}", f"b/{name}"))
+    got = unified_diff(original, new)
+    assert got == whole and "@@ -2498,6 +2498,8 @@" in got
+
+
+def test_repl_after_overflow_reuses_the_prompt_prefix(fake, monkeypatch):
+    fake.engine.reply = "an answer of a few words"
+    turns = [f"question number {i} " + "why " * 20 for i in range(30)]
+    r = _repl(monkeypatch, fake, turns, env={"DSCODER_CONTEXT_LENGTH": "1200",
+                                              "DSCODER_MAX_TOKENS": "100"})
+    assert r.code == 0, r.stderr
+    prompts = fake.engine.prompts
+    assert len(prompts) == 30 and max(len(p) for p in prompts) <= 1100
+    changed = sum(1 for a, b in zip(prompts, prompts[1:]) if b[:len(a) - 1] != a[:len(a) - 1])
+    assert 1 <= changed <= 8, changed  # cuts in batches, not one turn per turn
+    assert r.stderr.count("left out of the prompt") == changed
