@@ -162,6 +162,7 @@ class Session:
         t0 = time.perf_counter()
         t1: float | None = None
         reason = "length"
+        interrupt: KeyboardInterrupt | None = None
         try:
             next_id = int(sampler(self._prefill(prompt[reused:])))
             t1 = time.perf_counter()
@@ -182,11 +183,12 @@ class Session:
                     reason = "cancelled"
                     break
                 next_id = int(sampler(self._forward([next_id])))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # Ctrl-C (or SIGTERM) inside a step: the cache holds every token counted in
-            # self.tokens, so the reply ends here like a cancel, and the caller hears of the
-            # interrupt from the "cancelled" Finished, with this generation's real numbers.
-            reason = "cancelled"
+            # self.tokens, so the reply ends here like a cancel, with a "cancelled" Finished
+            # that has this generation's real numbers; a caller that reads on past it gets the
+            # interrupt back (a plain `for` loop over events still stops on Ctrl-C).
+            reason, interrupt = "cancelled", e
         if t1 is None:
             t1 = time.perf_counter()
         if reason != "stop":
@@ -198,6 +200,8 @@ class Session:
                        prompt_tokens=len(prompt), cached_tokens=reused,
                        prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
                        stats=engine_stats(engine.model, before))
+        if interrupt is not None:
+            raise interrupt
 
 
 def make_decoder(model: Transformer, cache: LatentKVCache):

@@ -409,7 +409,10 @@ def test_engine_interrupted_in_a_step_yields_its_finished(tiny_engine, monkeypat
     monkeypatch.setattr(engine_mod.Session, "_forward", forward)
     s = tiny_engine.new_session()
     ids = tiny_engine.tokenizer.encode("def f():")
-    events = list(s.generate(ids, GenerationSettings(max_tokens=20, temperature=0), stop_ids=()))
+    events = []
+    with pytest.raises(KeyboardInterrupt):  # read on past the Finished: the interrupt comes back
+        for event in s.generate(ids, GenerationSettings(max_tokens=20, temperature=0), stop_ids=()):
+            events.append(event)
     f = events[-1]
     assert isinstance(f, Finished) and f.reason == "cancelled" and len(f.token_ids) == 3
 
