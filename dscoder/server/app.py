@@ -113,7 +113,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "requests_active": state.worker.active}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -174,6 +174,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
         return ApiError(400, "The request body is not valid JSON.")
+    if tuple(first.get("loc", ())) == ("body",):
+        return ApiError(400, "The request body must be a JSON object.")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     message = first.get("msg", "invalid value")
     return ApiError(400, f"Bad value for {where or 'the body'}: {message}.", param=where or None)

@@ -50,7 +50,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise UsageError(f"Cannot listen on {host}:{port} ({e.strerror}); is another server "
                          "running there? Choose another --port.") from None
-    sock.set_inheritable(True)
+    sock.listen(128)  # connections queue from now on, while the server starts
     return sock
 
 
@@ -82,6 +82,7 @@ def bind_unix(path: Path) -> socket.socket:
         raise UsageError(f"Cannot create the socket {path} ({e.strerror}).") from None
     finally:
         os.umask(old)
+    sock.listen(128)
     return sock
 
 
@@ -142,6 +143,7 @@ def run_server(state: Any, *, host: str, port: int, socket_path: Path | None,
     if default in unix_paths:
         _write_info(state.model_name)
     server = _uvicorn_server(create_app(state))
+    state.last_activity = time.monotonic()  # idle from now, not from when loading began
     if keep_alive is not None:
         _watch_idle(server, lambda: state.idle_seconds, keep_alive,
                     lambda: say(f"dscoder serve: no request for {keep_alive:g} s; stopping."))
