@@ -51,22 +51,22 @@ def _version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="Hub id (in the local cache) or a local model folder. [env DSCODER_MODEL; default deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct]")] = None,
-    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
-    gpu_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
-    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
-    context_length: Annotated[Optional[int], typer.Option(metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
+    context_length: Annotated[Optional[int], typer.Option("--context-length", metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T", help="Sampling temperature; 0 is greedy. [env DSCODER_TEMPERATURE; default: the model's]", rich_help_panel=GEN)] = None,
-    top_p: Annotated[Optional[float], typer.Option(metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
-    top_k: Annotated[Optional[int], typer.Option(metavar="K", help="Sample among the K likeliest tokens; 0 is off. [env DSCODER_TOP_K]", rich_help_panel=GEN)] = None,
-    seed: Annotated[Optional[int], typer.Option(metavar="SEED", help="Random seed, for repeatable sampling. [env DSCODER_SEED]", rich_help_panel=GEN)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(metavar="TEXT", help="Stop at this string (repeatable; \\n and \\t are understood). [env DSCODER_STOP]", rich_help_panel=GEN)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", metavar="K", help="Sample among the K likeliest tokens; 0 is off. [env DSCODER_TOP_K]", rich_help_panel=GEN)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", metavar="SEED", help="Random seed, for repeatable sampling. [env DSCODER_SEED]", rich_help_panel=GEN)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop at this string (repeatable; \\n and \\t are understood). [env DSCODER_STOP]", rich_help_panel=GEN)] = None,
     verbose: Annotated[Optional[bool], typer.Option("--verbose", "-v", help="More statistics: load time, timings, engine counters. [env DSCODER_VERBOSE]", show_default=False)] = None,
     debug: Annotated[Optional[bool], typer.Option("--debug", help="Show tracebacks for errors. [env DSCODER_DEBUG]", show_default=False)] = None,
     no_pretty: Annotated[bool, typer.Option("--no-pretty", help="Plain text even on a terminal (also when NO_COLOR is set or stdout is not a terminal).")] = False,
-    server: Annotated[Optional[str], typer.Option(metavar="URL", help="Use the model of this server (http://host:port, unix:PATH, or any OpenAI-compatible server that takes token ids) instead of loading it. [env DSCODER_SERVER; default: your dscoder serve on the default socket, if it runs this model]", rich_help_panel=SERVER)] = None,
+    server: Annotated[Optional[str], typer.Option("--server", metavar="URL", help="Use the model of this server (http://host:port, unix:PATH, or any OpenAI-compatible server that takes token ids) instead of loading it. [env DSCODER_SERVER; default: your dscoder serve on the default socket, if it runs this model]", rich_help_panel=SERVER)] = None,
     no_server: Annotated[bool, typer.Option("--no-server", help="Always load the model in this process, even when a server runs.", rich_help_panel=SERVER)] = False,
-    keep_alive: Annotated[Optional[str], typer.Option(metavar="DURATION", help="Keep the model loaded this long after the last request (30m, 2h, forever): chat, complete and insert start a background server when none runs; serve exits when idle that long. [env DSCODER_KEEP_ALIVE]", rich_help_panel=SERVER)] = None,
+    keep_alive: Annotated[Optional[str], typer.Option("--keep-alive", metavar="DURATION", help="Keep the model loaded this long after the last request (30m, 2h, forever): chat, complete and insert start a background server when none runs; serve exits when idle that long. [env DSCODER_KEEP_ALIVE]", rich_help_panel=SERVER)] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     given = dict(locals())  # before anything else is bound here
@@ -163,9 +163,9 @@ def chat(
 def complete(
     ctx: typer.Context,
     file: Annotated[Optional[str], typer.Argument(help="The code to continue; - or nothing reads stdin.", show_default=False, metavar="[FILE|-]")] = None,
-    suffix: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Text after the gap: makes this a fill-in-the-middle request.")] = None,
-    suffix_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Read the text after the gap from this file.")] = None,
-    max_lines: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Stop after this many lines.")] = None,
+    suffix: Annotated[Optional[str], typer.Option("--suffix", metavar="TEXT", help="Text after the gap: makes this a fill-in-the-middle request.")] = None,
+    suffix_file: Annotated[Optional[Path], typer.Option("--suffix-file", metavar="FILE", help="Read the text after the gap from this file.")] = None,
+    max_lines: Annotated[Optional[int], typer.Option("--max-lines", min=1, metavar="N", help="Stop after this many lines.")] = None,
     show_prompt: Annotated[bool, SHOW_PROMPT] = False,
 ) -> None:
     """Continue code (no chat template); only the generated text goes to stdout."""
@@ -200,11 +200,11 @@ def insert(
 @global_options(skip=("stop",))
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on; anything but loopback needs --allow-remote.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(metavar="PORT", min=0, max=65535, help="TCP port (0: any free port).")] = 11435,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; anything but loopback needs --allow-remote.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=0, max=65535, help="TCP port (0: any free port).")] = 11435,
     socket_path: Annotated[Optional[Path], typer.Option("--socket", metavar="PATH", help="Listen on this Unix socket (mode 0600) instead of TCP.")] = None,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a --host other than loopback.")] = False,
-    api_key: Annotated[Optional[str], typer.Option(metavar="KEY", help="Require Authorization: Bearer KEY on every request. [env DSCODER_API_KEY]")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require Authorization: Bearer KEY on every request. [env DSCODER_API_KEY]")] = None,
     stop_server: Annotated[bool, typer.Option("--stop", help="Stop the server running on the default socket, then exit.")] = False,
 ) -> None:
     """Keep the model loaded and serve it over HTTP: OpenAI's /v1/chat/completions,
