@@ -211,7 +211,7 @@ def test_keep_alive_exits_when_idle(tiny_checkpoint, tmp_path):
 
 
 def test_wrong_api_key_is_401(tiny_engine):
-    from fastapi.testclient import TestClient
+    from starlette.testclient import TestClient
 
     from dscoder.server.app import ServerState, create_app
 

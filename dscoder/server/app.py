@@ -16,9 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dscoder import __version__
 from dscoder.errors import DscoderError, PromptTooLong, UsageError, is_out_of_memory
@@ -81,41 +84,57 @@ class ServerState:
         return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id}
 
 
-def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="dscoder", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.dscoder = state
+class Guard:
+    """Every request: note the activity (for --keep-alive) and check the API key (not /health,
+    which load balancers and editors poll, as in llama-server)."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(Exception)
-    async def _any_error(_request: Request, exc: Exception) -> JSONResponse:
-        return as_api_error(exc).response()
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Callable) -> Any:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state
         state.last_activity = time.monotonic()
-        if state.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                return ApiError(401, "Missing or wrong API key; send Authorization: Bearer KEY.",
-                                code="invalid_api_key").response()
+        if state.api_key and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {state.api_key}".encode()):
+                response = ApiError(401, "Missing or wrong API key; send Authorization: Bearer KEY.",
+                                    code="invalid_api_key").response()
+                return await response(scope, receive, send)
         try:
-            return await call_next(request)
+            await self.app(scope, receive, send)
         finally:
             state.last_activity = time.monotonic()
 
-    @app.get("/health")
+
+def _route(path: str, method: str, handler: Callable, body: type[BaseModel] | None = None) -> Route:
+    """A route whose body is validated into `body` and whose errors become OpenAI-shaped JSON."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            if body is None:
+                result = await handler()
+            else:
+                result = await handler(_parse(body, await request.body()))
+        except Exception as e:  # noqa: BLE001  (every failure is an answer; the server goes on)
+            return as_api_error(e).response()
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    return Route(path, endpoint, methods=[method])
+
+
+def _parse(model: type[BaseModel], raw: bytes) -> BaseModel:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def create_app(state: ServerState) -> ASGIApp:
     async def health() -> dict:
         return {"status": "ok", "requests_active": state.worker.active}
 
-    @app.get("/v1/models")
     async def models() -> dict:
         engine = state.engine
         d = engine.defaults
@@ -126,7 +145,6 @@ def create_app(state: ServerState) -> FastAPI:
                         "defaults": {"max_tokens": d.max_tokens, "temperature": d.temperature,
                                      "top_p": d.top_p, "top_k": d.top_k}}}]}
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -135,7 +153,6 @@ def create_app(state: ServerState) -> FastAPI:
         job = _job(state, prompt.ids, req, limit, stop_ids=None)
         return await _respond(state, job, req, chat=True)
 
-    @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
         tok = state.engine.tokenizer
         raw = _single_prompt(req.prompt)
@@ -152,7 +169,6 @@ def create_app(state: ServerState) -> FastAPI:
         job = _job(state, ids, req, limit, stop_ids=stop_ids)
         return await _respond(state, job, req, chat=False)
 
-    @app.post("/infill")
     async def infill(req: InfillRequest) -> Any:
         engine = state.engine
         n_predict = req.n_predict if req.n_predict >= 0 else engine.context_length
@@ -167,16 +183,24 @@ def create_app(state: ServerState) -> FastAPI:
         truncated = prompt.truncated_chars != (0, 0)
         return await _respond_infill(state, job, req, truncated)
 
-    return app
+    app = Starlette(routes=[
+        _route("/health", "GET", health),
+        _route("/v1/models", "GET", models),
+        _route("/v1/chat/completions", "POST", chat_completions, ChatRequest),
+        _route("/v1/completions", "POST", completions, CompletionRequest),
+        _route("/infill", "POST", infill, InfillRequest),
+    ])
+    app.state.dscoder = state
+    return Guard(app, state)
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
+def _validation_error(exc: ValidationError) -> ApiError:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
         return ApiError(400, "The request body is not valid JSON.")
-    if tuple(first.get("loc", ())) == ("body",):
+    if not first.get("loc"):
         return ApiError(400, "The request body must be a JSON object.")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    where = ".".join(str(p) for p in first.get("loc", ()))
     message = first.get("msg", "invalid value")
     return ApiError(400, f"Bad value for {where or 'the body'}: {message}.", param=where or None)
 
