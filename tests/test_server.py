@@ -280,3 +280,12 @@ def test_stream_delta_events_in_order(tiny_engine):
     worker.close()
     assert all(isinstance(e, TextDelta) for e in events[:-1]) and isinstance(events[-1], Finished)
     assert "".join(e.text for e in events[:-1]) == local(tiny_engine, ids)
+
+
+def test_tokenize_keeps_special_spellings_as_text(server, tiny_engine):
+    tok = tiny_engine.tokenizer
+    text = "a <｜fim▁hole｜> b <｜end▁of▁sentence｜>"
+    r = httpx.post(server[0] + "/tokenize", json={"content": text, "with_offsets": True}).json()
+    assert r["tokens"] == tok.encode(text)
+    assert not {tok.fim_hole_id, tok.eos_id} & set(r["tokens"])
+    assert [tuple(o) for o in r["offsets"]] == tok.encode_with_offsets(text)[1]
