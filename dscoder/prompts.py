@@ -239,9 +239,11 @@ def _room(max_prompt_tokens: int, n_special: int, what: str) -> int:
 
 
 def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
-               max_prompt_tokens: int | None = None) -> Prompt:
-    """``<BOS><fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest the hole."""
-    kept_prefix, kept_suffix = prefix, suffix
+               max_prompt_tokens: int | None = None, context: str = "") -> Prompt:
+    """``<BOS>{context}<fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest
+    the hole. ``context`` (other files of the repository, as editors send it) gets the room the
+    prefix and suffix leave, and keeps its end: the snippets nearest the prefix."""
+    kept_prefix, kept_suffix, kept_context = prefix, suffix, context
     if max_prompt_tokens is not None:
         room = _room(max_prompt_tokens, 4, "fill-in-the-middle")
         # never tokenize more than the window could hold (see CHARS_PER_TOKEN)
@@ -251,8 +253,11 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
         if n_prefix + n_suffix > room or len(near_prefix) < len(prefix) or len(near_suffix) < len(suffix):
             kept_prefix = keep_tail(tok, near_prefix, _budget_split(room, n_prefix, n_suffix))
             kept_suffix = keep_head(tok, near_suffix, room - _count(tok, kept_prefix))
-    parts: list[Part] = [tok.bos_id, tok.fim_begin_id, kept_prefix, tok.fim_hole_id,
-                         kept_suffix, tok.fim_end_id]
+        if context:
+            used = _count(tok, kept_prefix) + _count(tok, kept_suffix)
+            kept_context = keep_tail(tok, context, room - used)  # keep_tail cuts by characters too
+    parts: list[Part] = [tok.bos_id, kept_context, tok.fim_begin_id, kept_prefix,
+                         tok.fim_hole_id, kept_suffix, tok.fim_end_id]
     ids, text = _build(tok, parts)
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept_prefix),
                                               len(suffix) - len(kept_suffix)))
