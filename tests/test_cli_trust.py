@@ -216,6 +216,17 @@ def test_answers_on_a_terminal_are_escaped_and_exact_in_a_pipe(fake, monkeypatch
         assert "hi \\x1b]0;pwned\\x07 there\r\n\\x9b2J" in r.stdout
 
 
+def test_insert_print_escapes_on_a_terminal_only(fake, src, monkeypatch):
+    fake.engine.reply = "    return a  # \x1b[2J\n"
+    r = invoke(["insert", str(src), "-l", "2", "--print"])
+    assert r.stdout == "    return a  # \x1b[2J\n"  # a pipe: exactly the text
+    from dscoder.ui.console import Terminal
+
+    monkeypatch.setattr(Terminal, "stdout_is_tty", property(lambda self: True))
+    r = invoke(["insert", str(src), "-l", "2", "--print"])
+    assert r.stdout == "    return a  # \\x1b[2J\n" and src.read_bytes() == SRC
+
+
 def test_escape_controls_keeps_text_newlines_and_tabs():
     assert escape_controls("a\tb\nc\r\nd\re\x00\u202e") == "a\tb\nc\r\nd\\x0de\\x00\\u202e"
     out: list[str] = []

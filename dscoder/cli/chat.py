@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -101,8 +102,7 @@ def history_file(rt: Runtime) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if path.exists() and not path.is_file():
             raise IsADirectoryError(21, "it is a folder, not a file")
-        with open(path, "a", encoding="utf-8"):
-            pass
+        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))  # private, as ui.repl
     except OSError as e:
         reason = e.strerror or str(e)
         rt.term.warn(f"Cannot keep the input history in {path} ({reason}); this session's history "
