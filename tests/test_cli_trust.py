@@ -295,11 +295,15 @@ def test_closed_stdin_and_stderr(tmp_path, src):
     assert (r.returncode, r.stdout) == (0, "hello\n")
     r = _sh('"$PY" "$FAKE" chat <&-', tmp_path)
     assert r.returncode == 2 and "Nothing to answer" in r.stderr
-    # stderr closed: the diff has nowhere to go, the edit is still made, nothing lands in the file
-    r = _sh(f'"$PY" "$FAKE" insert {src} -l 2 2>&-', tmp_path,
-            DSCODER_FAKE_REPLY="    return a + b\\n")
-    assert r.returncode in (0, 1) and b"dscoder" not in src.read_bytes()
-    assert src.read_bytes().count(b"def add") == 1
+    # stderr closed or full: the diff has nowhere to go, the edit is still made, and nothing
+    # meant for stderr lands in the file (descriptor 2 is not free for the temporary file)
+    for redirect in ("2>&-", "2>/dev/full"):
+        src.write_bytes(SRC)
+        r = _sh(f'"$PY" "$FAKE" insert {src} -l 2 {redirect}', tmp_path,
+                DSCODER_FAKE_REPLY="    return a + b\\n")
+        assert r.returncode == 0 and src.read_bytes() == SRC.replace(b"    pass", b"    return a + b\n    pass")
+    r = _sh('"$PY" "$FAKE" chat hi 2>&-', tmp_path, DSCODER_FAKE_REPLY="hello")
+    assert (r.returncode, r.stdout) == (0, "hello\n")
 
 
 # --- settings ----------------------------------------------------------------------------------

@@ -21,34 +21,43 @@ class StreamError(DscoderError):
 
 class GuardedStream:
     """A text stream whose write errors become StreamError (BrokenPipeError passes through).
-    Wraps None (a stream closed when the process started) as a stream that cannot be written."""
+    Wraps None (a stream closed when the process started) as a stream that cannot be written.
+    quiet=True (stderr): diagnostics that cannot be written are dropped, since the answer on
+    stdout or the edit to a file matters more than the warnings about it."""
 
-    def __init__(self, stream: TextIO | None, fd: int) -> None:
+    def __init__(self, stream: TextIO | None, fd: int, quiet: bool = False) -> None:
         self._stream = stream
         self._fd = fd
+        self._quiet = quiet
 
     def _fail(self, reason: str) -> StreamError:
         return StreamError(f"cannot write to standard {_NAMES[self._fd]}: {reason}.")
 
     def write(self, text: str) -> int:
         if self._stream is None:
+            if self._quiet:
+                return len(text)
             raise self._fail("it is closed")
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            raise
         except (OSError, ValueError) as e:  # ValueError: "I/O operation on closed file"
-            raise self._fail(getattr(e, "strerror", None) or str(e)) from None
+            return self._failed(e, len(text))
 
     def flush(self) -> None:
         if self._stream is None:
             return
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            raise
         except (OSError, ValueError) as e:
-            raise self._fail(getattr(e, "strerror", None) or str(e)) from None
+            self._failed(e, 0)
+
+    def _failed(self, error: Exception, n: int) -> int:
+        if self._quiet:
+            self._stream = None  # stop trying; nothing more will reach it
+            return n
+        if isinstance(error, BrokenPipeError):
+            raise error
+        raise self._fail(getattr(error, "strerror", None) or str(error)) from None
 
     def isatty(self) -> bool:
         try:
@@ -95,7 +104,7 @@ def guarded() -> Iterator[None]:
         null_in = open(os.devnull, encoding="utf-8")  # noqa: SIM115  (closed below)
         sys.stdin = null_in
     sys.stdout = GuardedStream(saved[1], 1)  # type: ignore[assignment]
-    sys.stderr = GuardedStream(saved[2], 2)  # type: ignore[assignment]
+    sys.stderr = GuardedStream(saved[2], 2, quiet=True)  # type: ignore[assignment]
     try:
         yield
     finally:
