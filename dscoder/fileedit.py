@@ -268,7 +268,7 @@ def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> 
     data = _encode(original, _final_text(original, new_text))
     remove_stale_temps(target)
     try:
-        if _hard_links(target) > 1:
+        if hard_links(target) > 1:
             _write_in_place(original, target, data, backup)
             return
         tmp = _write_temp(target, data, original.mode)
@@ -291,7 +291,8 @@ def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> 
     _fsync_dir(target.parent)
 
 
-def _hard_links(target: Path) -> int:
+def hard_links(target: Path) -> int:
+    """How many names the file has (1 for a file that is not hard-linked, or cannot be read)."""
     try:
         return os.stat(target).st_nlink
     except OSError:

@@ -13,8 +13,8 @@ from dscoder import signals
 from dscoder.cli.complete import build
 from dscoder.cli.runtime import Runtime, stream_reply
 from dscoder.errors import DscoderError, UsageError
-from dscoder.fileedit import (check_backup, check_writable, read_text_file, remove_stale_temps,
-                              split_at_line, unified_diff, write_atomic)
+from dscoder.fileedit import (check_backup, check_writable, hard_links, read_text_file,
+                              remove_stale_temps, split_at_line, unified_diff, write_atomic)
 from dscoder.fim import clean_insertion
 from dscoder.visible import escape_controls
 
@@ -65,17 +65,9 @@ def insert(rt: Runtime, file: Path, *, line: int, dry_run: bool, print_only: boo
         rt.term.info(f"(dry run: {file} is unchanged)")
         return
     signals.check()  # an interrupt swallowed anywhere before this point: write nothing
-    links = _other_links(file)
+    others = hard_links(file) - 1  # write_atomic then edits in place, so every name sees it
     write_atomic(original, new_text, backup=backup)
     added = text.count("\n") or 1
-    shared = f" (in place: it has {links} other hard link{'s' if links != 1 else ''}, which see the edit too)" if links else ""
+    shared = (f" (in place: it has {others} other hard link{'s' if others != 1 else ''}, "
+              "which see the edit too)") if others else ""
     rt.term.info(f"Inserted {added} line{'s' if added != 1 else ''} at line {line} of {file}{shared}.")
-
-
-def _other_links(file: Path) -> int:
-    import os
-
-    try:
-        return os.stat(file).st_nlink - 1
-    except OSError:
-        return 0
