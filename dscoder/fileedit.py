@@ -83,8 +83,11 @@ def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
         raise UsageError(f"cannot read {path}: {e.strerror or e}.") from None
 
 
-def _decode(path: Path | str, data: bytes,
-            binary: str = "looks like a binary file (it contains NUL bytes); give a text file") -> str:
+_BINARY_FILE = "looks like a binary file (it contains NUL bytes); give a text file"
+_BINARY_PIPE = "looks like binary data (it contains NUL bytes); pipe text instead"
+
+
+def _decode(path: Path | str, data: bytes, binary: str = _BINARY_FILE) -> str:
     if data.startswith(_UTF16_BOMS):
         raise UsageError(f"{path} is UTF-16 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8).")
     if looks_binary(data):
@@ -113,7 +116,7 @@ def read_stdin_text(stream: TextIO) -> str:
             data = stream.read().encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
             data = b"\xff"  # a lone surrogate: it did not come from UTF-8
-    text = _decode(PIPED, data, binary="looks like binary data (it contains NUL bytes); pipe text instead")
+    text = _decode(PIPED, data, binary=_BINARY_PIPE)
     return text.removeprefix("\ufeff")
 
 
@@ -215,7 +218,8 @@ def _common_head(a: list[str], b: list[str]) -> int:
 def _shift_hunk(line: str, offset: int) -> str:
     if not offset:
         return line
-    return _HUNK.sub(lambda m: f"@@ -{int(m[1]) + offset}{m[2]} +{int(m[3]) + offset}{m[4]} @@", line, 1)
+    return _HUNK.sub(lambda m: f"@@ -{int(m[1]) + offset}{m[2]} +{int(m[3]) + offset}{m[4]} @@",
+                     line, count=1)
 
 
 def _real(path: Path) -> Path:
@@ -246,11 +250,10 @@ def backup_path(path: Path) -> Path:
 def check_backup(path: Path) -> None:
     """UsageError now, before generation, if FILE~ cannot become the backup."""
     backup = backup_path(path)
+    # (its folder is the file's own, which check_writable has checked)
     if backup.is_dir() or (backup.exists() and not backup.is_file()):
         raise UsageError(f"the backup path {backup} is a folder or not a regular file; "
                          "move it away, or leave out --backup.")
-    if backup.exists() and not os.access(backup, os.W_OK) and not os.access(backup.parent, os.W_OK):
-        raise UsageError(f"cannot replace the backup {backup}; make it writable, or leave out --backup.")
 
 
 def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> None:
@@ -324,11 +327,11 @@ def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except OSError:  # PermissionError: it exists, someone else's
-        return True
+    except OSError:  # PermissionError: it exists, and is someone else's
+        pass
     return True
 
 
@@ -341,7 +344,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for name in (target.name, target.name + "~"):
         pattern = _temp_name_re(name)
         try:
-            candidates = [p for p in target.parent.glob(f".{glob_escape(name)}.*{TEMP_SUFFIX}")]
+            candidates = list(target.parent.glob(f".{_glob_escape(name)}.*{TEMP_SUFFIX}"))
         except OSError:
             continue
         for p in candidates:
@@ -355,7 +358,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
@@ -406,7 +409,7 @@ def _ensure_unchanged(original: TextFile, target: Path) -> bytes:
 
 
 def _write_backup(target: Path, data: bytes, mode: int) -> None:
-    backup = target.with_name(target.name + "~")
+    backup = backup_path(target)
     try:
         tmp = _write_temp(backup, data, mode, owner_of=target)
         try:
