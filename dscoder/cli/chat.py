@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from dscoder import signals
-
 from dscoder.cli.conversation import (EXIT, REGEN, COMMANDS, ChatState, Conversation, is_command,
                                       run_command, with_context)
 from dscoder.cli.runtime import Interrupted, Runtime, stream_reply
@@ -73,7 +72,8 @@ def chat(rt: Runtime, message: str | None, *, system: str | None, json_out: bool
     prompt = rt.prompt_to_run(lambda: build_prompt(rt, messages), show_prompt)
     if prompt is None:
         return
-    stream = _Silent() if json_out else _shown(rt, answer_stream(rt.term, code_theme=rt.settings.code_theme))
+    stream = (_Silent() if json_out
+              else _shown(rt, answer_stream(rt.term, code_theme=rt.settings.code_theme)))
     cancel = threading.Event()
     finished = stream_reply(rt.engine().generate(prompt.ids, rt.generation(), cancel=cancel),
                             stream, prompt_tokens=len(prompt.ids), cancel=cancel)
@@ -189,6 +189,4 @@ def _shown(rt: Runtime, stream: Any) -> Any:
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return dict(os.environ)
