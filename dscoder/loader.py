@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dscoder.config import ModelConfig
-from dscoder.errors import OutOfMemory, UsageError
+from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
 from dscoder.weights import Progress, load_model
 
@@ -37,18 +38,39 @@ def pick_dtype(dtype: str | None, cfg: ModelConfig) -> torch.dtype:
 
 
 def generation_defaults(model_dir: Path) -> GenerationSettings:
-    """Sampling defaults from generation_config.json (greedy when do_sample is false)."""
+    """Sampling defaults from generation_config.json (greedy when do_sample is false); no file
+    means our defaults, a bad one is refused with one sentence per problem."""
     path = model_dir / "generation_config.json"
+    if not path.exists():
+        return GenerationSettings()
     try:
         g = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return GenerationSettings()
-    base = GenerationSettings()
-    if g.get("do_sample") is False:
+    except (OSError, ValueError) as e:
+        raise BadCheckpoint(f"Cannot read {path}: {e}.") from e
+    if not isinstance(g, dict):
+        raise BadCheckpoint(f"{path} holds a JSON {type(g).__name__}, not an object of settings.")
+    base, problems = GenerationSettings(), []
+
+    def number(key: str, default: float, ok, rule: str) -> float:
+        v = g.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            problems.append(f"{key} must be {rule}, not {v!r}.")
+            return default
+        return v
+
+    do_sample = g.get("do_sample", True)
+    if not isinstance(do_sample, bool):
+        problems.append(f"do_sample must be true or false, not {do_sample!r}.")
+    temperature = number("temperature", base.temperature, lambda v: v >= 0, "0 or more")
+    top_p = number("top_p", base.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1")
+    top_k = number("top_k", 0, lambda v: v >= 0 and v == int(v), "a whole number, 0 or more")
+    if problems:
+        raise BadCheckpoint(f"{path} is not valid: {' '.join(problems)}")
+    if do_sample is False:
         return GenerationSettings(temperature=0.0)
-    return GenerationSettings(temperature=float(g.get("temperature", base.temperature)),
-                              top_p=float(g.get("top_p", base.top_p)),
-                              top_k=int(g.get("top_k", 0) or 0))
+    return GenerationSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
 
 
 def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
@@ -62,6 +84,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
 
     model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
     cfg = ModelConfig.from_file(model_dir / "config.json")
+    defaults = generation_defaults(model_dir)  # a bad file is reported before the long load
     dev = pick_device(device)
     dt = pick_dtype(dtype, cfg)
     ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -88,7 +111,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                  defaults=generation_defaults(model_dir), model_dir=model_dir,
+                  defaults=defaults, model_dir=model_dir,
                   use_graphs=use_graphs)
 
 
