@@ -170,3 +170,53 @@ def test_engine_prefills_long_prompts_by_layer_when_offloaded(tiny_checkpoint, t
     want = list(tiny_engine.new_session().generate(ids, settings, stop_ids=()))[-1]
     got = list(engine.new_session().generate(ids, settings, stop_ids=()))[-1]
     assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("where", ["copy", "second_assign"])
+@torch.inference_mode()
+def test_interrupt_between_slot_assignment_and_copy_keeps_weights_right(tiny_checkpoint, resident,
+                                                                        where):
+    """A Ctrl-C after a slot was given to an expert but before its copy was queued must not
+    leave the slot marked as holding that expert: later tokens would use the wrong weights."""
+    model = load(tiny_checkpoint, 6)
+    cache = model.offload.cache
+    ids = prompt(60, seed=7)
+    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
+    kv = model.new_cache(512)
+    parts = [model(ids[:40], kv, 0, all_logits=True)]
+    armed = {"on": True}
+    if where == "copy":
+        real = cache.copier.copy
+
+        def copy(pairs, after=()):
+            if armed["on"]:
+                armed["on"] = False
+                raise KeyboardInterrupt  # the slots are assigned, the copy never queued
+            return real(pairs, after)
+        cache.copier.copy = copy
+    else:
+        real_assign, real_copy = cache.table.assign, cache.copier.copy
+        calls = {"n": 0}  # slots assigned since the last copy was queued
+
+        def assign(key, protected):
+            calls["n"] += 1
+            if armed["on"] and calls["n"] == 2:  # one slot already assigned in this batch
+                armed["on"] = False
+                raise KeyboardInterrupt
+            return real_assign(key, protected)
+
+        def copy(pairs, after=()):
+            calls["n"] = 0
+            return real_copy(pairs, after)
+        cache.table.assign, cache.copier.copy = assign, copy
+    pos = 40
+    while armed["on"]:  # decode until the interrupt has fired (on the first miss batch)
+        try:
+            parts.append(model(ids[pos:pos + 1], kv, pos))
+            pos += 1
+        except KeyboardInterrupt:
+            break  # the step is lost; the session goes on from the same position
+    assert not armed["on"], "the interrupt never fired"
+    assert all(cache.table.key_of[s] == k for k, s in cache.table.slot_of.items())
+    parts += [model(ids[i:i + 1], kv, i) for i in range(pos, 60)]
+    assert rel_err(torch.cat(parts), full) < 1e-5
