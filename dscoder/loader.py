@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,8 +75,17 @@ def generation_defaults(model_dir: Path) -> GenerationSettings:
 def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
                 gpu_memory: str | None = None, context_length: int | None = None,
                 download: bool = False, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None):
-    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate."""
+                log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+                notice: Callable[[str], None] | None = None, cuda_graphs: bool = True,
+                compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
+                routing_trace: str | Path | None = None):
+    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate.
+
+    log: details for --verbose; warn: what the user must hear (a failed page-lock); notice: facts
+    worth one line (the context window a budget sets). The engine switches (settings.py reads
+    them from DSCODER_* and the config file): cuda_graphs and compile (decode speed-ups on CUDA),
+    offload_policy and prefetch_depth (the expert cache under a budget), routing_trace (a file
+    to record which experts each layer picks)."""
     from dscoder.engine import Engine
     from dscoder.hub import DEFAULT_MODEL, resolve_model
     from dscoder.tokenizer import load_tokenizer
@@ -95,16 +103,20 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
 
-            net, ctx, _ = load_with_budget(model_dir, cfg, dev, dt, gpu_memory, ctx,
-                                           context_length is not None, progress=progress, log=log)
+            net, ctx, plan = load_with_budget(
+                model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
+                progress=progress, log=log, warn=warn, policy=offload_policy,
+                prefetch_depth=prefetch_depth)
+            if notice and plan.window_notice():
+                notice(plan.window_notice())
         else:
             net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
-        if os.environ.get("DSCODER_ROUTING_TRACE"):
+        if routing_trace:
             from dscoder.offload.setup import install_trace
 
-            install_trace(net)
+            install_trace(net, routing_trace)
         net.set_context(ctx)
-        use_graphs = _fast_decode(net, dev)
+        use_graphs = _fast_decode(net, dev, cuda_graphs and not routing_trace, compile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
@@ -115,15 +127,12 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                   use_graphs=use_graphs)
 
 
-def _fast_decode(net, dev: torch.device) -> bool:
+def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool) -> bool:
     """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
-    step (it fuses the step's small kernels; the compile happens on the first reply).
-    DSCODER_CUDA_GRAPHS=0 and DSCODER_COMPILE=0 turn each off; a routing trace needs the host at
-    every layer, so it turns graphs off too."""
-    env = os.environ
-    if (dev.type != "cuda" or env.get("DSCODER_CUDA_GRAPHS", "1") == "0"
-            or env.get("DSCODER_ROUTING_TRACE")):
+    step (it fuses the step's small kernels; the compile happens on the first reply). A routing
+    trace needs the host at every layer, so the caller turns graphs off for it."""
+    if dev.type != "cuda" or not graphs:
         return False
-    if net.offload is None and env.get("DSCODER_COMPILE", "1") != "0":
+    if net.offload is None and compile:
         net.compile_decode()
     return True

@@ -53,12 +53,11 @@ def test_prefill_and_decode_match_resident(tiny_checkpoint, resident, slots):
 
 
 def budget_for(path, slots: int, context: int = 512) -> str:
-    from dscoder.offload.planner import STREAM_CHUNK, kv_peak_bytes, work_bytes
+    from dscoder.offload.planner import budget_for_slots
     from dscoder.offload.setup import model_sizes
 
     s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
-    fixed = s.resident_bytes + kv_peak_bytes(s, context) + work_bytes(s, context)
-    return str(fixed + 2 * STREAM_CHUNK * s.expert_bytes + slots * s.expert_bytes)
+    return str(budget_for_slots(s, slots, context))
 
 
 def test_offloaded_engine_generates_the_same_ids(tiny_checkpoint, tiny_engine):
@@ -93,8 +92,8 @@ def test_routing_trace_is_recorded(tiny_checkpoint, tmp_path, monkeypatch):
     from dscoder.offload.trace import read_trace, replay
 
     path = tmp_path / "routing.jsonl"
-    monkeypatch.setenv("DSCODER_ROUTING_TRACE", str(path))
-    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512)
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,
+                         routing_trace=path)
     list(engine.new_session().generate([100000, 5, 6, 7], GenerationSettings(max_tokens=5, temperature=0),
                                        stop_ids=()))
     for f in [engine.model.model.layers[1].mlp.experts.writer]:
