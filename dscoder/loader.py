@@ -103,13 +103,14 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
 
-            net, ctx, plan = load_with_budget(
+            net, ctx, budget_plan = load_with_budget(
                 model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
                 progress=progress, log=log, warn=warn, policy=offload_policy,
                 prefetch_depth=prefetch_depth)
-            if notice and plan.window_notice():
-                notice(plan.window_notice())
+            if notice and budget_plan.window_notice():
+                notice(budget_plan.window_notice())
         else:
+            budget_plan = None
             net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
         if routing_trace:
             from dscoder.offload.setup import install_trace
@@ -124,7 +125,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                   defaults=defaults, model_dir=model_dir,
-                  use_graphs=use_graphs)
+                  use_graphs=use_graphs, budget_plan=budget_plan)
 
 
 def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool) -> bool:
@@ -136,3 +137,31 @@ def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool) -> bool:
     if net.offload is None and compile:
         net.compile_decode()
     return True
+
+
+def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
+    """Free a loaded model's memory even while something still refers to the module: the
+    parameters move to the meta device, the expert cache and the pinned host store are emptied,
+    compiled code is dropped, and CUDA gets its cached blocks back. uncap: lift the allocator
+    cap that a --gpu-memory budget set, so that a later engine can have its own."""
+    import gc
+
+    if net.offload is not None:
+        from dscoder.offload.setup import release_offload
+
+        release_offload(net)
+    compiled = net._compiled_layer is not None
+    net._compiled_layer = None
+    net.rope = None
+    net.to(torch.device("meta"))
+    if compiled:
+        from torch import _dynamo
+
+        _dynamo.reset()  # its caches hold the compiled step's guards and constants
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        if uncap:
+            torch.cuda.set_per_process_memory_fraction(1.0, device.index if device.index is not None
+                                                       else torch.cuda.current_device())

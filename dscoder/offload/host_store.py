@@ -57,6 +57,11 @@ class HostExpertStore:
         for ptr in registered:
             torch.cuda.cudart().cudaHostUnregister(ptr)
 
+    def release(self) -> None:
+        """Unlock and drop every tensor (the engine is closing); the store is empty afterwards."""
+        self.unpin()
+        self.w13, self.w2, self.layers = {}, {}, []
+
     def __del__(self) -> None:
         try:
             self.unpin()  # the memory must be unregistered before it is freed

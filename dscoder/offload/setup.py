@@ -147,6 +147,24 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
     return runtime
 
 
+def release_offload(model: torch.nn.Module) -> None:
+    """Empty the expert cache, the staging buffers and the host store (page-lock released
+    first: CUDA must forget memory before it is freed), and detach the runtime from the model."""
+    runtime = model.offload
+    if runtime is None:
+        return
+    if runtime.copier.cuda:
+        torch.cuda.synchronize(runtime.copier.device)  # no copy may still read the host store
+    runtime.store.release()
+    cache, empty = runtime.cache, torch.empty(0)
+    cache.w13 = cache.w2 = runtime.staging_w13 = runtime.staging_w2 = empty
+    cache.ready = [None] * cache.slots
+    cache.last_use = [None] * cache.slots
+    runtime.staging_ready = [None, None]
+    runtime.staging_free = [None, None]
+    model.offload = None
+
+
 def offload_stats(model: torch.nn.Module) -> dict:
     """The offload counters of a model ({} when nothing is offloaded)."""
     runtime = model.offload
