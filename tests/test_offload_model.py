@@ -52,6 +52,15 @@ def test_prefill_and_decode_match_resident(tiny_checkpoint, resident, slots):
     assert (stats.misses > 0 and stats.bytes_copied > 0) == (slots < 16)  # 16: all warm
 
 
+def budget_for_cuda(path, slots: int, context: int = 512) -> str:
+    """The --gpu-memory that gives `slots` expert slots on CUDA (context and margins included)."""
+    from dscoder.offload.planner import budget_for_slots
+    from dscoder.offload.setup import model_sizes
+
+    s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
+    return str(budget_for_slots(s, slots, context, cuda=True))
+
+
 def budget_for(path, slots: int, context: int = 512) -> str:
     from dscoder.offload.planner import budget_for_slots
     from dscoder.offload.setup import model_sizes
