@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import lite_checkpoint, log, random_prompt  # noqa: E402  (beside this script)
+from common import Sampler, lite_checkpoint, log, random_prompt  # noqa: E402  (beside this script)
 
 GiB = 2**30
 
@@ -79,6 +79,9 @@ def run_ours(args, budget: str) -> dict:
 
     r: dict = {"engine": "dscoder", "budget": budget}
     reset_gpu(args.device)
+    sampler = Sampler() if args.device == "cuda" else None  # the process in nvidia-smi
+    if sampler:
+        sampler.start()
     t = time.perf_counter()
     engine = load_engine(args.dir, device=args.device, dtype=args.dtype, context_length=args.context,
                          gpu_memory=budget_arg(args, budget), log=lambda m: log(f"  {m}"),
@@ -113,7 +116,10 @@ def run_ours(args, budget: str) -> dict:
                                                "wasted_prefetches", "copy_seconds",
                                                "exposed_seconds") if k in dec})
     r.update(gpu_peaks(args.device))
-    del engine, off
+    if sampler:
+        r["peak_process_gib"] = sampler.stop() / 1024  # CUDA context included: the budget's measure
+        r["process_source"] = sampler.source
+    engine.close()  # frees the GPU and the pinned host memory before the next row
     return r
 
 
@@ -193,7 +199,8 @@ COLUMNS = [("engine", "engine", "{}"), ("budget", "budget", "{}"), ("load s", "l
            ("TTFT s", "ttft_s", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
            ("decode tok/s", "decode_tok_s", "{:.2f}"), ("hit rate", "decode_hit_rate", "{:.1%}"),
            ("ready", "decode_ready_rate", "{:.1%}"), ("MB/token", "decode_bytes_per_token", "{:.0f}"), ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
-           ("peak resv GiB", "peak_reserved_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
+           ("peak resv GiB", "peak_reserved_gib", "{:.2f}"),
+           ("nvidia-smi GiB", "peak_process_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
 
 
 def print_table(rows: list[dict]) -> None:
