@@ -113,33 +113,6 @@ def test_engine_under_budget_stays_under_it(tiny_checkpoint, context):
     assert r["cuda_context_mib"] <= CUDA_CONTEXT_BYTES / 2**20, r  # the planner's constant holds
 
 
-def test_close_frees_the_gpu(tiny_checkpoint):
-    import gc
-
-    from dscoder.engine import load_engine
-    from dscoder.events import GenerationSettings
-    from test_offload_model import budget_for_cuda
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    settings = GenerationSettings(max_tokens=8, temperature=0)
-    for budget in (None, budget_for_cuda(tiny_checkpoint, 7)):
-        engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32", context_length=512,
-                             gpu_memory=budget, compile=False)
-        list(engine.generate([100000, 5, 6, 7] * 20, settings, stop_ids=()))
-        store = engine.model.offload.store if budget else None
-        assert torch.cuda.memory_allocated() > base
-        engine.close()
-        assert torch.cuda.memory_allocated() <= base, "close() left GPU memory allocated"
-        assert torch.cuda.memory_reserved() <= base + (64 << 20)  # cached blocks went back
-        if store is not None:
-            assert store._registered == [] and store.tensors() == []  # page-lock released
-    # the allocator cap of the budget is lifted: a full-size engine loads after a budgeted one
-    with load_engine(tiny_checkpoint, device="cuda", dtype="float32", compile=False) as engine:
-        list(engine.generate([100000, 5, 6], settings, stop_ids=()))
-
-
 @pytest.mark.parametrize("ahead", [1, 2])
 @torch.inference_mode()
 def test_graphed_segments_match_resident(tiny_checkpoint, resident, ahead):
