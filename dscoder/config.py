@@ -29,6 +29,17 @@ INERT_FIELDS = frozenset({
     "bos_token_id", "eos_token_id", "torch_dtype", "dtype", "tie_word_embeddings", "attention_bias",
     "mlp_bias", "hidden_act", "scoring_func", "num_key_value_heads", "head_dim", "qk_head_dim",
     "rope_scaling", "rope_parameters", "rope_theta",
+    # transformers' generic config: model plumbing and generation defaults (dscoder reads those
+    # from generation_config.json), none of which changes the logits
+    "is_decoder", "add_cross_attention", "tie_encoder_decoder", "cross_attention_hidden_size",
+    "pruned_heads", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "tf_legacy_loss", "use_bfloat16", "output_scores",
+    "return_dict_in_generate", "max_length", "min_length", "num_beams", "num_beam_groups",
+    "do_sample", "early_stopping", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "diversity_penalty", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "output_attentions",
 })
 # keys of a rope_scaling / rope_parameters dict that we implement
 _ROPE_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings",
