@@ -137,10 +137,9 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
         staging_w13=torch.empty((2, chunk, *w13.shape[1:]), dtype=w13.dtype, device=device),
         staging_w2=torch.empty((2, chunk, *w2.shape[1:]), dtype=w2.dtype, device=device),
         first_layer=moe[0], policy=policy)
-    depth = prefetch_depth
-    runtime.prefetch_depth = depth
+    runtime.prefetch_depth = prefetch_depth
     for n, i in enumerate(moe):
-        ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + depth]]
+        ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + prefetch_depth]]
         layers[i].mlp.experts = OffloadedExperts(runtime, i, ahead)
     cache.warm()
     model.offload = runtime
