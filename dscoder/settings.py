@@ -39,6 +39,9 @@ class Settings:
     pretty: bool = True
     history: bool = True
     code_theme: str = "monokai"
+    server: str | None = None  # URL or unix:PATH of a server to use; "off": always in-process
+    keep_alive: str | None = None  # a duration: how long a background server stays after use
+    api_key: str | None = None  # the key a server requires (serve) or is sent (client mode)
     # engine switches, for experiments and benchmarks (passed to load_engine; see README)
     cuda_graphs: bool = True  # DSCODER_CUDA_GRAPHS=0: eager decode
     compile: bool = True  # DSCODER_COMPILE=0: no torch.compile of the resident decode step
@@ -101,7 +104,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "model": _str, "device": _str, "gpu_memory": _str, "dtype": _str, "context_length": _int,
     "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
-    "history": _bool, "code_theme": _str,
+    "history": _bool, "code_theme": _str, "server": _str, "keep_alive": _str, "api_key": _str,
 }
 _CONVERT.update({  # the engine switches
     "cuda_graphs": _bool, "compile": _bool, "offload_policy": _str, "prefetch_depth": _int,
@@ -196,6 +199,10 @@ def validate(s: Settings) -> Settings:
         raise bad("top-k must be 0 (off) or more.")
     if any(stop == "" for stop in s.stop):
         raise bad("A stop string cannot be empty.")
+    if s.keep_alive is not None:
+        parse_duration(s.keep_alive)
+    if s.server not in (None, "off") and not re.match(r"(https?://|unix:)", s.server):
+        raise bad(f"Cannot use server {s.server!r}; give a URL (http://host:port) or unix:PATH.")
     _validate_engine_switches(s)
     return s
 
@@ -209,6 +216,20 @@ def _validate_engine_switches(s: Settings) -> None:
     if s.prefetch_depth < 0:
         raise UsageError(f"prefetch_depth (DSCODER_PREFETCH_DEPTH) must be 0 or more, not "
                          f"{s.prefetch_depth}.")
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'30m', '1h', '90s', '2d' or seconds; 'forever' (or -1) is None: no limit."""
+    t = text.strip().lower()
+    if t in ("forever", "inf", "-1"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|)", t)
+    if not m:
+        raise UsageError(f"Cannot read the duration {text!r}; write it like 30s, 30m, 2h or forever.")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
