@@ -228,3 +228,33 @@ def test_interrupt_between_slot_assignment_and_copy_keeps_weights_right(tiny_che
     assert all(cache.table.key_of[s] == k for k, s in cache.table.slot_of.items())
     parts += [model(ids[i:i + 1], kv, i) for i in range(pos, 60)]
     assert rel_err(torch.cat(parts), full) < 1e-5
+
+
+def test_budget_sets_the_longest_window_and_says_so(tiny_checkpoint, tmp_path):
+    """Without --context-length a budget gets the longest window it allows, not a fixed 8192,
+    and the user hears what it is."""
+    import json
+    import shutil
+
+    from dscoder.engine import load_engine
+    from dscoder.offload.planner import kv_peak_bytes, work_bytes
+    from dscoder.offload.setup import model_sizes
+
+    ckpt = tmp_path / "long"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["max_position_embeddings"] = 65536
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    s = model_sizes(ModelConfig.from_file(ckpt / "config.json"), torch.float32)
+    # what the whole model needs with a 20000-token window (a CPU budget has no CUDA context)
+    budget = s.resident_bytes + s.all_experts_bytes + kv_peak_bytes(s, 20000) + work_bytes(s, 20000)
+    notices: list[str] = []
+    engine = load_engine(ckpt, device="cpu", dtype="float32", gpu_memory=str(budget),
+                         notice=notices.append)
+    assert 19456 <= engine.context_length <= 20000  # a multiple of 1024 below what fits
+    assert notices == [f"Context window {engine.context_length} tokens under a "
+                       f"{budget / 2**30:.2f} GiB GPU budget (the model allows 65536); a longer "
+                       "--context-length costs offloading experts."]
+    fixed = load_engine(ckpt, device="cpu", dtype="float32", gpu_memory=str(budget),
+                        context_length=4096, notice=notices.append)
+    assert fixed.context_length == 4096 and len(notices) == 1  # the user chose: nothing to say
