@@ -44,6 +44,8 @@ INERT_FIELDS = frozenset({
 # keys of a rope_scaling / rope_parameters dict that we implement
 _ROPE_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings",
                         "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "rope_theta"})
+# other keys transformers knows, accepted only at the value that means what we compute
+_ROPE_NEUTRAL = {"partial_rotary_factor": 1.0, "truncate": True, "attention_factor": None}
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,8 @@ def _theta(v: Any, r: _Reader) -> float:
 
 def _yarn(rs: dict[str, Any], key: str, r: _Reader) -> YarnScaling | None:
     kind = rs.get("rope_type") or rs.get("type") or "default"
-    extra = sorted(set(rs) - _ROPE_KEYS)
+    extra = sorted(k for k in set(rs) - _ROPE_KEYS
+                   if k not in _ROPE_NEUTRAL or rs[k] != _ROPE_NEUTRAL[k])
     if extra:
         raise _unsupported(f"{key}.{extra[0]}")
     if kind == "default":

@@ -73,6 +73,15 @@ def test_numerics_we_do_not_implement_are_refused(changes, words):
         ModelConfig.from_dict(cfg_with(**changes))
 
 
+def test_rope_keys_at_their_neutral_values_are_accepted():
+    rs = {**TINY["rope_scaling"], "partial_rotary_factor": 1.0, "truncate": True,
+          "attention_factor": None}
+    assert ModelConfig.from_dict(cfg_with(rope_scaling=rs)).rope_scaling == \
+        ModelConfig.from_dict(cfg_with()).rope_scaling
+    with pytest.raises(UnsupportedConfig, match="truncate"):
+        ModelConfig.from_dict(cfg_with(rope_scaling={**rs, "truncate": False}))
+
+
 def test_inert_and_private_fields_are_accepted():
     ModelConfig.from_dict(cfg_with(auto_map={}, _name_or_path="x", ep_size=1, transformers_version="4"))
 
