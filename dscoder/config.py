@@ -337,7 +337,7 @@ def _check_supported(d: dict[str, Any]) -> None:
     need("model_type", "deepseek_v2", "deepseek_v2")
     need("scoring_func", "softmax", "softmax")
     need("hidden_act", "silu", "silu")
-    if d.get("topk_method", "greedy") not in SUPPORTED_TOPK:
+    if (d.get("topk_method") or "greedy") not in SUPPORTED_TOPK:  # null: transformers' default
         raise _unsupported(f"topk_method {d.get('topk_method')!r}")
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if d.get(flag):
