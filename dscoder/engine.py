@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,20 +41,45 @@ class Engine:
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     model_dir: Path | None = None
     use_graphs: bool = False  # decode from CUDA graphs (the model is resident on a GPU)
+    budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
     _session: Session | None = None
+    _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    closed: bool = False
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
     def new_session(self) -> Session:
+        if self.closed:
+            raise UsageError("The engine was closed; load a new one to generate.")
         return Session(self)
+
+    def close(self) -> None:
+        """Free what the engine holds on the GPU and in pinned host memory: weights, KV caches,
+        CUDA graphs, the expert cache and the host copy of the experts (`del engine` alone leaves
+        them to references held elsewhere). The engine cannot generate afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        for session in list(self._sessions):
+            session.close()
+        self._session = None
+        from dscoder.loader import release_model
+
+        release_model(self.model, self.device, uncap=self.budget_plan is not None)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None, *,
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         """One generation; consecutive calls share a cache, so a common prefix is reused."""
-        if self._session is None:
+        if self._session is None or self.closed:
             self._session = self.new_session()
         return self._session.generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
 
@@ -86,6 +112,12 @@ class Session:
         self.tokens: list[int] = []  # ids whose keys and values are in the cache, in order
         self._cache: LatentKVCache | None = None
         self._graphs: GraphedDecoder | None = None  # captured for self._cache
+        engine._sessions.add(self)  # so that Engine.close() frees its cache and graphs
+
+    def close(self) -> None:
+        self.tokens = []
+        self._cache = None
+        self._graphs = None
 
     def reset(self) -> None:
         self.tokens = []
@@ -162,6 +194,8 @@ class Session:
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         engine = self.engine
+        if engine.closed:
+            raise UsageError("The engine was closed; load a new one to generate.")
         settings = settings or engine.defaults
         prompt = list(prompt_ids)
         self._check_prompt(prompt)
