@@ -53,18 +53,13 @@ class Runtime:
         return self._engine
 
     def _say_window(self) -> None:
-        """--context-length beyond what the model allows is clamped: say so, with the number."""
+        """--context-length beyond the model's own window is clamped to it: say so. (A window
+        that a GPU budget sets is said by the loader.)"""
         asked, window = self.settings.context_length, self._engine.context_length
-        if asked is None or window >= asked:
-            return
-        config = getattr(self._engine, "config", None)
-        model_max = getattr(config, "max_position_embeddings", None)
-        if model_max is not None and asked > model_max:
+        model_max = getattr(getattr(self._engine, "config", None), "max_position_embeddings", None)
+        if asked is not None and model_max is not None and asked > model_max:
             self.term.warn(f"--context-length {asked} is more than this model's window of "
                            f"{model_max} tokens; the context window is {window} tokens.")
-        else:
-            self.term.warn(f"The context window is {window} tokens, less than the "
-                           f"--context-length {asked} asked for.")
 
     def server_url(self) -> str | None:
         """--server (or DSCODER_SERVER); else the user's server on the default socket if it
