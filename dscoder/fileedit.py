@@ -188,31 +188,80 @@ def unified_diff(original: TextFile, new_text: str) -> str:
     The labels are a/FILE and b/FILE with FILE as the user gave it; an absolute path loses its
     leading slash, as in git (`git diff --no-index /tmp/x.py ...` shows a/tmp/x.py)."""
     name = original.path.as_posix().lstrip("/")
-    old, new = split_keepends(original.text), split_keepends(_final_text(original, new_text))
-    # difflib on a whole 50 MB file takes seconds and gigabytes; an edit changes one stretch, so
-    # only that stretch and its context lines are compared, and the hunk headers shifted back.
-    head = _common_head(old, new)
-    tail = _common_head(old[head:][::-1], new[head:][::-1])
-    lo = max(head - _CONTEXT, 0)
-    cut = max(tail - _CONTEXT, 0)
-    out = difflib.unified_diff(old[lo:len(old) - cut], new[lo:len(new) - cut], f"a/{name}",
-                               f"b/{name}", n=_CONTEXT)
-    out = (_shift_hunk(ln, lo) if ln.startswith("@@") else ln for ln in out)
+    old_text, new_text = original.text, _final_text(original, new_text)
+    # difflib over a whole 50 MB file takes seconds and gigabytes; an edit changes one stretch,
+    # so only that stretch and the lines around it are split and compared (the common start and
+    # end are found by comparing slices, at memcmp speed), and the hunk headers shifted back.
+    # The margin is wide so that difflib places a change in a run of equal lines (blank lines)
+    # as it would over the whole file, with full context on both sides.
+    head = _common_head_lines(old_text, new_text)
+    tail = _common_tail_lines(old_text[head:], new_text[head:])
+    lo = _back_lines(old_text, head, _MARGIN)
+    old_mid = split_keepends(old_text[lo:_forward_lines(old_text, len(old_text) - tail, _MARGIN)])
+    new_mid = split_keepends(new_text[lo:_forward_lines(new_text, len(new_text) - tail, _MARGIN)])
+    shift = old_text.count("\n", 0, lo)
+    out = difflib.unified_diff(old_mid, new_mid, f"a/{name}", f"b/{name}", n=_CONTEXT)
+    out = (_shift_hunk(ln, shift) if ln.startswith("@@") else ln for ln in out)
     # difflib leaves a line without "\n" glued to the next one; mark it as diff/patch expect.
     return "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in out)
 
 
 _CONTEXT = 3  # unchanged lines shown around a change, as in diff -u and git
+_MARGIN = 1000  # unchanged lines given to difflib on each side of the changed stretch
 _HUNK = re.compile(r"@@ -(\d+)((?:,\d+)?) \+(\d+)((?:,\d+)?) @@")
 
 
-def _common_head(a: list[str], b: list[str]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
+def _common_head_lines(a: str, b: str) -> int:
+    """Length of the longest common start of a and b that ends at a line boundary."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # the longest k with a[:k] == b[:k]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == len(a) == len(b):
+        return lo
+    return a.rfind("\n", 0, lo) + 1  # back to the start of the line that differs
+
+
+def _common_tail_lines(a: str, b: str) -> int:
+    """Length of the longest common end of a and b made of whole lines (each ending in \\n)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        return 0
+    # The common end must start a line in both texts; if not, move on to the next line start
+    # inside it (the same distance in both, and then both are after a "\n").
+    start, start_b = len(a) - lo, len(b) - lo
+    if (start > 0 and a[start - 1] != "\n") or (start_b > 0 and b[start_b - 1] != "\n"):
+        nl = a.find("\n", start)
+        start = len(a) if nl < 0 else nl + 1
+    return len(a) - start
+
+
+def _back_lines(text: str, pos: int, n: int) -> int:
+    """The start of the line n lines before the one starting at pos (0 at the top)."""
+    for _ in range(n):
+        if pos == 0:
             break
-        n += 1
-    return n
+        pos = text.rfind("\n", 0, pos - 1) + 1
+    return pos
+
+
+def _forward_lines(text: str, pos: int, n: int) -> int:
+    """The end of the n lines that start at pos (the text's end if fewer)."""
+    for _ in range(n):
+        if pos >= len(text):
+            break
+        nl = text.find("\n", pos)
+        pos = len(text) if nl < 0 else nl + 1
+    return pos
 
 
 def _shift_hunk(line: str, offset: int) -> str:

@@ -570,6 +570,14 @@ def test_diff_of_a_long_file_compares_only_the_change_and_numbers_it_right(tmp_p
                                          f"a/{name}", f"b/{name}"))
     got = unified_diff(original, new)
     assert got == whole and "@@ -2498,6 +2498,8 @@" in got
+    # text that runs into the next line ("zz" + "line 2500"): the common end starts mid-line
+    for new in ("".join(lines[:2500]) + "new\nzz" + "".join(lines[2500:]),
+                "".join(lines[:2500]) + "".join(lines[2501:]),
+                "zz" + "".join(lines), "".join(lines) + "tail"):
+        whole = "".join(difflib.unified_diff(split_keepends(original.text), split_keepends(new),
+                                             f"a/{name}", f"b/{name}"))
+        whole = whole.replace("+tail", "+tail\n\\ No newline at end of file\n")
+        assert unified_diff(original, new) == whole
 
 
 def test_repl_after_overflow_reuses_the_prompt_prefix(fake, monkeypatch):
