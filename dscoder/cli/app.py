@@ -259,6 +259,7 @@ def _report(message: str, args: list[str], exc: BaseException | None = None) -> 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (ExitCode values). Never lets a traceback through."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _STATE["debug"] = False  # this run's settings decide (an earlier run in this process may not)
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
