@@ -54,13 +54,31 @@ def generation_defaults(model_dir: Path) -> GenerationSettings:
 def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
                 gpu_memory: str | None = None, context_length: int | None = None,
                 download: bool = False, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None):
-    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate."""
-    from dscoder.engine import Engine
+                log: Callable[[str], None] | None = None, engine: str = "auto",
+                trust_remote_code: bool = False):
+    """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
+    one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides)."""
+    from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
-    from dscoder.tokenizer import load_tokenizer
 
     model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+    if choose_engine(model_dir, engine) == "transformers":
+        from dscoder.hf_engine import load_hf_engine
+
+        return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
+                              dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
+                              trust_remote_code=trust_remote_code,
+                              defaults=generation_defaults(model_dir), log=log)
+    return _load_native(model_dir, device=device, dtype=dtype, gpu_memory=gpu_memory,
+                        context_length=context_length, progress=progress, log=log)
+
+
+def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
+                 context_length: int | None, progress: Progress | None,
+                 log: Callable[[str], None] | None):
+    from dscoder.engine import Engine
+    from dscoder.tokenizer import load_tokenizer
+
     cfg = ModelConfig.from_file(model_dir / "config.json")
     dev = pick_device(device)
     dt = pick_dtype(dtype, cfg)
