@@ -41,9 +41,11 @@ class RealBackend:
         return Path(hub.resolve_model(self.model_name(settings)))
 
     def load_tokenizer(self, settings: Settings) -> Any:
-        from dscoder.tokenizer import load_tokenizer
+        from dscoder.engines import choose_engine, load_tokenizer_for
 
-        return load_tokenizer(self._model_dir(settings))
+        model_dir = self._model_dir(settings)
+        choose_engine(model_dir, settings.engine)  # --engine native on another model: say so now
+        return load_tokenizer_for(model_dir)
 
     def context_length(self, settings: Settings) -> int | None:
         """The window --show-prompt trims to without loading weights: the flag, else the config's."""
@@ -65,7 +67,8 @@ class RealBackend:
                            gpu_memory=settings.gpu_memory,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
                            context_length=settings.context_length, progress=progress,
-                           log=info if settings.verbose else None)
+                           log=info if settings.verbose else None, engine=settings.engine,
+                           trust_remote_code=settings.trust_remote_code)
 
     def pull(self, name: str) -> Path:
         from dscoder import hub
