@@ -49,6 +49,15 @@ class HFEngine:
     model_dir: Path | None = None
     _session: HFSession | None = None
 
+    @property
+    def cache_argument(self) -> str:
+        """forward()'s name for the cache: `cache` from transformers 5.24 (`past_key_values`
+        is deprecated there), `past_key_values` before."""
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
     def new_session(self) -> HFSession:
         return HFSession(self)
 
@@ -98,8 +107,8 @@ class HFSession:
         x = torch.tensor([list(ids)], dtype=torch.long, device=engine.device)
         try:
             with torch.inference_mode():
-                out = engine.model(input_ids=x, past_key_values=self._cache, use_cache=True,
-                                   logits_to_keep=1)
+                out = engine.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                                   **{engine.cache_argument: self._cache})
         except BaseException:
             self._rewind(len(self.tokens))  # layers that already took these ids drop them
             raise
