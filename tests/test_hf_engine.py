@@ -309,3 +309,20 @@ def test_show_prompt_uses_the_models_template_without_torch(coder_v1):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "### Instruction:\nhi\n### Response:\n" in done.stdout
+
+
+def test_pull_fetches_model_code_only_with_trust_remote_code(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls: list[list[str]] = []
+
+    def fake(repo_id: str, **kw):
+        calls.append(kw["allow_patterns"])
+        (tmp_path / "config.json").write_text("{}")
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert invoke(["pull", "owner/model"]).code == 0
+    assert invoke(["--trust-remote-code", "pull", "owner/model"]).code == 0
+    assert "*.py" not in calls[0] and "*.py" in calls[1]
+    assert "*.jinja" in calls[0]  # chat_template.jinja, where newer checkpoints keep the template

@@ -195,7 +195,8 @@ def pull(
     """Download a model into the Hugging Face cache (progress on stderr)."""
     rt = runtime(ctx)
     name = model or rt.model_name
-    path = rt.backend.pull(name)
+    # the model's own Python files come only when it may run (--trust-remote-code)
+    path = rt.backend.pull(name, code=True) if rt.settings.trust_remote_code else rt.backend.pull(name)
     rt.term.info(f"{name} is ready in {path}")
 
 

@@ -70,10 +70,10 @@ class RealBackend:
                            log=info if settings.verbose else None, engine=settings.engine,
                            trust_remote_code=settings.trust_remote_code)
 
-    def pull(self, name: str) -> Path:
+    def pull(self, name: str, code: bool = False) -> Path:
         from dscoder import hub
 
-        return Path(hub.pull(name))
+        return Path(hub.pull(name, code=code))
 
 
 def check_device(device: str, warn: Warn) -> None:
