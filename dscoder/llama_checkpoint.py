@@ -114,9 +114,15 @@ def write_checkpoint(dst: Path, shape: str = "tiny", *, instruct: bool = True, s
 
     cfg = llama_config(shape, instruct=instruct, dtype=dtype)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # build in the target dtype: 6.7B in fp32 is 27 GB
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(dst)
+    del model
     # sampling defaults as released (the Instruct card samples; greedy is one flag away)
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=cfg.eos_token_id, do_sample=True,
                      temperature=0.3, top_p=0.95).save_pretrained(dst)
