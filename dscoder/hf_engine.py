@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class HFEngine:
     model_dir: Path | None = None
     _session: HFSession | None = None
 
-    @property
+    @cached_property
     def cache_argument(self) -> str:
         """forward()'s name for the cache: `cache` from transformers 5.24 (`past_key_values`
         is deprecated there), `past_key_values` before."""
@@ -286,7 +287,11 @@ def load_hf_engine(model_dir: Path, tokenizer: Any, *, device: torch.device,
                    defaults: GenerationSettings | None = None,
                    log: Callable[[str], None] | None = None) -> HFEngine:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if log is None:  # stderr is for our own progress and warnings; --verbose shows transformers'
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
