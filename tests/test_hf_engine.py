@@ -326,3 +326,21 @@ def test_pull_fetches_model_code_only_with_trust_remote_code(monkeypatch, tmp_pa
     assert invoke(["--trust-remote-code", "pull", "owner/model"]).code == 0
     assert "*.py" not in calls[0] and "*.py" in calls[1]
     assert "*.jinja" in calls[0]  # chat_template.jinja, where newer checkpoints keep the template
+
+
+def test_gpu_budget_placement_keeps_room_for_the_kv_cache():
+    from dscoder.hf_engine import ACTIVATION_RESERVE, placement
+    from dscoder.llama_checkpoint import llama_config
+
+    cfg = llama_config("6.7b")
+    cuda = torch.device("cuda", 0)  # only arithmetic here: no GPU is touched for a fixed size
+    per_token = 2 * 32 * 32 * 128 * 2  # K and V, 32 layers, 32 heads of 128, bf16
+    where, ctx = placement(cfg, cuda, torch.bfloat16, "6GiB", 16384, False, None)
+    assert ctx == (6 << 30) // 4 // per_token  # the 16K default would take 8 GiB: shrunk
+    assert where["device_map"] == "auto"
+    assert where["max_memory"][0] == (6 << 30) - per_token * ctx - ACTIVATION_RESERVE
+    with pytest.raises(UsageError, match="no room for weights"):
+        placement(cfg, cuda, torch.bfloat16, "6GiB", 16384, True, None)  # a window asked for
+    assert placement(cfg, cuda, torch.bfloat16, None, 4096, False, None) == ({"device_map": {"": cuda}}, 4096)
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        placement(cfg, torch.device("cpu"), torch.bfloat16, "6GiB", 4096, False, None)
