@@ -51,13 +51,14 @@ class HFEngine:
     _session: HFSession | None = None
 
     @cached_property
-    def cache_argument(self) -> str:
-        """forward()'s name for the cache: `cache` from transformers 5.24 (`past_key_values`
-        is deprecated there), `past_key_values` before."""
+    def forward_names(self) -> tuple[str, bool]:
+        """forward()'s name for the cache (`cache` from transformers 5.24, where
+        `past_key_values` is deprecated), and whether it takes logits_to_keep (prefill then
+        computes the last position's logits only, not 2K x 32K of them); remote code may not."""
         import inspect
 
         params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
     def new_session(self) -> HFSession:
         return HFSession(self)
@@ -106,10 +107,11 @@ class HFSession:
 
             self._cache = DynamicCache(config=engine.model.config)
         x = torch.tensor([list(ids)], dtype=torch.long, device=engine.device)
+        cache_name, keep = engine.forward_names
+        kwargs = {cache_name: self._cache, **({"logits_to_keep": 1} if keep else {})}
         try:
             with torch.inference_mode():
-                out = engine.model(input_ids=x, use_cache=True, logits_to_keep=1,
-                                   **{engine.cache_argument: self._cache})
+                out = engine.model(input_ids=x, use_cache=True, **kwargs)
         except BaseException:
             self._rewind(len(self.tokens))  # layers that already took these ids drop them
             raise
