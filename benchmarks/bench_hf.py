@@ -8,6 +8,7 @@ on first use. Measures time to first token for a 2,048-token prompt and decode t
 - dscoder's loop (our own forward loop over a DynamicCache), full GPU;
 - the baseline in the same process: transformers' model.generate, greedy, on the same model
   (time to first token = generate(max_new_tokens=1); decode from the difference with N+1);
+- generate() in a thread with a streamer (the usual way to stream it), timed per token;
 - a chat's second turn: our session reuses the cache of the first turn, generate recomputes;
 - dscoder with a 6 GiB GPU budget (accelerate keeps the rest of the layers in host memory).
 Prints a table, then one JSON line.
@@ -15,6 +16,7 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import sys
 import time
@@ -67,7 +69,10 @@ def run_ours(engine, prompt: list[int], n: int, r: dict, key: str) -> tuple[int,
 def run_generate(model, prompt: list[int], n: int, r: dict, turn2_len: int) -> list[int]:
     device = next(model.parameters()).device
     x = torch.tensor([prompt], device=device)
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    config = copy.deepcopy(model.generation_config)  # greedy, and no EOS: always n tokens
+    config.do_sample, config.eos_token_id, config.pad_token_id = False, None, 0
+    config.temperature = config.top_p = None
+    kw = dict(generation_config=config)
     with torch.inference_mode():
         model.generate(x[:, :64], max_new_tokens=4, **kw)  # warm-up
         with timed(r, "base_ttft_s"):
@@ -79,6 +84,38 @@ def run_generate(model, prompt: list[int], n: int, r: dict, turn2_len: int) -> l
             model.generate(y, max_new_tokens=1, **kw)
     r["base_decode_tok_s"] = n / max(r["base_total_s"] - r["base_ttft_s"], 1e-9)
     return out[0, len(prompt):len(prompt) + n].tolist()
+
+
+def run_streamer(model, prompt: list[int], n: int, r: dict) -> None:
+    """The other way to stream: generate() in a thread with a streamer. This one records when
+    each token reaches it (a TextIteratorStreamer adds detokenizing and word buffering on top)."""
+    import threading
+
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:  # the prompt first, then one call per new token
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    clock = Clock()
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample, config.eos_token_id, config.pad_token_id = False, None, 0
+    config.temperature = config.top_p = None
+    x = torch.tensor([prompt], device=next(model.parameters()).device)
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=lambda: model.generate(
+        x, generation_config=config, max_new_tokens=n, streamer=clock))
+    worker.start()
+    worker.join()
+    new = clock.times[1:]
+    r["streamer_ttft_s"] = new[0] - t0
+    r["streamer_decode_tok_s"] = (len(new) - 1) / max(new[-1] - new[0], 1e-9)
 
 
 def main() -> None:
@@ -103,6 +140,7 @@ def main() -> None:
         engine = load_engine(path, device=device, context_length=args.prompt + args.decode + 1024)
     ids = run_ours(engine, prompt, args.decode, r, "ours")
     base = run_generate(engine.model, prompt, args.decode, r, r["ours_turn2_len"])
+    run_streamer(engine.model, prompt, args.decode, r)
     r["same_greedy_ids"] = list(ids) == base  # bf16: may part late on near-ties
     r["same_first_16"] = list(ids[:16]) == base[:16]
     r.update({f"full_{k}": v for k, v in gpu_memory().items()})
@@ -121,17 +159,20 @@ def main() -> None:
                                       if v not in ("cpu", "disk"))
         run_ours(engine, prompt, args.offload_decode, r, "offload")
         r.update({f"offload_{k}": v for k, v in gpu_memory().items()})
-    rows = [(f"time to first token, {args.prompt}-token prompt (s)", r["ours_ttft_s"], r["base_ttft_s"]),
-            ("decode (tok/s)", r["ours_decode_tok_s"], r["base_decode_tok_s"]),
-            ("2nd turn, first token (s)", r["ours_turn2_ttft_s"], r["base_turn2_ttft_s"])]
+    rows = [(f"time to first token, {args.prompt}-token prompt (s)", r["ours_ttft_s"],
+             r["base_ttft_s"], r["streamer_ttft_s"]),
+            ("decode (tok/s)", r["ours_decode_tok_s"], r["base_decode_tok_s"],
+             r["streamer_decode_tok_s"]),
+            ("2nd turn, first token (s)", r["ours_turn2_ttft_s"], r["base_turn2_ttft_s"], None)]
     if cuda:
-        rows += [(f"{args.budget}: time to first token (s)", r["offload_ttft_s"], None),
-                 (f"{args.budget}: decode (tok/s)", r["offload_decode_tok_s"], None)]
-    width = max(len(n) for n, _, _ in rows)
+        rows += [(f"{args.budget}: time to first token (s)", r["offload_ttft_s"], None, None),
+                 (f"{args.budget}: decode (tok/s)", r["offload_decode_tok_s"], None, None)]
+    width = max(len(row[0]) for row in rows)
     print(f"{card()}, {args.shape}, bf16")
-    print(f"{'metric'.ljust(width)}  {'dscoder loop':>14}  {'generate()':>14}")
-    for name, a, b in rows:
-        print(f"{name.ljust(width)}  {a:>14.3f}  {'' if b is None else f'{b:.3f}':>14}")
+    print(f"{'metric'.ljust(width)}  {'dscoder loop':>14}  {'generate()':>14}  {'+ streamer':>14}")
+    for name, *values in rows:
+        cells = "  ".join(f"{'' if v is None else f'{v:.3f}':>14}" for v in values)
+        print(f"{name.ljust(width)}  {cells}")
     emit_json(r, args.out)
 
 
