@@ -212,11 +212,15 @@ def _eos_ids(value: Any) -> set[int]:
 
 
 def stop_ids_for(model_dir: Path, tokenizer: Any, config_eos: Any) -> frozenset[int]:
-    """generation_config.json's EOS ids, the config's, the tokenizer's EOS and the template's
-    end-of-turn token: the model may end a reply with any of them."""
+    """generation_config.json's EOS ids, the config's, the tokenizer's EOS (and DeepSeek's) and
+    the template's end-of-turn token: the model may end a reply with any of them."""
     import json
 
-    ids = _eos_ids(config_eos) | {tokenizer.eos_id}
+    from dscoder.tokenizer import EOS_TOKEN
+
+    # DeepSeek's end of text, in every DeepSeek tokenizer: what a Coder V1 Instruct model writes
+    # after a fill-in-the-middle answer, though its tokenizer's EOS is <|EOT|>
+    ids = _eos_ids(config_eos) | {tokenizer.eos_id, tokenizer.token_to_id(EOS_TOKEN)}
     try:
         gen = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
         ids |= _eos_ids(gen.get("eos_token_id"))

@@ -82,7 +82,8 @@ def test_loader_returns_the_transformers_engine_for_llama(hf_engine):
     assert type(hf_engine).__name__ == "HFEngine"
     assert hf_engine.context_length == 16384
     assert (hf_engine.defaults.temperature, hf_engine.defaults.top_p) == pytest.approx((0.3, 0.95))
-    assert 32021 in hf_engine.stop_ids  # <|EOT|>: generation_config and the template's end of turn
+    # <|EOT|> (generation_config, the template's end of turn) and <｜end▁of▁sentence｜> (FIM's end)
+    assert hf_engine.stop_ids == {32021, 32014}
 
 
 def test_remote_code_needs_the_flag(tmp_path):
@@ -261,7 +262,7 @@ def test_cli_complete_equals_transformers(coder_v1, reference, tmp_path):
     result = cli(coder_v1, "complete", str(src))
     assert result.code == 0, result.stderr
     ids = [32013] + tok.encode("def add(a, b):\n    ", add_special_tokens=False)
-    stops = {32021, 32015, 32016, 32017}
+    stops = {32014, 32021, 32015, 32016, 32017}
     assert result.stdout == tok.decode(hf_generate(model, ids, 10, stops), skip_special_tokens=True)
 
 
@@ -272,7 +273,7 @@ def test_cli_fill_in_the_middle_equals_transformers(coder_v1, reference, tmp_pat
     assert result.code == 0, result.stderr
     ids = ids_of(tok(f"<｜begin▁of▁sentence｜><｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",
                      add_special_tokens=False))
-    expected = tok.decode(hf_generate(model, ids, 10, {32021, 32015, 32016, 32017}),
+    expected = tok.decode(hf_generate(model, ids, 10, {32014, 32021, 32015, 32016, 32017}),
                           skip_special_tokens=True)
     assert result.stdout == expected
     src = tmp_path / "b.py"
@@ -290,7 +291,7 @@ def test_cli_one_shot_chat_equals_transformers(coder_v1, reference):
     assert result.code == 0, result.stderr
     ids = ids_of(tok.apply_chat_template([{"role": "user", "content": "write quicksort"}],
                                          add_generation_prompt=True))
-    expected = tok.decode(hf_generate(model, ids, 10, {32021}), skip_special_tokens=True)
+    expected = tok.decode(hf_generate(model, ids, 10, {32014, 32021}), skip_special_tokens=True)
     assert result.stdout.rstrip("\n") == expected.rstrip("\n")
 
 
@@ -344,3 +345,15 @@ def test_gpu_budget_placement_keeps_room_for_the_kv_cache():
     assert placement(cfg, cuda, torch.bfloat16, None, 4096, False, None) == ({"device_map": {"": cuda}}, 4096)
     with pytest.raises(UsageError, match="needs a CUDA device"):
         placement(cfg, torch.device("cpu"), torch.bfloat16, "6GiB", 4096, False, None)
+
+
+def test_fill_in_the_middle_stops_at_end_of_sentence_on_an_instruct_model(coder_v1, monkeypatch):
+    """The V1 Instruct tokenizer's EOS is <|EOT|>; a middle still ends at <｜end▁of▁sentence｜>."""
+    from dscoder.cli import backend
+    from dscoder.cli.runtime import Runtime
+    from dscoder.settings import Settings
+
+    rt = Runtime(Settings(model=str(coder_v1), device="cpu"), term=None)  # type: ignore[arg-type]
+    rt._engine = type("E", (), {"stop_ids": frozenset({32021, 32014})})()
+    rt._tokenizer = backend.get().load_tokenizer(rt.settings)
+    assert rt.fim_stop_ids() == {32014, 32021, 32015, 32016, 32017}
