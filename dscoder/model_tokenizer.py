@@ -13,15 +13,30 @@ from typing import Any
 
 from dscoder.chat_template import ChatTemplate
 from dscoder.errors import DscoderError
-from dscoder.tokenizer import Tokenizer, load_tokenizer
+from dscoder.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer, load_tokenizer
 
 _NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# Fill-in-the-middle sentinels as (prefix, suffix, middle) markers, which is DeepSeek's
+# (begin, hole, end): the same prefix-suffix-middle order, so one prompt builder serves all.
+FIM_SPELLINGS = (
+    (FIM_BEGIN, FIM_HOLE, FIM_END),  # DeepSeek-Coder V1 and V2
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, StarCoder2
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+)
 
 
 class ModelTokenizer(Tokenizer):
     """BOS and the FIM sentinels may be missing (None); a model without EOS cannot stop."""
 
     chat_template: ChatTemplate | None = None  # None: a base model, chat is refused
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for spelling in FIM_SPELLINGS:
+            ids = [self.token_to_id(s) for s in spelling]
+            if None not in ids:
+                self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids
+                break
 
     def _required_id(self, content: str) -> int | None:  # type: ignore[override]
         return self.token_to_id(content)

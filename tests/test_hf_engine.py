@@ -357,3 +357,24 @@ def test_fill_in_the_middle_stops_at_end_of_sentence_on_an_instruct_model(coder_
     rt._engine = type("E", (), {"stop_ids": frozenset({32021, 32014})})()
     rt._tokenizer = backend.get().load_tokenizer(rt.settings)
     assert rt.fim_stop_ids() == {32014, 32021, 32015, 32016, 32017}
+
+
+def test_fim_sentinels_of_other_model_families_are_found_by_their_strings(tmp_path):
+    from dscoder.llama_checkpoint import write_tokenizer
+    from dscoder.model_tokenizer import load_model_tokenizer
+    from dscoder.prompts import fim_prompt
+
+    write_tokenizer(tmp_path, instruct=False)
+    path = tmp_path / "tokenizer.json"
+    text = path.read_text(encoding="utf-8")
+    for old, new in (("<｜fim▁begin｜>", "<|fim_prefix|>"), ("<｜fim▁hole｜>", "<|fim_suffix|>"),
+                     ("<｜fim▁end｜>", "<|fim_middle|>")):  # Qwen2.5-Coder's spelling
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+    tok = load_model_tokenizer(tmp_path)
+    assert (tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id) == (32016, 32015, 32017)
+    prompt = fim_prompt(tok, "a = ", "\nprint(a)")
+    assert prompt.text == "<｜begin▁of▁sentence｜><|fim_prefix|>a = <|fim_suffix|>\nprint(a)<|fim_middle|>"
+    path.write_text(text.replace("<|fim_middle|>", "<|nothing|>"), encoding="utf-8")
+    with pytest.raises(UsageError, match="no fill-in-the-middle tokens"):
+        fim_prompt(load_model_tokenizer(tmp_path), "a", "b")
