@@ -78,6 +78,18 @@ class HFEngine:
             torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class HFSnapshot:
+    """Keys and values of a sequence, kept outside its session (the server's prefix cache)."""
+
+    tokens: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
+
+
 class HFSession:
     """A conversation's transformers cache and the token ids it holds."""
 
@@ -97,6 +109,29 @@ class HFSession:
                 del self.tokens[n:]
             else:
                 self.reset()
+
+    def snapshot(self, device: torch.device | str | None = None) -> HFSnapshot | None:
+        """A copy of the cached keys and values (None when nothing is cached, or for caches
+        that are not plain per-layer tensors: sliding windows, recurrent states)."""
+        n = len(self.tokens)
+        layers = getattr(self._cache, "layers", None)
+        if not n or not layers or not all(type(x).__name__ == "DynamicLayer" for x in layers):
+            return None
+        return HFSnapshot(tuple(self.tokens), tuple(
+            (x.keys[..., :n, :].to(device or x.keys.device, copy=True),
+             x.values[..., :n, :].to(device or x.values.device, copy=True)) for x in layers))
+
+    def restore(self, snap: HFSnapshot, n: int) -> None:
+        """Make the cache hold the first n ids of `snap` (copies, no forward pass)."""
+        from transformers import DynamicCache
+
+        n = min(n, len(snap.tokens))
+        self.reset()
+        cache = DynamicCache(config=self.engine.model.config)
+        device = self.engine.device  # every layer computes there (accelerate brings offloaded
+        for i, (k, v) in enumerate(snap.layers):  # weights to it), so its cache lives there
+            cache.update(k[..., :n, :].to(device, copy=True), v[..., :n, :].to(device, copy=True), i)
+        self._cache, self.tokens = cache, list(snap.tokens[:n])
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ids to the cache; logits (1, V) fp32 of the last one on the engine's device.

@@ -378,3 +378,41 @@ def test_fim_sentinels_of_other_model_families_are_found_by_their_strings(tmp_pa
     path.write_text(text.replace("<|fim_middle|>", "<|nothing|>"), encoding="utf-8")
     with pytest.raises(UsageError, match="no fill-in-the-middle tokens"):
         fim_prompt(load_model_tokenizer(tmp_path), "a", "b")
+
+
+def test_server_prefix_cache_brings_back_an_earlier_sequence(hf_engine):
+    from dscoder.prompts import completion_prompt
+    from dscoder.server.worker import PrefixCache
+
+    tok = hf_engine.tokenizer
+    a = completion_prompt(tok, "def alpha():\n    return 1\n" * 4).ids
+    b = completion_prompt(tok, "class Beta:\n    pass\n" * 4).ids
+    cache = PrefixCache(hf_engine)
+    assert cache.enabled
+
+    def run(ids):
+        return list(cache.session_for(ids).generate(ids, GREEDY, stop_ids=()))[-1]
+
+    first = run(a)
+    run(b)  # replaces a in the live cache; a is kept as a snapshot
+    again = run(a)
+    assert again.cached_tokens == len(a) - 1  # restored, not prefilled
+    assert again.token_ids == first.token_ids
+
+
+def test_server_on_the_transformers_engine(hf_engine, reference):
+    from starlette.testclient import TestClient
+
+    from dscoder.server.app import ServerState, create_app
+
+    tok, model = reference
+    client = TestClient(create_app(ServerState(hf_engine, "coder-v1")))
+    messages = [{"role": "user", "content": "write quicksort"}]
+    r = client.post("/v1/chat/completions", json={"model": "x", "messages": messages,
+                                                 "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    ids = ids_of(tok.apply_chat_template(messages, add_generation_prompt=True))
+    expected = tok.decode(hf_generate(model, ids, 8, {32014, 32021}), skip_special_tokens=True)
+    assert r.json()["choices"][0]["message"]["content"] == expected
+    state = ServerState(hf_engine, "coder-v1")
+    assert {32014, 32021} <= state.fim_stop_ids()  # a middle ends at <｜end▁of▁sentence｜>
