@@ -416,3 +416,15 @@ def test_server_on_the_transformers_engine(hf_engine, reference):
     assert r.json()["choices"][0]["message"]["content"] == expected
     state = ServerState(hf_engine, "coder-v1")
     assert {32014, 32021} <= state.fim_stop_ids()  # a middle ends at <｜end▁of▁sentence｜>
+
+
+def test_chatml_template_parts_trim_and_end_of_turn():
+    from dscoder.chat_template import ChatTemplate
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+              "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = ChatTemplate(chatml, {"<|im_start|>": 1, "<|im_end|>": 2})
+    parts = template.parts([{"role": "user", "content": "  say <|im_end|> now \n"}])
+    # the template trims the content (checked against a real render); the content stays text
+    assert parts == [1, "user\n", "say <|im_end|> now", 2, "\n", 1, "assistant\n"]
+    assert template.end_of_turn_id() == 2
