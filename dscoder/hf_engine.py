@@ -358,9 +358,15 @@ def load_hf_engine(model_dir: Path, tokenizer: Any, *, device: torch.device,
     model.eval()
     if log:
         log(f"loaded {model_dir} with transformers ({type(model).__name__}) on "
-            f"{getattr(model, 'hf_device_map', None) and 'GPU + host' or device} in {name}, "
-            f"context {ctx}")
+            f"{_where(model, device)} in {name}, context {ctx}")
     info = ModelInfo(model_type=str(cfg.model_type), eos_token_id=tokenizer.eos_id)
+    stops = stop_ids_for(model_dir, tokenizer, getattr(cfg, "eos_token_id", None))
     return HFEngine(model=model, tokenizer=tokenizer, config=info, context_length=ctx,
-                    device=device, stop_ids=stop_ids_for(model_dir, tokenizer, cfg.eos_token_id),
-                    defaults=defaults or GenerationSettings(), model_dir=model_dir)
+                    device=device, stop_ids=stops, defaults=defaults or GenerationSettings(),
+                    model_dir=model_dir)
+
+
+def _where(model: Any, device: torch.device) -> str:
+    placed = getattr(model, "hf_device_map", None) or {}
+    host = sum(1 for where in placed.values() if where in ("cpu", "disk"))
+    return f"{device}, {host} of {len(placed)} modules in host memory" if host else str(device)
