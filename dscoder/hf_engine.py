@@ -356,6 +356,10 @@ def load_hf_engine(model_dir: Path, tokenizer: Any, *, device: torch.device,
     except (ValueError, OSError, KeyError) as e:
         raise _explain(e, model_dir) from None
     model.eval()
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    if gpu_memory and placed <= {"cpu", "disk"}:
+        raise UsageError(f"--gpu-memory {gpu_memory} leaves no room on the GPU for any part of "
+                         "this model; give it more, or leave it out to run with --device cpu.")
     if log:
         log(f"loaded {model_dir} with transformers ({type(model).__name__}) on "
             f"{_where(model, device)} in {name}, context {ctx}")

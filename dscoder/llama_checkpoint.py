@@ -47,12 +47,15 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# The 6.7B shapes (config.json of deepseek-coder-6.7b-instruct) and a tiny model of the same kind.
+# The 6.7B shapes (config.json of deepseek-coder-6.7b-instruct) and small models of the same kind.
 SHAPES: dict[str, dict[str, Any]] = {
     "6.7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
+    # layers small beside the embeddings, so that a GPU budget can split them (tests/gpu)
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2),
 }
 
 
