@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dscoder.errors import UsageError
+from dscoder.settings import ENGINES
 
-ENGINES = ("auto", "native", "transformers")
 NATIVE_MODEL_TYPES = ("deepseek_v2",)
 EngineName = Literal["native", "transformers"]
 
