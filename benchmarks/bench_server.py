@@ -146,8 +146,11 @@ def main() -> None:
             f"median {statistics.median(r['infill_repeat_ttft_s']) * 1000:.1f} ms")
 
         mem0 = (gpu_used_mib(server.pid), rss_mib(server.pid))
+        r["memory_trace_mib"] = []  # growth that stops is a bounded cache; growth that goes on is a leak
         with httpx.Client(base_url=url, timeout=600) as http:
             for i in range(args.requests):  # editors: a changing line over a fixed context
+                if i % max(args.requests // 4, 1) == 0:
+                    r["memory_trace_mib"].append((i, gpu_used_mib(server.pid), rss_mib(server.pid)))
                 body = {**infill, "input_prefix": prefix + f"    x_{i % 97} = ", "n_predict": 4}
                 assert http.post("/infill", json=body).status_code == 200
                 if i % 7 == 0:
@@ -171,6 +174,7 @@ def main() -> None:
     for name, values in rows:
         print(f"{name:48s} median {med(values):8.3f}  all {', '.join(f'{v:.3f}' for v in values)}")
     print(f"memory over {args.requests} requests (GPU MiB, RSS MiB): {mem0} -> {mem1}")
+    print("memory trace (request, GPU MiB, RSS MiB):", r["memory_trace_mib"])
     emit_json(r, os.environ.get("OUT"))
 
 

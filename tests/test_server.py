@@ -119,7 +119,7 @@ def test_infill_matches_in_process(server, tiny_engine):
 @pytest.mark.parametrize("body", [
     b"{not json", b"[1, 2]",
     b'{"prompt": "x", "max_tokens": "many"}', b'{"prompt": "x", "temperature": -1}',
-    b'{"prompt": [1, 2, 99999999]}', b'{"prompt": "x", "n": 2}'])
+    b'{"prompt": [1, 2, 99999999]}', b'{"prompt": "x", "n": 2}', b'{"prompt": "x", "echo": true}'])
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, body):
     r = httpx.post(server[0] + "/v1/completions", content=body,
                    headers={"Content-Type": "application/json"}, timeout=60)
@@ -280,3 +280,83 @@ def test_stream_delta_events_in_order(tiny_engine):
     worker.close()
     assert all(isinstance(e, TextDelta) for e in events[:-1]) and isinstance(events[-1], Finished)
     assert "".join(e.text for e in events[:-1]) == local(tiny_engine, ids)
+
+
+def test_tokenize_keeps_special_spellings_as_text(server, tiny_engine):
+    tok = tiny_engine.tokenizer
+    text = "a <｜fim▁hole｜> b <｜end▁of▁sentence｜>"
+    r = httpx.post(server[0] + "/tokenize", json={"content": text, "with_offsets": True}).json()
+    assert r["tokens"] == tok.encode(text)
+    assert not {tok.fim_hole_id, tok.eos_id} & set(r["tokens"])
+    assert [tuple(o) for o in r["offsets"]] == tok.encode_with_offsets(text)[1]
+
+
+class _Broken:
+    """An engine whose generation fails the way a full GPU does."""
+
+    context_length = 64
+
+    def __init__(self, tok, defaults):
+        self.tokenizer, self.defaults = tok, defaults
+
+    def new_session(self):
+        return self
+
+    tokens: list = []
+
+    def generate(self, ids, settings, *, stop_ids=None, cancel=None):
+        class OutOfMemoryError(RuntimeError):
+            pass
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_is_503_and_the_server_goes_on(tiny_engine):
+    from starlette.testclient import TestClient
+
+    from dscoder.server.app import ServerState, create_app
+
+    client = TestClient(create_app(ServerState(_Broken(tiny_engine.tokenizer, GREEDY), "x")))
+    for stream in (False, True):
+        r = client.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
+    assert client.get("/health").json() == {"status": "ok", "requests_active": 0}
+
+
+def test_requests_run_one_at_a_time_in_order(server):
+    import threading
+
+    order: list[str] = []
+
+    def ask(name: str, n: int) -> None:
+        r = httpx.post(server[0] + "/v1/completions", json={"prompt": name, "max_tokens": n,
+                                                            "temperature": 0}, timeout=120)
+        assert r.status_code == 200
+        order.append(name)
+
+    first = threading.Thread(target=ask, args=("first", 300))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not httpx.get(server[0] + "/health").json()["requests_active"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ask("second", 1)  # queued behind the first, though it is much shorter
+    first.join()
+    assert order == ["first", "second"]
+
+
+def test_keep_alive_one_shot_starts_a_background_server(tiny_checkpoint, tmp_path):
+    from dscoder.server.paths import default_socket
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    args = ["--model", str(tiny_checkpoint), "--device", "cpu", "-t", "0", "-n", "4"]
+    first = dscoder([*args, "--keep-alive", "3s", "chat", "hi"], runtime)
+    assert first.returncode == 0 and "Starting a dscoder server" in first.stderr
+    env_socket = runtime / "dscoder" / "server.sock"
+    assert env_socket.exists() and default_socket().name == env_socket.name
+    second = dscoder([*args, "chat", "hi"], runtime)  # found on the default socket
+    assert second.returncode == 0 and second.stdout == first.stdout
+    deadline = time.monotonic() + 60
+    while env_socket.exists():  # idle for 3 s: the server goes away and takes its socket
+        assert time.monotonic() < deadline, "the background server did not exit when idle"
+        time.sleep(0.2)

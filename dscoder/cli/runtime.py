@@ -38,8 +38,10 @@ class Runtime:
             if url is not None:
                 from dscoder.server.client import RemoteEngine
 
-                self._engine = RemoteEngine(url, self.model_name, api_key=self.settings.api_key,
-                                            tokenizer=self.tokenizer)
+                self._engine = RemoteEngine(
+                    url, self.model_name, api_key=self.settings.api_key,
+                    tokenizer=lambda: self.backend.load_tokenizer(self.settings))
+                self._tokenizer = self._engine.tokenizer
             else:
                 with self.term.load_progress() as progress:
                     self._engine = self.backend.load_engine(self.settings, self.term.warn,

@@ -28,5 +28,7 @@ def serve(rt: Runtime, *, host: str, port: int, socket_path: Path | None, allow_
     from dscoder.server.app import ServerState
 
     state = ServerState(engine, rt.model_name, key)
+    tok = engine.tokenizer
+    state.worker.warm_up([tok.bos_id] + tok.encode("def warm_up():\n    return"))
     run_server(state, host=host, port=port, socket_path=socket_path, keep_alive=keep_alive,
                say=rt.term.info)

@@ -28,7 +28,8 @@ from dscoder.errors import DscoderError, PromptTooLong, UsageError, is_out_of_me
 from dscoder.events import Finished, GenerationSettings, TextDelta
 from dscoder.prompts import chat_prompt, completion_prompt, fim_prompt
 from dscoder.server.infill import InfillLimits, infill_prompt
-from dscoder.server.schemas import ChatRequest, CompletionRequest, InfillRequest, Sampling
+from dscoder.server.schemas import (ChatRequest, CompletionRequest, InfillRequest, Sampling,
+                                     TokenizeRequest)
 from dscoder.server.worker import Job, Worker
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
@@ -146,7 +147,17 @@ def create_app(state: ServerState) -> ASGIApp:
             "owned_by": "dscoder", "max_model_len": engine.context_length,
             "dscoder": {"version": __version__, "context_length": engine.context_length,
                         "defaults": {"max_tokens": d.max_tokens, "temperature": d.temperature,
-                                     "top_p": d.top_p, "top_k": d.top_k}}}]}
+                                     "top_p": d.top_p, "top_k": d.top_k},
+                        "special_tokens": _specials(engine.tokenizer)}}]}
+
+    async def tokenize(req: TokenizeRequest) -> dict:
+        """llama-server's /tokenize; text never becomes special ids. With with_offsets, the
+        character span of each token (dscoder's client truncates prompts with them)."""
+        tok = state.engine.tokenizer
+        if req.with_offsets:
+            ids, offsets = tok.encode_with_offsets(req.content)
+            return {"tokens": ids, "offsets": offsets}
+        return {"tokens": tok.encode(req.content)}
 
     async def chat_completions(req: ChatRequest) -> Any:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -158,6 +169,9 @@ def create_app(state: ServerState) -> ASGIApp:
 
     async def completions(req: CompletionRequest) -> Any:
         tok = state.engine.tokenizer
+        if req.echo:
+            raise ApiError(400, "echo is not supported; the reply holds only the new text.",
+                           param="echo")
         raw = _single_prompt(req.prompt)
         if isinstance(raw, list):  # token ids: the prompt exactly as the client built it
             if req.suffix is not None:
@@ -192,9 +206,19 @@ def create_app(state: ServerState) -> ASGIApp:
         _route("/v1/chat/completions", "POST", chat_completions, ChatRequest),
         _route("/v1/completions", "POST", completions, CompletionRequest),
         _route("/infill", "POST", infill, InfillRequest),
+        _route("/tokenize", "POST", tokenize, TokenizeRequest),
     ])
     app.state.dscoder = state
     return Guard(app, state)
+
+
+SPECIAL_IDS = ("bos_id", "eos_id", "fim_begin_id", "fim_hole_id", "fim_end_id")
+
+
+def _specials(tok: Any) -> dict[str, dict]:
+    """The ids a prompt builder needs, and their spelling (for display)."""
+    return {name: {"id": getattr(tok, name), "text": tok.id_to_token(getattr(tok, name))}
+            for name in SPECIAL_IDS}
 
 
 def _validation_error(exc: ValidationError) -> ApiError:

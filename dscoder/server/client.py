@@ -62,6 +62,32 @@ def _raise_for(response: httpx.Response, url: str) -> None:
     raise ServerError(f"The server at {url} failed: {message}")
 
 
+class RemoteTokenizer:
+    """The encoding half of dscoder.tokenizer.Tokenizer, by a dscoder server's /tokenize: what
+    prompts.py needs to build (and truncate) a prompt, without loading 4.5 MB of vocabulary."""
+
+    def __init__(self, http: httpx.Client, url: str, specials: dict[str, dict]) -> None:
+        self._http, self._url = http, url
+        for name, special in specials.items():
+            setattr(self, name, int(special["id"]))
+        self._names = {int(s["id"]): s["text"] for s in specials.values()}
+
+    def _tokenize(self, text: str, offsets: bool) -> dict:
+        response = self._http.post("/tokenize", json={"content": text, "with_offsets": offsets})
+        _raise_for(response, self._url)
+        return response.json()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenize(text, False)["tokens"]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        data = self._tokenize(text, True)
+        return data["tokens"], [tuple(o) for o in data["offsets"]]
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._names.get(token_id)
+
+
 class RemoteEngine:
     """The engine API the CLI uses (generate, new_session, context_length, defaults, tokenizer)
     over HTTP. A server keeps its own prefix cache, so a session is the engine itself."""
@@ -79,6 +105,8 @@ class RemoteEngine:
         d = ext.get("defaults") or {}
         self.defaults = GenerationSettings(**{k: d[k] for k in ("max_tokens", "temperature",
                                                                  "top_p", "top_k") if k in d})
+        if ext.get("special_tokens"):  # a dscoder server tokenizes for us: no tokenizer to load
+            self._tokenizer = RemoteTokenizer(self._http, self.url, ext["special_tokens"])
 
     def _model_info(self) -> dict:
         try:

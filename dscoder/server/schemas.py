@@ -87,3 +87,8 @@ class InfillRequest(_Body):
     cache_prompt: bool = True
     t_max_predict_ms: int = Field(0, ge=0)
     n_indent: int = Field(0, ge=0)
+
+
+class TokenizeRequest(_Body):
+    content: str
+    with_offsets: bool = False

@@ -132,5 +132,17 @@ class Worker:
             job.cancel.set()  # a disconnect or an error: the engine stops within one token
             self.active -= 1
 
+    def warm_up(self, prompt: list[int]) -> None:
+        """One short generation on the engine's thread before the first request: the decode step
+        compiles and its first graphs are captured now, not inside a client's reply."""
+        def run() -> None:
+            session = self.cache.session
+            for _ in session.generate(prompt, GenerationSettings(max_tokens=4, temperature=0.0),
+                                      stop_ids=()):
+                pass
+            session.reset()
+
+        self._executor.submit(run).result()
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
