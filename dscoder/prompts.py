@@ -5,6 +5,10 @@ FIM sentinels) and runs of text between them. Each maximal run of text is encode
 (encoding smaller pieces changes the ids at the seams), and the text never becomes special ids,
 whatever it contains. The result equals what the released chat template gives through
 transformers for ordinary text.
+
+Models other than DeepSeek-Coder-V2 bring their own chat template (dscoder.chat_template): their
+tokenizer (dscoder.model_tokenizer) carries it, and ``chat_prompt`` uses it instead of the native
+builder, with the same truncation and the same guarantee that text stays text.
 """
 from __future__ import annotations
 
@@ -73,6 +77,17 @@ def _chat_parts(tok: Tokenizer, messages: Sequence[Message]) -> list[Part]:
     return parts
 
 
+def _parts_builder(tok: Tokenizer) -> Callable[[Sequence[Message]], list[Part]]:
+    """The model's own template when its tokenizer has one, else the native V2 builder."""
+    if not hasattr(tok, "chat_template"):
+        return lambda messages: _chat_parts(tok, messages)
+    template = tok.chat_template
+    if template is None:
+        raise UsageError("This model has no chat template (a base model?); use dscoder complete "
+                         "or insert with it, or chat with an Instruct model.")
+    return template.parts
+
+
 def _turns(messages: Sequence[Message]) -> list[list[int]]:
     """Indices of the droppable turns, oldest first: each user message with the replies that
     follow it. System messages and the last turn (the one being answered) are never dropped."""
@@ -96,13 +111,14 @@ def chat_prompt(tok: Tokenizer, messages: Sequence[Message], *,
     """The chat prompt with the generation prompt ``Assistant:``; drops the oldest whole turns
     (keeping system messages and the last user message) when it exceeds ``max_prompt_tokens``."""
     _check_messages(messages)
-    ids, text = _build(tok, _chat_parts(tok, messages))
+    parts = _parts_builder(tok)
+    ids, text = _build(tok, parts(messages))
     if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
         return Prompt(ids, text)
     turns = _turns(messages)
 
     def attempt(k: int) -> tuple[list[int], str]:
-        return _build(tok, _chat_parts(tok, _without_turns(messages, turns, k)))
+        return _build(tok, parts(_without_turns(messages, turns, k)))
 
     k = _least(1, len(turns), lambda k: len(attempt(k)[0]) <= max_prompt_tokens)
     ids, text = attempt(k)
@@ -187,14 +203,22 @@ def _room(max_prompt_tokens: int, n_special: int, what: str) -> int:
     return room
 
 
+def _bos(tok: Tokenizer) -> list[Part]:
+    """BOS, for the models that have one (Qwen's tokenizers have none)."""
+    return [] if tok.bos_id is None else [tok.bos_id]
+
+
 def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
                max_prompt_tokens: int | None = None, context: str = "") -> Prompt:
     """``<BOS>{context}<fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest
     the hole. ``context`` (other files of the repository, as editors send it) gets the room the
     prefix and suffix leave, and keeps its end: the snippets nearest the prefix."""
+    if None in (tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id):
+        raise UsageError("This model's tokenizer has no fill-in-the-middle tokens; use "
+                         "dscoder complete without --suffix, or a DeepSeek-Coder model.")
     kept_prefix, kept_suffix, kept_context = prefix, suffix, context
     if max_prompt_tokens is not None:
-        room = _room(max_prompt_tokens, 4, "fill-in-the-middle")
+        room = _room(max_prompt_tokens, 3 + len(_bos(tok)), "fill-in-the-middle")
         n_prefix, n_suffix = _count(tok, prefix), _count(tok, suffix)
         if n_prefix + n_suffix > room:
             kept_prefix = keep_tail(tok, prefix, _budget_split(room, n_prefix, n_suffix))
@@ -202,7 +226,7 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
         if context:
             used = _count(tok, kept_prefix) + _count(tok, kept_suffix)
             kept_context = keep_tail(tok, context, room - used)
-    parts: list[Part] = [tok.bos_id, kept_context, tok.fim_begin_id, kept_prefix,
+    parts: list[Part] = [*_bos(tok), kept_context, tok.fim_begin_id, kept_prefix,
                          tok.fim_hole_id, kept_suffix, tok.fim_end_id]
     ids, text = _build(tok, parts)
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept_prefix),
@@ -214,6 +238,6 @@ def completion_prompt(tok: Tokenizer, prefix: str, *,
     """``<BOS>{prefix}``; keeps the end of the prefix when it is too long."""
     kept = prefix
     if max_prompt_tokens is not None:
-        kept = keep_tail(tok, prefix, _room(max_prompt_tokens, 1, "completion"))
-    ids, text = _build(tok, [tok.bos_id, kept])
+        kept = keep_tail(tok, prefix, _room(max_prompt_tokens, len(_bos(tok)), "completion"))
+    ids, text = _build(tok, [*_bos(tok), kept])
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept), 0))
