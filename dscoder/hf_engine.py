@@ -48,6 +48,7 @@ class HFEngine:
     stop_ids: frozenset[int] = frozenset()  # default stops: generation_config EOS + end of turn
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     model_dir: Path | None = None
+    under_budget: bool = False  # loaded under --gpu-memory: the GPU has no room to spare
     _session: HFSession | None = None
 
     @cached_property
@@ -366,6 +367,7 @@ def load_hf_engine(model_dir: Path, tokenizer: Any, *, device: torch.device,
     info = ModelInfo(model_type=str(cfg.model_type), eos_token_id=tokenizer.eos_id)
     stops = stop_ids_for(model_dir, tokenizer, getattr(cfg, "eos_token_id", None))
     return HFEngine(model=model, tokenizer=tokenizer, config=info, context_length=ctx,
+                    under_budget=bool(gpu_memory),
                     device=device, stop_ids=stops, defaults=defaults or GenerationSettings(),
                     model_dir=model_dir)
 
