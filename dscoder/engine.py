@@ -47,6 +47,12 @@ class Engine:
     closed: bool = False
 
     @property
+    def under_budget(self) -> bool:
+        """Loaded under --gpu-memory: the GPU has no room to spare (the server keeps its copies
+        of other conversations' KV rows in host memory then)."""
+        return self.budget_plan is not None
+
+    @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 

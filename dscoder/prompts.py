@@ -5,6 +5,10 @@ FIM sentinels) and runs of text between them. Each maximal run of text is encode
 (encoding smaller pieces changes the ids at the seams), and the text never becomes special ids,
 whatever it contains. The result equals what the released chat template gives through
 transformers for ordinary text.
+
+Models other than DeepSeek-Coder-V2 bring their own chat template (dscoder.chat_template): their
+tokenizer (dscoder.model_tokenizer) carries it, and ``chat_prompt`` uses it instead of the native
+builder, with the same truncation and the same guarantee that text stays text.
 """
 from __future__ import annotations
 
@@ -79,6 +83,17 @@ def _chat_parts(tok: Tokenizer, messages: Sequence[Message]) -> list[Part]:
     return parts
 
 
+def _parts_builder(tok: Tokenizer) -> Callable[[Sequence[Message]], list[Part]]:
+    """The model's own template when its tokenizer has one, else the native V2 builder."""
+    if not hasattr(tok, "chat_template"):
+        return lambda messages: _chat_parts(tok, messages)
+    template = tok.chat_template
+    if template is None:
+        raise UsageError("This model has no chat template (a base model?); use dscoder complete "
+                         "or insert with it, or chat with an Instruct model.")
+    return template.parts
+
+
 def _turns(messages: Sequence[Message]) -> list[list[int]]:
     """Indices of the droppable turns, oldest first: each user message with the replies that
     follow it. System messages and the last turn (the one being answered) are never dropped."""
@@ -110,13 +125,14 @@ def chat_prompt(tok: Tokenizer, messages: Sequence[Message], *,
     prefix has to change again (one turn per turn would change it, and prefill the whole
     window, on every turn)."""
     _check_messages(messages)
+    parts = _parts_builder(tok)
     turns = _turns(messages)
     k0 = min(dropped_turns, len(turns))
     if max_prompt_tokens is not None:
         _refuse_huge(tok, messages, turns, max_prompt_tokens)
 
     def attempt(k: int) -> tuple[list[int], str]:
-        return _build(tok, _chat_parts(tok, _without_turns(messages, turns, k)))
+        return _build(tok, parts(_without_turns(messages, turns, k)))
 
     def prompt(k: int, built: tuple[list[int], str]) -> Prompt:
         return Prompt(built[0], built[1], dropped_messages=sum(len(t) for t in turns[:k]),
@@ -150,15 +166,17 @@ def _refuse_huge(tok: Tokenizer, messages: Sequence[Message], turns: list[list[i
 def _surely_over(tok: Tokenizer, text: str, limit: int) -> bool:
     """Whether ``text`` needs more than ``limit`` tokens, decided from a bounded piece of it:
     the tokens of a prefix are at most one more (its last one, cut) than the whole has there."""
-    if len(text) > limit * max_token_chars(tok):
+    most = max_token_chars(tok)
+    if most is not None and len(text) > limit * most:
         return True
     head = text[: limit * CHARS_PER_TOKEN]
     return len(head) < len(text) and len(tok.encode(head)) > limit + 1
 
 
-def max_token_chars(tok: Tokenizer) -> int:
-    """The most characters one token can stand for (128 for DeepSeek-Coder-V2: a run of spaces)."""
-    return getattr(tok, "max_token_chars", 128)
+def max_token_chars(tok: Tokenizer) -> int | None:
+    """The most characters one token can stand for (128 for DeepSeek-Coder-V2: a run of spaces);
+    None when the tokenizer cannot say."""
+    return getattr(tok, "max_token_chars", None)
 
 
 def _least(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
@@ -238,14 +256,22 @@ def _room(max_prompt_tokens: int, n_special: int, what: str) -> int:
     return room
 
 
+def _bos(tok: Tokenizer) -> list[Part]:
+    """BOS, for the models that have one (Qwen's tokenizers have none)."""
+    return [] if tok.bos_id is None else [tok.bos_id]
+
+
 def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
                max_prompt_tokens: int | None = None, context: str = "") -> Prompt:
     """``<BOS>{context}<fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest
     the hole. ``context`` (other files of the repository, as editors send it) gets the room the
     prefix and suffix leave, and keeps its end: the snippets nearest the prefix."""
+    if None in (tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id):
+        raise UsageError("This model's tokenizer has no fill-in-the-middle tokens; use "
+                         "dscoder complete without --suffix, or a DeepSeek-Coder model.")
     kept_prefix, kept_suffix, kept_context = prefix, suffix, context
     if max_prompt_tokens is not None:
-        room = _room(max_prompt_tokens, 4, "fill-in-the-middle")
+        room = _room(max_prompt_tokens, 3 + len(_bos(tok)), "fill-in-the-middle")
         # never tokenize more than the window could hold (see CHARS_PER_TOKEN)
         near_prefix = prefix[max(len(prefix) - room * CHARS_PER_TOKEN, 0):]
         near_suffix = suffix[: room * CHARS_PER_TOKEN]
@@ -256,7 +282,7 @@ def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
         if context:
             used = _count(tok, kept_prefix) + _count(tok, kept_suffix)
             kept_context = keep_tail(tok, context, room - used)  # keep_tail cuts by characters too
-    parts: list[Part] = [tok.bos_id, kept_context, tok.fim_begin_id, kept_prefix,
+    parts: list[Part] = [*_bos(tok), kept_context, tok.fim_begin_id, kept_prefix,
                          tok.fim_hole_id, kept_suffix, tok.fim_end_id]
     ids, text = _build(tok, parts)
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept_prefix),
@@ -268,6 +294,6 @@ def completion_prompt(tok: Tokenizer, prefix: str, *,
     """``<BOS>{prefix}``; keeps the end of the prefix when it is too long."""
     kept = prefix
     if max_prompt_tokens is not None:
-        kept = keep_tail(tok, prefix, _room(max_prompt_tokens, 1, "completion"))
-    ids, text = _build(tok, [tok.bos_id, kept])
+        kept = keep_tail(tok, prefix, _room(max_prompt_tokens, len(_bos(tok)), "completion"))
+    ids, text = _build(tok, [*_bos(tok), kept])
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept), 0))

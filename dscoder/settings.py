@@ -18,6 +18,7 @@ from dscoder.events import GenerationSettings
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ENGINES = ("auto", "native", "transformers")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -49,6 +50,8 @@ class Settings:
     offload_policy: str = "lru"  # expert cache eviction under --gpu-memory
     prefetch_depth: int = 1  # MoE layers ahead whose experts a decode step starts copying
     routing_trace: str | None = None  # a file to record which experts each layer picks
+    engine: str = "auto"  # auto, native or transformers (dscoder.engines)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (transformers engine)
 
     def generation(self, defaults: GenerationSettings) -> GenerationSettings:
         """Our choices over the model's defaults (from its generation_config.json)."""
@@ -106,6 +109,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
     "history": _bool, "code_theme": _str, "server": _str, "keep_alive": _str, "api_key": _str,
+    "engine": _str, "trust_remote_code": _bool,
 }
 _CONVERT.update({  # the engine switches
     "cuda_graphs": _bool, "compile": _bool, "offload_policy": _str, "prefetch_depth": _int,
@@ -197,6 +201,8 @@ def validate(s: Settings) -> Settings:
         raise bad(f"Unknown device {s.device!r}; use auto, cuda, cuda:N or cpu.")
     if s.dtype is not None and s.dtype not in DTYPES:
         raise bad(f"Unknown dtype {s.dtype!r}; use one of {', '.join(DTYPES)}.")
+    if s.engine not in ENGINES:
+        raise bad(f"Unknown engine {s.engine!r}; use auto, native or transformers.")
     if s.gpu_memory is not None and not _gpu_memory_ok(s.gpu_memory):
         raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; "
                   "write it like 12GiB, 24GB, 512MiB or auto.")

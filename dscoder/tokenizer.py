@@ -184,8 +184,9 @@ def _token_name(config: dict[str, Any], key: str, default: str) -> str:
     return value if isinstance(value, str) and value else default
 
 
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    """Load ``tokenizer.json`` (and ``tokenizer_config.json`` for the BOS/EOS names)."""
+def load_tokenizer(model_dir: Path, cls: type[Tokenizer] = Tokenizer) -> Tokenizer:
+    """Load ``tokenizer.json`` (and ``tokenizer_config.json`` for the BOS/EOS names); ``cls``
+    lets other models' tokenizers (dscoder.model_tokenizer) share this loading."""
     model_dir = Path(model_dir)
     data = _read_json(model_dir / "tokenizer.json")
     config_path = model_dir / "tokenizer_config.json"
@@ -201,6 +202,6 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     except Exception as e:  # bad JSON shapes, and the Rust side raises plain Exception
         raise DscoderError(f"{model_dir / 'tokenizer.json'} is not a valid tokenizer ({e}); "
                            "download the model again.") from None
-    return Tokenizer(text_tokenizer, added,
+    return cls(text_tokenizer, added,
                      bos_token=_token_name(config, "bos_token", BOS_TOKEN),
                      eos_token=_token_name(config, "eos_token", EOS_TOKEN))

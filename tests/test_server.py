@@ -360,3 +360,13 @@ def test_keep_alive_one_shot_starts_a_background_server(tiny_checkpoint, tmp_pat
     while env_socket.exists():  # idle for 3 s: the server goes away and takes its socket
         assert time.monotonic() < deadline, "the background server did not exit when idle"
         time.sleep(0.2)
+
+
+def test_prefix_cache_keeps_copies_in_host_memory_under_a_budget(tiny_engine):
+    from types import SimpleNamespace
+
+    from dscoder.server.worker import PrefixCache
+
+    budgeted = SimpleNamespace(new_session=tiny_engine.new_session, under_budget=True)
+    assert PrefixCache(budgeted).device == "cpu"
+    assert PrefixCache(tiny_engine).device is None  # beside the live cache, on its device

@@ -55,6 +55,8 @@ def main_options(
     gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
     context_length: Annotated[Optional[int], typer.Option("--context-length", metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE", help="auto (native for DeepSeek-Coder-V2, transformers for other models), native or transformers. [env DSCODER_ENGINE; default auto]")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Let the transformers engine run Python code that ships with the model. [env DSCODER_TRUST_REMOTE_CODE]", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T", help="Sampling temperature; 0 is greedy. [env DSCODER_TEMPERATURE; default: the model's]", rich_help_panel=GEN)] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
@@ -226,7 +228,8 @@ def pull(
     """Download a model into the Hugging Face cache (progress on stderr)."""
     rt = runtime(ctx)
     name = model or rt.model_name
-    path = rt.backend.pull(name)
+    # the model's own Python files come only when it may run (--trust-remote-code)
+    path = rt.backend.pull(name, code=True) if rt.settings.trust_remote_code else rt.backend.pull(name)
     rt.term.info(f"{name} is ready in {path}")
 
 
@@ -272,6 +275,7 @@ def run(argv: list[str] | None = None) -> int:
 def _run(args: list[str]) -> int:
     from dscoder import signals
 
+    _STATE["debug"] = False  # this run's settings decide (an earlier run in this process may not)
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)

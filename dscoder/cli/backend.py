@@ -41,9 +41,11 @@ class RealBackend:
         return Path(hub.resolve_model(self.model_name(settings)))
 
     def load_tokenizer(self, settings: Settings) -> Any:
-        from dscoder.tokenizer import load_tokenizer
+        from dscoder.engines import choose_engine, load_tokenizer_for
 
-        return load_tokenizer(self._model_dir(settings))
+        model_dir = self._model_dir(settings)
+        choose_engine(model_dir, settings.engine)  # --engine native on another model: say so now
+        return load_tokenizer_for(model_dir)
 
     def context_length(self, settings: Settings) -> int | None:
         """The window --show-prompt trims to without loading weights: the flag, else the config's."""
@@ -76,12 +78,13 @@ class RealBackend:
                            cuda_graphs=settings.cuda_graphs, compile=settings.compile,
                            offload_policy=settings.offload_policy,
                            prefetch_depth=settings.prefetch_depth,
-                           routing_trace=settings.routing_trace or None)
+                           routing_trace=settings.routing_trace or None, engine=settings.engine,
+                           trust_remote_code=settings.trust_remote_code)
 
-    def pull(self, name: str) -> Path:
+    def pull(self, name: str, code: bool = False) -> Path:
         from dscoder import hub
 
-        return Path(hub.pull(name))
+        return Path(hub.pull(name, code=code))
 
 
 def check_device(device: str, warn: Warn) -> None:

@@ -123,7 +123,10 @@ class Runtime:
 
     def fim_stop_ids(self) -> set[int]:
         tok = self.tokenizer()
-        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id}
+        # plus the engine's own stops: a Coder V1 Instruct tokenizer's EOS is <|EOT|>, but a
+        # middle ends with <｜end▁of▁sentence｜> (the transformers engine lists both)
+        engine_stops = getattr(self._engine, "stop_ids", ())
+        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id, *engine_stops}
 
 
 class Interrupted(KeyboardInterrupt):
