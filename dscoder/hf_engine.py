@@ -209,7 +209,7 @@ class HFSession:
                 break
             next_id = int(sampler(self._forward([next_id])))
         if reason != "stop":
-            tail = stops.finish(detok.flush())
+            tail = stops.finish(detok.flush(partial=False))  # a cut character is dropped
             if tail:
                 yield TextDelta(tail, ())
         yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
