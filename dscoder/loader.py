@@ -184,6 +184,11 @@ def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        # cuBLAS keeps a workspace per handle and stream (32 MiB each on Hopper) in the caching
+        # allocator; they belong to the engine's streams, so they go too
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
         torch.cuda.empty_cache()
         if uncap:
             torch.cuda.set_per_process_memory_fraction(1.0, device.index if device.index is not None
