@@ -33,7 +33,7 @@ from dscoder.model.transformer import Transformer
 BUCKET = 1024  # cache rows per bucket: at most this many rows read beyond the context per step
 AHEAD_ROWS = 256  # start capturing bucket b+1 when decoding is this close to the end of bucket b
 AHEAD_ENV = "DSCODER_CAPTURE_AHEAD"
-Report = Callable[[float], None]  # seconds one capture took (the start-up profile listens)
+Report = Callable[[float, bool], None]  # (seconds, on the background thread): the profile listens
 
 
 def bucket_rows(pos: int, capacity: int) -> int:
@@ -74,17 +74,11 @@ class GraphedDecoder:
     def graph(self, visible: int) -> _Graph:
         """The graph for `visible` rows: captured already, being captured (wait), or now."""
         if visible not in self.graphs:
-            pending = self.pending.get(visible)
-            if pending is not None:
-                pending.result()
-            else:
-                self.capture(visible)
+            pending = self.pending.pop(visible, None)
+            if pending is not None and pending.exception() is not None:
+                self.ahead = False  # it failed in the background: capture here from now on
+            self.capture(visible)  # a no-op when the background capture succeeded
         return self.graphs[visible]
-
-    def buckets(self, upto: int) -> list[int]:
-        """The bucket sizes a cache of this capacity uses for positions below `upto`."""
-        last = bucket_rows(max(upto, 1) - 1, self.cache.capacity)
-        return list(range(BUCKET, last, BUCKET)) + [last]
 
     def capture(self, visible: int) -> None:
         """Capture the graph for `visible` rows in this thread (waiting for any other capture)."""
@@ -125,7 +119,7 @@ class GraphedDecoder:
                 out = self.model.decode_at(ids, pos, self.cache, visible)
         self.graphs[visible] = _Graph(graph, ids, pos, out)
         if self.on_capture is not None:
-            self.on_capture(time.perf_counter() - t)
+            self.on_capture(time.perf_counter() - t, threading.current_thread().name == _THREAD)
 
 
 class _Worker:
@@ -144,7 +138,7 @@ class _Worker:
         self._queue.put((future, fn, args))
         with self._start_lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dscoder-capture", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=_THREAD, daemon=True)
                 self._thread.start()
         return future
 
@@ -164,5 +158,6 @@ class _Worker:
 
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time, in whichever thread
+_THREAD = "dscoder-capture"
 _WORKER = _Worker()
 atexit.register(_WORKER.stop)

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from dscoder.compile_cache import configure_cache_dirs, enable_compile_caches
 from dscoder.config import ModelConfig
 from dscoder.errors import OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
+from dscoder.profile import StartupProfile, recording
 from dscoder.weights import Progress, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -54,26 +58,40 @@ def generation_defaults(model_dir: Path) -> GenerationSettings:
 def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
                 gpu_memory: str | None = None, context_length: int | None = None,
                 download: bool = False, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None):
-    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate."""
+                log: Callable[[str], None] | None = None, profile: StartupProfile | None = None):
+    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate: on a GPU
+    the decode step is compiled and its first graph captured before this returns, so that the
+    first reply decodes as fast as the next. `profile` (the engine's startup_profile) records
+    where the time went."""
+    profile = profile if profile is not None else StartupProfile()
+    with recording(profile):
+        return _load(model, device, dtype, gpu_memory, context_length, download, progress, log, profile)
+
+
+def _load(model, device, dtype, gpu_memory, context_length, download, progress, log, profile):
     from dscoder.engine import Engine
     from dscoder.hub import DEFAULT_MODEL, resolve_model
     from dscoder.tokenizer import load_tokenizer
 
-    model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
-    cfg = ModelConfig.from_file(model_dir / "config.json")
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, cfg)
-    ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    if ctx < 2:
-        raise UsageError(f"--context-length must be at least 2, not {context_length}.")
-    tokenizer = load_tokenizer(model_dir)
+    with profile.phase("config and tokenizer"):
+        model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+        cfg = ModelConfig.from_file(model_dir / "config.json")
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, cfg)
+        ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if ctx < 2:
+            raise UsageError(f"--context-length must be at least 2, not {context_length}.")
+        tokenizer = load_tokenizer(model_dir)
+    configure_cache_dirs()  # before anything compiles (Triton kernels included)
     try:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
 
+            t = time.perf_counter()
             net, ctx, _ = load_with_budget(model_dir, cfg, dev, dt, gpu_memory, ctx,
                                            context_length is not None, progress=progress, log=log)
+            # what is not reading weights: planning, moving experts to host memory, pinning them
+            profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
         else:
             net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
         if os.environ.get("DSCODER_ROUTING_TRACE"):
@@ -82,25 +100,57 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
             install_trace(net)
         net.set_context(ctx)
         use_graphs = _fast_decode(net, dev)
+        engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
+                        defaults=generation_defaults(model_dir), model_dir=model_dir,
+                        use_graphs=use_graphs, startup_profile=profile)
+        if use_graphs:
+            _warm_up(engine, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
-    return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                  defaults=generation_defaults(model_dir), model_dir=model_dir,
-                  use_graphs=use_graphs)
+    return engine
 
 
 def _fast_decode(net, dev: torch.device) -> bool:
-    """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
-    step (it fuses the step's small kernels; the compile happens on the first reply).
-    DSCODER_CUDA_GRAPHS=0 and DSCODER_COMPILE=0 turn each off; a routing trace needs the host at
-    every layer, so it turns graphs off too."""
+    """Whether decode replays CUDA graphs, and, for a model resident on the GPU, whether the
+    step is compiled (it fuses the step's small kernels). DSCODER_CUDA_GRAPHS=0 and
+    DSCODER_COMPILE=0 turn each off; a routing trace needs the host at every layer, so it
+    turns graphs off too."""
     env = os.environ
     if (dev.type != "cuda" or env.get("DSCODER_CUDA_GRAPHS", "1") == "0"
             or env.get("DSCODER_ROUTING_TRACE")):
         return False
     if net.offload is None and env.get("DSCODER_COMPILE", "1") != "0":
+        enable_compile_caches()
         net.compile_decode()
     return True
+
+
+def _warm_up(engine, profile: StartupProfile) -> None:
+    """Compile the decode step and capture the first bucket's graph now rather than inside the
+    first reply (which then decoded at half speed). Later buckets are captured ahead of need
+    (dscoder.graphs)."""
+    from dscoder.graphs import BUCKET
+
+    net = engine.model
+    if net._compiled_layer is not None:
+        with profile.phase("compile", torch.cuda.synchronize):
+            before = compile_count()
+            ids = torch.zeros(1, dtype=torch.long, device=engine.device)
+            # a scratch cache: dynamic shapes, so the real cache's sizes compile nothing new
+            with torch.inference_mode():
+                net.decode_at(ids, ids, net.new_cache(BUCKET + 1), BUCKET)
+            profile.count("compiles", compile_count() - before)
+    with profile.phase("graph capture", torch.cuda.synchronize):
+        engine.prepare()
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has built in this process (a recompile adds one)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -46,6 +46,16 @@ class StartupProfile:
                 sync()
             self.add(name, time.perf_counter() - t)
 
+    def capture_reporter(self) -> Callable[[float, bool], None]:
+        """For dscoder.graphs: count captures; time those made in the background (a capture made
+        in the foreground is timed by the phase around it, at load, or by the reply it is in)."""
+        def report(seconds: float, background: bool) -> None:
+            self.count("graphs captured")
+            if background:
+                self.add("graph capture (background)", seconds)
+                self.count("graphs captured ahead")
+        return report
+
     def ordered(self) -> list[tuple[str, float]]:
         with self._lock:
             items = dict(self.seconds)
@@ -66,3 +76,22 @@ class StartupProfile:
 
     def as_dict(self) -> dict:
         return {"seconds": dict(self.ordered()), "counts": dict(self.counts)}
+
+
+_ACTIVE: StartupProfile | None = None
+
+
+@contextmanager
+def recording(profile: StartupProfile) -> Iterator[StartupProfile]:
+    """Make `profile` the one that code deep in loading reports into (see current()), without
+    threading it through every call in between."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, profile
+    try:
+        yield profile
+    finally:
+        _ACTIVE = previous
+
+
+def current() -> StartupProfile | None:
+    return _ACTIVE

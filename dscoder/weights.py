@@ -18,7 +18,7 @@ import torch
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint
 from dscoder.model.transformer import Transformer
-from dscoder.profile import StartupProfile
+from dscoder.profile import StartupProfile, current
 from dscoder.shard_reader import ShardEntry, read_header, read_parallel
 
 INDEX = "model.safetensors.index.json"
@@ -112,6 +112,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
     t = time.perf_counter()
     read_parallel(jobs, progress)
+    profile = profile or current()
     if profile is not None:
         profile.add("load weights", time.perf_counter() - t)
         profile.count("bytes loaded", sum(e.nbytes for e, _ in jobs))

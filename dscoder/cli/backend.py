@@ -58,10 +58,14 @@ class RealBackend:
     def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
                     progress: Progress | None = None) -> Any:
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
-        check_device(settings.device, warn)
-        from dscoder.engine import load_engine  # the only import of torch on the way to generating
+        from dscoder.profile import StartupProfile
 
-        return load_engine(model_dir, device=settings.device,
+        profile = StartupProfile()
+        with profile.phase("import"):
+            check_device(settings.device, warn)  # imports torch
+            from dscoder.engine import load_engine  # the only import of torch on the way to generating
+
+        return load_engine(model_dir, device=settings.device, profile=profile,
                            gpu_memory=settings.gpu_memory,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
                            context_length=settings.context_length, progress=progress,

@@ -37,6 +37,9 @@ class Runtime:
                                                         progress)
             self.load_seconds = time.monotonic() - start
             self._tokenizer = self._engine.tokenizer
+            profile = getattr(self._engine, "startup_profile", None)
+            if self.settings.verbose and profile is not None:
+                self.term.info(profile.summary())
         return self._engine
 
     def tokenizer(self) -> Any:
