@@ -1,0 +1,174 @@
+"""Start-up: the profile, the compile cache's place, no recompile at a new length, parallel reads."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dscoder.compile_cache import cache_root, configure_cache_dirs
+from dscoder.profile import StartupProfile
+
+
+def test_profile_orders_phases_and_adds_repeats():
+    p = StartupProfile()
+    p.add("graph capture", 0.25)
+    p.add("import", 1.5)
+    p.add("graph capture", 0.25)
+    p.count("bytes loaded", 4_000_000_000)
+    p.add("load weights", 2.0)
+    p.count("compiles", 2)
+    line = p.summary()
+    assert line.startswith("start-up: import 1.50 s, load weights 2.00 s, graph capture 0.50 s")
+    assert "4.0 GB at 2.0 GB/s" in line and "2 compiles" in line
+    assert p.as_dict()["seconds"]["graph capture"] == 0.5
+
+
+def test_profile_phase_runs_sync_before_stopping_the_clock():
+    p, calls = StartupProfile(), []
+    with p.phase("compile", lambda: calls.append("sync")):
+        calls.append("work")
+    assert calls == ["work", "sync"] and p.seconds["compile"] >= 0
+
+
+def test_compile_cache_lives_under_the_user_cache_dir(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    dirs = configure_cache_dirs(env)
+    assert dirs == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "dscoder" / "inductor"),
+                    "TRITON_CACHE_DIR": str(tmp_path / "dscoder" / "triton")}
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == dirs["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def test_compile_cache_defaults_to_home_and_ignores_a_relative_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root({}) == tmp_path / ".cache" / "dscoder"
+    assert cache_root({"XDG_CACHE_HOME": "relative/dir"}) == tmp_path / ".cache" / "dscoder"
+
+
+def test_user_set_cache_dirs_win(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": "/mine/inductor",
+           "TRITON_CACHE_DIR": "/mine/triton"}
+    assert configure_cache_dirs(env) == {"TORCHINDUCTOR_CACHE_DIR": "/mine/inductor",
+                                         "TRITON_CACHE_DIR": "/mine/triton"}
+
+
+def test_loading_points_the_compile_cache_at_the_user_cache_dir(tiny_checkpoint, monkeypatch, tmp_path):
+    from dscoder.engine import load_engine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "dscoder" / "inductor")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.set_context(8192)
+    return model
+
+
+def test_a_new_length_or_cache_size_needs_no_recompile(tiny_model):
+    """The compiled decode step sees the bucket and the cache capacity as dynamic sizes from
+    its first compile: one graph per layer kind (dense, MoE), whatever the length."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = tiny_model
+    m.compile_decode(backend=counting_backend)
+    try:
+        ids = torch.tensor([7])
+        with torch.inference_mode():
+            for capacity, pos, visible in [(1025, 3, 1024), (4096, 1500, 2048), (4096, 3000, 3072),
+                                           (8192, 5000, 5120), (4096, 4000, 4096)]:
+                got = m.decode_at(ids, torch.tensor([pos]), m.new_cache(capacity), visible)
+                m._compiled_layer, compiled = None, m._compiled_layer
+                want = m.decode_at(ids, torch.tensor([pos]), m.new_cache(capacity), visible)
+                m._compiled_layer = compiled
+                assert torch.allclose(got, want, atol=1e-5)
+                assert len(graphs) == 2, f"recompiled at capacity {capacity}, {visible} rows"
+    finally:
+        m._compiled_layer = None
+
+
+def test_parallel_read_fills_converted_and_stacked_tensors(tiny_checkpoint, tmp_path):
+    """bf16 from an fp32 checkpoint (a converting read) equals safetensors' own loading."""
+    from safetensors.torch import load_file
+
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    seen = []
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.bfloat16,
+                   progress=lambda done, total: seen.append((done, total)))
+    ref = {}
+    for f in tiny_checkpoint.glob("*.safetensors"):
+        ref.update(load_file(f))
+    assert torch.equal(m.model.layers[0].self_attn.kv_b_proj.weight,
+                       ref["model.layers.0.self_attn.kv_b_proj.weight"].bfloat16())
+    assert torch.equal(m.model.layers[1].mlp.experts.w2[3],
+                       ref["model.layers.1.mlp.experts.3.down_proj.weight"].bfloat16())
+    assert m.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert seen and seen[-1][0] == seen[-1][1]
+
+
+def test_a_shard_cut_inside_a_tensor_is_named(tiny_checkpoint, tmp_path):
+    """The header is intact but a tensor's bytes run past the end of the file."""
+    from dscoder.errors import BadCheckpoint
+    from dscoder.shard_reader import read_header
+
+    src = next(tiny_checkpoint.glob("*.safetensors"))
+    victim = tmp_path / src.name
+    shutil.copy(src, victim)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size - 1)
+    with pytest.raises(BadCheckpoint, match=f"{victim.name}.*damaged or truncated"):
+        read_header(victim)
+
+
+def test_engine_records_its_start_up_and_first_prefill(tiny_checkpoint):
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    profile = engine.startup_profile
+    assert {"config and tokenizer", "load weights"} <= set(profile.seconds)
+    assert profile.counts["bytes loaded"] > 0
+    list(engine.generate([1, 2, 3], GenerationSettings(max_tokens=2, temperature=0), stop_ids=()))
+    first = profile.seconds["first prefill"]
+    list(engine.generate([4, 5, 6], GenerationSettings(max_tokens=2, temperature=0), stop_ids=()))
+    assert profile.seconds["first prefill"] == first  # the first reply's only
+
+
+def test_verbose_prints_the_start_up_profile(monkeypatch):
+    import io
+
+    import dscoder.cli.backend as backend
+    from dscoder.cli.runtime import Runtime
+    from dscoder.settings import Settings
+    from dscoder.ui.console import Terminal
+
+    profile = StartupProfile()
+    profile.add("import", 1.25)
+
+    class Backend:
+        def load_engine(self, settings, warn, info=None, progress=None):
+            return type("E", (), {"tokenizer": None, "startup_profile": profile})()
+
+    monkeypatch.setattr(backend, "BACKEND", Backend())
+    for verbose in (False, True):
+        err = io.StringIO()
+        term = Terminal(io.StringIO(), io.StringIO(), err, pretty=False, err_color=False)
+        Runtime(Settings(verbose=verbose), term).engine()
+        assert ("start-up: import 1.25 s" in err.getvalue()) == verbose
