@@ -103,20 +103,26 @@ class GraphedDecoder:
         ids = torch.zeros(1, dtype=torch.long, device=device)
         pos = torch.zeros(1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
         with torch.inference_mode(), torch.cuda.stream(side):
             # Warm up first (lazy initialisations, cuBLAS workspaces) as capture requires; on a
             # scratch cache, since the real one may be in use by a decode step right now. The
-            # step is compiled with dynamic shapes, so the warm-up's smaller size compiles nothing.
+            # step is compiled with dynamic shapes, so the warm-up's smaller size compiles
+            # nothing. It needs nothing the current stream is still computing (the weights are
+            # loaded), so it does not wait for it: a prefill running meanwhile is not waited for.
             scratch = self.model.new_cache(BUCKET + 1)
             for _ in range(2):
                 self.model.decode_at(ids, pos, scratch, BUCKET)
             side.synchronize()
             del scratch
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the main thread may keep decoding and allocating while we capture
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            # capture_begin/end rather than torch.cuda.graph(), whose device-wide synchronize
+            # would wait for the main thread's prefill; thread_local: that thread may keep
+            # decoding and allocating while we capture
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
                 out = self.model.decode_at(ids, pos, self.cache, visible)
+            finally:
+                graph.capture_end()
         self.graphs[visible] = _Graph(graph, ids, pos, out)
         if self.on_capture is not None:
             self.on_capture(time.perf_counter() - t, threading.current_thread().name == _THREAD)
