@@ -101,7 +101,7 @@ def generate(engine, prompt: list[int], n: int):
 
 
 def counts(engine) -> tuple[int, int]:
-    from dscoder.loader import compile_count
+    from dscoder.warmup import compile_count
 
     return compile_count(), engine.startup_profile.counts.get("graphs captured", 0)
 

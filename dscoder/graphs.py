@@ -103,13 +103,15 @@ class GraphedDecoder:
         ids = torch.zeros(1, dtype=torch.long, device=device)
         pos = torch.zeros(1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
-        with torch.inference_mode(), torch.cuda.stream(side):
+        with torch.cuda.stream(side):
             # Warm up first (lazy initialisations, cuBLAS workspaces) as capture requires; on a
             # scratch cache, since the real one may be in use by a decode step right now. The
             # step is compiled with dynamic shapes, so the warm-up's smaller size compiles
-            # nothing. It needs nothing the current stream is still computing (the weights are
-            # loaded), so it does not wait for it: a prefill running meanwhile is not waited for.
+            # nothing (the scratch cache is made outside inference mode, like the real one:
+            # Dynamo guards on that). It needs nothing the current stream is still computing,
+            # so it does not wait for it: a prefill running meanwhile is not waited for.
             scratch = self.model.new_cache(BUCKET + 1)
+        with torch.inference_mode(), torch.cuda.stream(side):
             for _ in range(2):
                 self.model.decode_at(ids, pos, scratch, BUCKET)
             side.synchronize()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from dscoder.config import ModelConfig
 from dscoder.errors import OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
 from dscoder.profile import StartupProfile, recording
+from dscoder.warmup import Precompile, warm_up
 from dscoder.weights import Progress, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -83,6 +83,7 @@ def _load(model, device, dtype, gpu_memory, context_length, download, progress, 
             raise UsageError(f"--context-length must be at least 2, not {context_length}.")
         tokenizer = load_tokenizer(model_dir)
     configure_cache_dirs()  # before anything compiles (Triton kernels included)
+    precompile = _start_precompile(cfg, dev, dt, gpu_memory, profile)
     try:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
@@ -99,12 +100,12 @@ def _load(model, device, dtype, gpu_memory, context_length, download, progress, 
 
             install_trace(net)
         net.set_context(ctx)
-        use_graphs = _fast_decode(net, dev)
+        use_graphs = _fast_decode(net, dev, precompile)
         engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                         defaults=generation_defaults(model_dir), model_dir=model_dir,
                         use_graphs=use_graphs, startup_profile=profile)
         if use_graphs:
-            _warm_up(engine, profile)
+            warm_up(engine, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
@@ -113,7 +114,25 @@ def _load(model, device, dtype, gpu_memory, context_length, download, progress, 
     return engine
 
 
-def _fast_decode(net, dev: torch.device) -> bool:
+def _compile_wanted(dev: torch.device) -> bool:
+    env = os.environ
+    return (dev.type == "cuda" and env.get("DSCODER_CUDA_GRAPHS", "1") != "0"
+            and not env.get("DSCODER_ROUTING_TRACE") and env.get("DSCODER_COMPILE", "1") != "0")
+
+
+def _start_precompile(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, gpu_memory: str | None,
+                      profile: StartupProfile) -> Precompile | None:
+    """Compile the decode step while the weights load, when it will be compiled at all (a model
+    resident on the GPU: no budget was given; under a budget the plan decides later)."""
+    if gpu_memory or not _compile_wanted(dev):
+        return None
+    from dscoder.graphs import BUCKET
+
+    enable_compile_caches()
+    return Precompile(cfg, dev, dt, BUCKET, profile)
+
+
+def _fast_decode(net, dev: torch.device, precompile: Precompile | None = None) -> bool:
     """Whether decode replays CUDA graphs, and, for a model resident on the GPU, whether the
     step is compiled (it fuses the step's small kernels). DSCODER_CUDA_GRAPHS=0 and
     DSCODER_COMPILE=0 turn each off; a routing trace needs the host at every layer, so it
@@ -122,35 +141,10 @@ def _fast_decode(net, dev: torch.device) -> bool:
     if (dev.type != "cuda" or env.get("DSCODER_CUDA_GRAPHS", "1") == "0"
             or env.get("DSCODER_ROUTING_TRACE")):
         return False
-    if net.offload is None and env.get("DSCODER_COMPILE", "1") != "0":
-        enable_compile_caches()
-        net.compile_decode()
+    if net.offload is None and _compile_wanted(dev):
+        if precompile is not None:
+            precompile.install(net)
+        else:
+            enable_compile_caches()
+            net.compile_decode()
     return True
-
-
-def _warm_up(engine, profile: StartupProfile) -> None:
-    """Compile the decode step and capture the first bucket's graph now rather than inside the
-    first reply (which then decoded at half speed). Later buckets are captured ahead of need
-    (dscoder.graphs)."""
-    from dscoder.graphs import BUCKET
-
-    net = engine.model
-    if net._compiled_layer is not None:
-        with profile.phase("compile", torch.cuda.synchronize):
-            before = compile_count()
-            ids = torch.zeros(1, dtype=torch.long, device=engine.device)
-            # a scratch cache: dynamic shapes, so the real cache's sizes compile nothing new
-            with torch.inference_mode():
-                net.decode_at(ids, ids, net.new_cache(BUCKET + 1), BUCKET)
-            profile.count("compiles", compile_count() - before)
-    with profile.phase("graph capture", torch.cuda.synchronize):
-        engine.prepare()
-
-
-def compile_count() -> int:
-    """Graphs torch.compile has built in this process (a recompile adds one)."""
-    if "torch._dynamo" not in sys.modules:
-        return 0
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # the order phases are printed in (others follow in the order they were first recorded)
-ORDER = ("import", "config and tokenizer", "plan", "read shards", "host-to-device", "load weights",
-         "pin experts", "compile", "graph capture", "first prefill", "first token")
+ORDER = ("import", "config and tokenizer", "load weights", "pin experts", "compile (while loading)",
+         "compile", "graph capture", "first prefill")
 
 
 class StartupProfile:

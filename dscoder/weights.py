@@ -78,7 +78,7 @@ def expected_keys(model: Transformer) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield name, tuple(p.shape)
 
 
-def _dtype_for(name: str, dtype: torch.dtype) -> torch.dtype:
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     # the router decides which experts run; the reference keeps it in fp32
     return torch.float32 if name.endswith(".mlp.gate.weight") else dtype
 
@@ -103,7 +103,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
         if name not in tensors:
             is_expert = ".experts.w" in name
             dev = (expert_device or device) if is_expert else device
-            tensors[name] = torch.empty(meta[name].shape, dtype=_dtype_for(name, dtype), device=dev,
+            tensors[name] = torch.empty(meta[name].shape, dtype=param_dtype(name, dtype), device=dev,
                                         pin_memory=pin_experts and is_expert and dev.type == "cpu")
         return tensors[name]
 

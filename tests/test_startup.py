@@ -172,3 +172,30 @@ def test_verbose_prints_the_start_up_profile(monkeypatch):
         term = Terminal(io.StringIO(), io.StringIO(), err, pretty=False, err_color=False)
         Runtime(Settings(verbose=verbose), term).engine()
         assert ("start-up: import 1.25 s" in err.getvalue()) == verbose
+
+
+def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
+    """The step compiled (in the background, while loading) on zero-weight stand-ins of each
+    layer kind is the one the loaded model's layers use: nothing compiles again."""
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+    from dscoder.warmup import Precompile
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    profile = StartupProfile()
+    pre = Precompile(cfg, torch.device("cpu"), torch.float32, 1024, profile, backend=counting_backend)
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.set_context(4096)
+    pre.install(model)
+    assert pre.error is None and len(graphs) == 2  # a dense and a MoE layer
+    cache, pos = model.new_cache(4096), torch.tensor([100])  # made as a session makes them
+    with torch.inference_mode():
+        model.decode_at(torch.tensor([3]), pos, cache, 2048)
+    assert len(graphs) == 2
+    assert profile.counts["compiles"] == 2 and "compile (while loading)" in profile.seconds

@@ -21,7 +21,7 @@ def greedy(engine, ids: list[int], n: int) -> tuple[int, ...]:
 def test_load_compiles_and_captures_the_first_graph(tiny_checkpoint):
     from dscoder.engine import load_engine
     from dscoder.graphs import BUCKET
-    from dscoder.loader import compile_count
+    from dscoder.warmup import compile_count
 
     engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
     profile = engine.startup_profile
@@ -38,7 +38,7 @@ def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypat
     import dscoder.engine as engine_mod
     import dscoder.graphs as graphs_mod
     from dscoder.engine import load_engine
-    from dscoder.loader import compile_count
+    from dscoder.warmup import compile_count
 
     monkeypatch.setattr(graphs_mod, "BUCKET", 16)
     monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
