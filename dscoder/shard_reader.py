@@ -71,7 +71,7 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
                   threads: int = READ_THREADS) -> None:
     """Fill each destination tensor with its entry's data (converting dtype where they differ)."""
     total = sum(e.nbytes for e, _ in jobs)
-    fds = {e.path: os.open(e.path, os.O_RDONLY) for e, _ in jobs}
+    fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
     local = threading.local()
     try:
         with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:

@@ -199,3 +199,15 @@ def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
         model.decode_at(torch.tensor([3]), pos, cache, 2048)
     assert len(graphs) == 2
     assert profile.counts["compiles"] == 2 and "compile (while loading)" in profile.seconds
+
+
+def test_loading_leaves_no_file_open(tiny_checkpoint):
+    import os
+
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    before = len(os.listdir("/proc/self/fd"))
+    load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    assert len(os.listdir("/proc/self/fd")) <= before
