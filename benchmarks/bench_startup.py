@@ -6,8 +6,8 @@
 Part 1, `dscoder complete -n 64` on a ~500-token Python file, each run a new process (as a user
 starts it), at full GPU and with --gpu-memory 12GiB: "cold" has an empty compile cache (a fresh
 $XDG_CACHE_HOME: the first run after install), "warm" reuses it. Per run: wall time, time to the
-first byte on stdout, the --verbose start-up profile (import, config and tokenizer, load weights
-and its GB/s, pin experts, compile, graph capture, first prefill) and the reply's decode tok/s.
+first byte on stdout, the --verbose start-up profile (import, config, tokenizer, load weights and
+its GB/s, pin experts, compile, graph capture) and the reply's decode tok/s.
 Part 2, in this process at full GPU: the decode speed of the first reply after load against the
 second, then a prompt-length sweep (512, 2K, 8K, 32K): the first request at each length against
 the same request again, with the compiles and graph captures each one caused.

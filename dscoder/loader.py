@@ -69,11 +69,10 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
 
 
 def _load(model, device, dtype, gpu_memory, context_length, download, progress, log, profile):
-    from dscoder.engine import Engine
     from dscoder.hub import DEFAULT_MODEL, resolve_model
     from dscoder.tokenizer import load_tokenizer
 
-    with profile.phase("config and tokenizer"):
+    with profile.phase("config"):
         model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
         cfg = ModelConfig.from_file(model_dir / "config.json")
         dev = pick_device(device)
@@ -81,36 +80,49 @@ def _load(model, device, dtype, gpu_memory, context_length, download, progress, 
         ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if ctx < 2:
             raise UsageError(f"--context-length must be at least 2, not {context_length}.")
+    # Not overlapped with loading the weights: parsing tokenizer.json holds the GIL for
+    # whole calls, which stalled the reading threads as long as it ran.
+    with profile.phase("tokenizer"):
         tokenizer = load_tokenizer(model_dir)
     configure_cache_dirs()  # before anything compiles (Triton kernels included)
     precompile = _start_precompile(cfg, dev, dt, gpu_memory, profile)
     try:
-        if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
-            from dscoder.offload.setup import load_with_budget
-
-            t = time.perf_counter()
-            net, ctx, _ = load_with_budget(model_dir, cfg, dev, dt, gpu_memory, ctx,
-                                           context_length is not None, progress=progress, log=log)
-            # what is not reading weights: planning, moving experts to host memory, pinning them
-            profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
-        else:
-            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
-        if os.environ.get("DSCODER_ROUTING_TRACE"):
-            from dscoder.offload.setup import install_trace
-
-            install_trace(net)
-        net.set_context(ctx)
-        use_graphs = _fast_decode(net, dev, precompile)
-        engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                        defaults=generation_defaults(model_dir), model_dir=model_dir,
-                        use_graphs=use_graphs, startup_profile=profile)
-        if use_graphs:
-            warm_up(engine, profile)
+        engine = _load_model(model_dir, cfg, dev, dt, gpu_memory, ctx, context_length, tokenizer,
+                             precompile, progress, log, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
     if log:
-        log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
+        log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, "
+            f"context {engine.context_length}")
+    return engine
+
+
+def _load_model(model_dir, cfg, dev, dt, gpu_memory, ctx, context_length, tokenizer, precompile,
+                progress, log, profile):
+    from dscoder.engine import Engine
+
+    if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
+        from dscoder.offload.setup import load_with_budget
+
+        t = time.perf_counter()
+        net, ctx, _ = load_with_budget(model_dir, cfg, dev, dt, gpu_memory, ctx,
+                                       context_length is not None, progress=progress, log=log)
+        # what is not reading weights: planning, moving experts to host memory, pinning them
+        profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
+    else:
+        net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
+    if os.environ.get("DSCODER_ROUTING_TRACE"):
+        from dscoder.offload.setup import install_trace
+
+        install_trace(net)
+    net.set_context(ctx)
+    use_graphs = _fast_decode(net, dev, precompile)
+    engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
+                    defaults=generation_defaults(model_dir), model_dir=model_dir,
+                    use_graphs=use_graphs, startup_profile=profile)
+    if use_graphs:
+        warm_up(engine, profile)
     return engine
 
 
