@@ -74,7 +74,7 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
     fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
     local = threading.local()
     try:
-        with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
+        with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, len(jobs)))) as pool:
             futures = {pool.submit(_read_one, e, dst, fds[e.path], local): e.nbytes for e, dst in jobs}
             done_bytes, pending = 0, set(futures)
             while pending:
