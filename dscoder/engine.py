@@ -67,6 +67,18 @@ class Engine:
         return self._session
 
 
+@dataclass(frozen=True)
+class KVSnapshot:
+    """Cached rows of a sequence, kept outside its session (the server's prefix cache)."""
+
+    tokens: tuple[int, ...]
+    rows: torch.Tensor  # (layers, len(tokens), kv dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -86,6 +98,23 @@ class Session:
 
     def reset(self) -> None:
         self.tokens = []
+
+    def snapshot(self, device: torch.device | str | None = None) -> KVSnapshot | None:
+        """A copy of the cached rows and their ids (None when nothing is cached), so that another
+        conversation can use this session and this one can come back without a prefill."""
+        n = len(self.tokens)
+        if self._cache is None or n == 0:
+            return None
+        rows = self._cache.data[:, :n].to(device or self._cache.data.device, copy=True)
+        return KVSnapshot(tuple(self.tokens), rows)
+
+    def restore(self, snap: KVSnapshot, n: int) -> None:
+        """Make the cache hold the first n ids of `snap` (a copy of rows, no forward pass)."""
+        n = min(n, len(snap.tokens))
+        self.tokens = []  # the rows now cached are given up: growing the cache need not copy them
+        cache = self._ensure_capacity(n)
+        cache.data[:, :n].copy_(snap.rows[:, :n], non_blocking=True)
+        self.tokens = list(snap.tokens[:n])
 
     def _ensure_capacity(self, n: int) -> LatentKVCache:
         cache = self._cache
@@ -233,4 +262,4 @@ def engine_stats(model: Transformer, before: dict | None = None) -> dict:
 
 from dscoder.loader import load_engine  # noqa: E402  (the public entry point lives beside Engine)
 
-__all__ = ["Engine", "Session", "load_engine"]
+__all__ = ["Engine", "KVSnapshot", "Session", "load_engine"]

@@ -51,3 +51,9 @@ class FileChanged(DscoderError):
     """The file changed on disk after we read it; nothing was written."""
 
     exit_code = ExitCode.RUNTIME
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, from torch or from the engine (torch-free test)."""
+    return (isinstance(error, OutOfMemory) or type(error).__name__ == "OutOfMemoryError"
+            or "CUDA out of memory" in str(error))

@@ -39,10 +39,12 @@ class Finished:
     prefill_seconds: float
     decode_seconds: float
     stats: dict = field(default_factory=dict)  # engine counters (offload hit rate, bytes copied...)
+    # the count when the ids are not known (a server that sends only text and usage)
+    generated_count: int | None = None
 
     @property
     def generated_tokens(self) -> int:
-        return len(self.token_ids)
+        return self.generated_count if self.generated_count is not None else len(self.token_ids)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -52,7 +54,7 @@ class Finished:
     @property
     def decode_tokens_per_second(self) -> float:
         # the first token comes out of prefill; decode produced the rest
-        n = max(len(self.token_ids) - 1, 0)
+        n = max(self.generated_tokens - 1, 0)
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 

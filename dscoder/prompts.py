@@ -188,17 +188,22 @@ def _room(max_prompt_tokens: int, n_special: int, what: str) -> int:
 
 
 def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
-               max_prompt_tokens: int | None = None) -> Prompt:
-    """``<BOS><fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest the hole."""
-    kept_prefix, kept_suffix = prefix, suffix
+               max_prompt_tokens: int | None = None, context: str = "") -> Prompt:
+    """``<BOS>{context}<fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest
+    the hole. ``context`` (other files of the repository, as editors send it) gets the room the
+    prefix and suffix leave, and keeps its end: the snippets nearest the prefix."""
+    kept_prefix, kept_suffix, kept_context = prefix, suffix, context
     if max_prompt_tokens is not None:
         room = _room(max_prompt_tokens, 4, "fill-in-the-middle")
         n_prefix, n_suffix = _count(tok, prefix), _count(tok, suffix)
         if n_prefix + n_suffix > room:
             kept_prefix = keep_tail(tok, prefix, _budget_split(room, n_prefix, n_suffix))
             kept_suffix = keep_head(tok, suffix, room - _count(tok, kept_prefix))
-    parts: list[Part] = [tok.bos_id, tok.fim_begin_id, kept_prefix, tok.fim_hole_id,
-                         kept_suffix, tok.fim_end_id]
+        if context:
+            used = _count(tok, kept_prefix) + _count(tok, kept_suffix)
+            kept_context = keep_tail(tok, context, room - used)
+    parts: list[Part] = [tok.bos_id, kept_context, tok.fim_begin_id, kept_prefix,
+                         tok.fim_hole_id, kept_suffix, tok.fim_end_id]
     ids, text = _build(tok, parts)
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept_prefix),
                                               len(suffix) - len(kept_suffix)))

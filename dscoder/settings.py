@@ -39,6 +39,9 @@ class Settings:
     pretty: bool = True
     history: bool = True
     code_theme: str = "monokai"
+    server: str | None = None  # URL or unix:PATH of a server to use; "off": always in-process
+    keep_alive: str | None = None  # a duration: how long a background server stays after use
+    api_key: str | None = None  # the key a server requires (serve) or is sent (client mode)
 
     def generation(self, defaults: GenerationSettings) -> GenerationSettings:
         """Our choices over the model's defaults (from its generation_config.json)."""
@@ -95,7 +98,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "model": _str, "device": _str, "gpu_memory": _str, "dtype": _str, "context_length": _int,
     "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
-    "history": _bool, "code_theme": _str,
+    "history": _bool, "code_theme": _str, "server": _str, "keep_alive": _str, "api_key": _str,
 }
 assert set(_CONVERT) == {f.name for f in fields(Settings)}
 
@@ -186,7 +189,25 @@ def validate(s: Settings) -> Settings:
         raise bad("top-k must be 0 (off) or more.")
     if any(stop == "" for stop in s.stop):
         raise bad("A stop string cannot be empty.")
+    if s.keep_alive is not None:
+        parse_duration(s.keep_alive)
+    if s.server not in (None, "off") and not re.match(r"(https?://|unix:)", s.server):
+        raise bad(f"Cannot use server {s.server!r}; give a URL (http://host:port) or unix:PATH.")
     return s
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'30m', '1h', '90s', '2d' or seconds; 'forever' (or -1) is None: no limit."""
+    t = text.strip().lower()
+    if t in ("forever", "inf", "-1"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|)", t)
+    if not m:
+        raise UsageError(f"Cannot read the duration {text!r}; write it like 30s, 30m, 2h or forever.")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:

@@ -106,10 +106,9 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def explain_oom(error: BaseException) -> DscoderError | None:
     """A CUDA out-of-memory error, from torch or from the engine, as one sentence."""
-    name = type(error).__name__
-    if name == "OutOfMemoryError" or "CUDA out of memory" in str(error):
-        from dscoder.errors import OutOfMemory
+    from dscoder.errors import OutOfMemory, is_out_of_memory
 
+    if is_out_of_memory(error):
         return OutOfMemory("The GPU ran out of memory; give dscoder a smaller budget with "
                            "--gpu-memory (for example --gpu-memory 10GiB), a shorter "
                            "--context-length, or use --device cpu.")

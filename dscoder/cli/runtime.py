@@ -30,17 +30,51 @@ class Runtime:
         return self.backend.model_name(self.settings)
 
     def engine(self) -> Any:
+        """The model: a server's when one is given or already running for this model (client
+        mode), else loaded in this process."""
         if self._engine is None:
             start = time.monotonic()
-            with self.term.load_progress() as progress:
-                self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info,
-                                                        progress)
+            url = self.server_url()
+            if url is not None:
+                from dscoder.server.client import RemoteEngine
+
+                self._engine = RemoteEngine(
+                    url, self.model_name, api_key=self.settings.api_key,
+                    tokenizer=lambda: self.backend.load_tokenizer(self.settings))
+                self._tokenizer = self._engine.tokenizer
+            else:
+                with self.term.load_progress() as progress:
+                    self._engine = self.backend.load_engine(self.settings, self.term.warn,
+                                                            self.term.info, progress)
+                self._tokenizer = self._engine.tokenizer
             self.load_seconds = time.monotonic() - start
-            self._tokenizer = self._engine.tokenizer
             profile = getattr(self._engine, "startup_profile", None)
             if self.settings.verbose and profile is not None:
                 self.term.info(profile.summary())
         return self._engine
+
+    def server_url(self) -> str | None:
+        """--server (or DSCODER_SERVER); else the user's server on the default socket if it
+        serves this model; else, with --keep-alive, one started now in the background."""
+        server = self.settings.server
+        if server == "off":
+            return None
+        if server:
+            return server
+        from dscoder.server.client import default_server, start_background_server
+
+        url = default_server(self.model_name)
+        if url is None and self.settings.keep_alive:
+            url = start_background_server(self.model_name, self.serve_args(),
+                                          self.settings.keep_alive, self.term.info)
+        return url
+
+    def serve_args(self) -> list[str]:
+        """The options that choose how a server loads the model, as this run has them."""
+        s = self.settings
+        given = {"--model": self.model_name, "--device": s.device, "--gpu-memory": s.gpu_memory,
+                 "--dtype": s.dtype, "--context-length": s.context_length}
+        return [a for k, v in given.items() if v is not None for a in (k, str(v))]
 
     def tokenizer(self) -> Any:
         """The engine's tokenizer, or the tokenizer alone (for --show-prompt: no weights, no torch)."""
