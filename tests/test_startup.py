@@ -163,6 +163,9 @@ def test_verbose_prints_the_start_up_profile(monkeypatch):
     profile.add("import", 1.25)
 
     class Backend:
+        def model_name(self, settings):
+            return "m"
+
         def load_engine(self, settings, warn, info=None, progress=None):
             return type("E", (), {"tokenizer": None, "startup_profile": profile})()
 
@@ -170,7 +173,7 @@ def test_verbose_prints_the_start_up_profile(monkeypatch):
     for verbose in (False, True):
         err = io.StringIO()
         term = Terminal(io.StringIO(), io.StringIO(), err, pretty=False, err_color=False)
-        Runtime(Settings(verbose=verbose), term).engine()
+        Runtime(Settings(verbose=verbose, server="off"), term).engine()
         assert ("start-up: import 1.25 s" in err.getvalue()) == verbose
 
 
