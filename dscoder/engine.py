@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +42,40 @@ class Engine:
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     model_dir: Path | None = None
     use_graphs: bool = False  # decode from CUDA graphs (the model is resident on a GPU)
+    budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
     startup_profile: StartupProfile | None = None  # where loading's time went (--verbose)
     _session: Session | None = None
+    _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    closed: bool = False
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
     def new_session(self) -> Session:
+        if self.closed:
+            raise UsageError("The engine was closed; load a new one to generate.")
         return Session(self)
+
+    def close(self) -> None:
+        """Free what the engine holds on the GPU and in pinned host memory: weights, KV caches,
+        CUDA graphs, the expert cache and the host copy of the experts (`del engine` alone leaves
+        them to references held elsewhere). The engine cannot generate afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        for session in list(self._sessions):
+            session.close()
+        self._session = None
+        from dscoder.loader import release_model
+
+        release_model(self.model, self.device, uncap=self.budget_plan is not None)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None, *,
                  stop_ids: Collection[int] | None = None,
@@ -62,7 +88,7 @@ class Engine:
         self._default_session().prepare_decode(0, wait=True)
 
     def _default_session(self) -> Session:
-        if self._session is None:
+        if self._session is None or self.closed:
             self._session = self.new_session()
         return self._session
 
@@ -95,6 +121,14 @@ class Session:
         self.tokens: list[int] = []  # ids whose keys and values are in the cache, in order
         self._cache: LatentKVCache | None = None
         self._graphs: GraphedDecoder | None = None  # captured for self._cache
+        engine._sessions.add(self)  # so that Engine.close() frees its cache and graphs
+
+    def close(self) -> None:
+        if self._graphs is not None and hasattr(self._graphs, "wait"):
+            self._graphs.wait()  # a capture in the background must not outlive the weights
+        self.tokens = []
+        self._cache = None
+        self._graphs = None
 
     def reset(self) -> None:
         self.tokens = []
@@ -180,6 +214,8 @@ class Session:
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         engine = self.engine
+        if engine.closed:
+            raise UsageError("The engine was closed; load a new one to generate.")
         settings = settings or engine.defaults
         prompt = list(prompt_ids)
         self._check_prompt(prompt)

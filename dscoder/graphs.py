@@ -80,6 +80,11 @@ class GraphedDecoder:
             self.capture(visible)  # a no-op when the background capture succeeded
         return self.graphs[visible]
 
+    def wait(self) -> None:
+        """Until the captures asked of the background thread have ended."""
+        for pending in list(self.pending.values()):
+            pending.exception()
+
     def capture(self, visible: int) -> None:
         """Capture the graph for `visible` rows in this thread (waiting for any other capture)."""
         if visible not in self.graphs:

@@ -42,6 +42,12 @@ class Settings:
     server: str | None = None  # URL or unix:PATH of a server to use; "off": always in-process
     keep_alive: str | None = None  # a duration: how long a background server stays after use
     api_key: str | None = None  # the key a server requires (serve) or is sent (client mode)
+    # engine switches, for experiments and benchmarks (passed to load_engine; see README)
+    cuda_graphs: bool = True  # DSCODER_CUDA_GRAPHS=0: eager decode
+    compile: bool = True  # DSCODER_COMPILE=0: no torch.compile of the resident decode step
+    offload_policy: str = "lru"  # expert cache eviction under --gpu-memory
+    prefetch_depth: int = 1  # MoE layers ahead whose experts a decode step starts copying
+    routing_trace: str | None = None  # a file to record which experts each layer picks
 
     def generation(self, defaults: GenerationSettings) -> GenerationSettings:
         """Our choices over the model's defaults (from its generation_config.json)."""
@@ -100,6 +106,10 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
     "history": _bool, "code_theme": _str, "server": _str, "keep_alive": _str, "api_key": _str,
 }
+_CONVERT.update({  # the engine switches
+    "cuda_graphs": _bool, "compile": _bool, "offload_policy": _str, "prefetch_depth": _int,
+    "routing_trace": _str,
+})
 assert set(_CONVERT) == {f.name for f in fields(Settings)}
 
 
@@ -193,7 +203,19 @@ def validate(s: Settings) -> Settings:
         parse_duration(s.keep_alive)
     if s.server not in (None, "off") and not re.match(r"(https?://|unix:)", s.server):
         raise bad(f"Cannot use server {s.server!r}; give a URL (http://host:port) or unix:PATH.")
+    _validate_engine_switches(s)
     return s
+
+
+def _validate_engine_switches(s: Settings) -> None:
+    from dscoder.offload.policy import POLICIES  # torch-free
+
+    if s.offload_policy not in POLICIES:
+        raise UsageError(f"Unknown offload_policy {s.offload_policy!r} (DSCODER_OFFLOAD_POLICY); "
+                         f"use one of {', '.join(POLICIES)}.")
+    if s.prefetch_depth < 0:
+        raise UsageError(f"prefetch_depth (DSCODER_PREFETCH_DEPTH) must be 0 or more, not "
+                         f"{s.prefetch_depth}.")
 
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -45,12 +45,25 @@ class ShardEntry:
         return self.end - self.begin
 
 
+def why(e: BaseException) -> str:
+    """An OS error as the end of a sentence."""
+    if isinstance(e, PermissionError):
+        return "permission denied (check the file's owner and mode, e.g. chmod a+r)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e)
+
+
 def read_header(path: Path) -> dict[str, ShardEntry]:
     """The tensors of a .safetensors file, checked against the file's size."""
     if not path.is_file():
         raise BadCheckpoint(f"The checkpoint shard {path} is missing; download the model again.")
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadCheckpoint(f"Cannot read the checkpoint shard {path}: {why(e)}.") from e
+    try:
+        with f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         size = path.stat().st_size

@@ -119,7 +119,7 @@ def test_infill_matches_in_process(server, tiny_engine):
 @pytest.mark.parametrize("body", [
     b"{not json", b"[1, 2]",
     b'{"prompt": "x", "max_tokens": "many"}', b'{"prompt": "x", "temperature": -1}',
-    b'{"prompt": [1, 2, 99999999]}', b'{"prompt": "x", "n": 2}'])
+    b'{"prompt": [1, 2, 99999999]}', b'{"prompt": "x", "n": 2}', b'{"prompt": "x", "echo": true}'])
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, body):
     r = httpx.post(server[0] + "/v1/completions", content=body,
                    headers={"Content-Type": "application/json"}, timeout=60)

@@ -69,7 +69,11 @@ class RealBackend:
                            gpu_memory=settings.gpu_memory,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
                            context_length=settings.context_length, progress=progress,
-                           log=info if settings.verbose else None)
+                           log=info if settings.verbose else None, warn=warn, notice=info,
+                           cuda_graphs=settings.cuda_graphs, compile=settings.compile,
+                           offload_policy=settings.offload_policy,
+                           prefetch_depth=settings.prefetch_depth,
+                           routing_trace=settings.routing_trace or None)
 
     def pull(self, name: str) -> Path:
         from dscoder import hub

@@ -166,6 +166,9 @@ def create_app(state: ServerState) -> ASGIApp:
 
     async def completions(req: CompletionRequest) -> Any:
         tok = state.engine.tokenizer
+        if req.echo:
+            raise ApiError(400, "echo is not supported; the reply holds only the new text.",
+                           param="echo")
         raw = _single_prompt(req.prompt)
         if isinstance(raw, list):  # token ids: the prompt exactly as the client built it
             if req.suffix is not None:
