@@ -157,13 +157,15 @@ class _Worker:
 
     def _run(self) -> None:
         while True:
-            future, fn, args = self._queue.get()
-            if self.stopping or not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # the waiting decode step re-raises it
-                future.set_exception(e)
+            self._do(*self._queue.get())  # its locals (the decoder, its cache) end with the call
+
+    def _do(self, future: Future, fn: Callable, args: tuple) -> None:
+        if self.stopping or not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # the waiting decode step re-raises it
+            future.set_exception(e)
 
     def stop(self) -> None:
         self.stopping = True

@@ -77,3 +77,22 @@ def test_staged_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeyp
     cpu_params = dict(cpu.named_parameters())
     for name, p in gpu.named_parameters():
         assert torch.equal(p.cpu(), cpu_params[name]), name
+
+
+def test_close_after_captures_ahead_frees_the_gpu(tiny_checkpoint, monkeypatch):
+    import gc
+
+    import dscoder.graphs as graphs_mod
+    from dscoder.engine import load_engine
+
+    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32", context_length=512)
+    greedy(engine, [1, 2, 3], 60)
+    assert engine.startup_profile.counts.get("graphs captured ahead", 0) > 0
+    engine.close()
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= base, "a background capture kept GPU memory alive"
