@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +75,14 @@ class GraphedDecoder:
         """The graph for `visible` rows: captured already, being captured (wait), or now."""
         if visible not in self.graphs:
             pending = self.pending.pop(visible, None)
-            if pending is not None and pending.exception() is not None:
+            if pending is not None and _failed(pending):
                 self.ahead = False  # it failed in the background: capture here from now on
             self.capture(visible)  # a no-op when the background capture succeeded
         return self.graphs[visible]
 
     def wait(self) -> None:
         """Until the captures asked of the background thread have ended."""
-        for pending in list(self.pending.values()):
-            pending.exception()
+        wait(list(self.pending.values()))
 
     def capture(self, visible: int) -> None:
         """Capture the graph for `visible` rows in this thread (waiting for any other capture)."""
@@ -135,6 +134,11 @@ class GraphedDecoder:
             self.on_capture(time.perf_counter() - t, threading.current_thread().name == _THREAD)
 
 
+def _failed(future: Future) -> bool:
+    wait([future])
+    return future.cancelled() or future.exception() is not None
+
+
 class _Worker:
     """One background thread for captures, in submission order. A daemon, so that a pending
     capture never delays exit; at exit we wait for the capture in progress (killing a thread
@@ -160,7 +164,9 @@ class _Worker:
             self._do(*self._queue.get())  # its locals (the decoder, its cache) end with the call
 
     def _do(self, future: Future, fn: Callable, args: tuple) -> None:
-        if self.stopping or not future.set_running_or_notify_cancel():
+        if self.stopping:
+            future.cancel()
+        if not future.set_running_or_notify_cancel():  # cancelled: this tells those who wait
             return
         try:
             future.set_result(fn(*args))

@@ -214,3 +214,19 @@ def test_loading_leaves_no_file_open(tiny_checkpoint):
     before = len(os.listdir("/proc/self/fd"))
     load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_capture_worker_runs_in_order_and_a_stopped_one_cancels():
+    """What waits on a capture (a decode step, Engine.close) hears back even after exit began."""
+    from dscoder.graphs import _failed, _Worker, bucket_rows
+
+    worker, order = _Worker(), []
+    futures = [worker.submit(order.append, i) for i in range(3)]
+    assert not any(_failed(f) for f in futures) and order == [0, 1, 2]
+    boom = worker.submit(lambda: 1 / 0)
+    assert _failed(boom)
+    worker.stopping = True
+    late = worker.submit(order.append, 9)
+    assert _failed(late) and late.cancelled() and 9 not in order
+    assert [bucket_rows(p, 4096) for p in (0, 1023, 1024, 4095)] == [1024, 1024, 2048, 4096]
+    assert bucket_rows(5000, 4096) == 4096
