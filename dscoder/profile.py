@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 # the order phases are printed in (others follow in the order they were first recorded)
 ORDER = ("import", "config", "tokenizer", "load weights", "pin experts", "compile (while loading)",
-         "compile", "graph capture", "first prefill")
+         "compile (waited for)", "compile", "graph capture", "first prefill")
 
 
 class StartupProfile:

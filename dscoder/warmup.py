@@ -60,7 +60,8 @@ class Precompile:
 
     def install(self, model: Transformer) -> None:
         """Wait for the compile, then let the model decode through the compiled function."""
-        self._thread.join()
+        with self._args[-1].phase("compile (waited for)"):  # what loading did not hide
+            self._thread.join()
         model.compile_decode(compiled=self.compiled)
 
 
