@@ -37,12 +37,14 @@ class Precompile:
                  profile: StartupProfile, backend="inductor") -> None:
         self.compiled = compile_decode_layer(backend)
         self.error: BaseException | None = None
-        self._args = (cfg, device, dtype, rows, profile)
+        self.profile = profile
+        self._args = (cfg, device, dtype, rows)
         self._thread = threading.Thread(target=self._run, name="dscoder-compile", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        cfg, device, dtype, rows, profile = self._args
+        cfg, device, dtype, rows = self._args
+        profile = self.profile
         t, before = time.perf_counter(), compile_count()
         try:
             for i in _one_layer_per_kind(cfg):
@@ -60,7 +62,7 @@ class Precompile:
 
     def install(self, model: Transformer) -> None:
         """Wait for the compile, then let the model decode through the compiled function."""
-        with self._args[-1].phase("compile (waited for)"):  # what loading did not hide
+        with self.profile.phase("compile (waited for)"):  # what loading did not hide
             self._thread.join()
         model.compile_decode(compiled=self.compiled)
 
