@@ -49,6 +49,12 @@ class Engine:
     closed: bool = False
 
     @property
+    def under_budget(self) -> bool:
+        """Loaded under --gpu-memory: the GPU has no room to spare (the server keeps its copies
+        of other conversations' KV rows in host memory then)."""
+        return self.budget_plan is not None
+
+    @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
@@ -245,36 +251,51 @@ class Session:
         generated: list[int] = []
         before = engine_stats(engine.model)
         t0 = time.perf_counter()
-        next_id = int(sampler(self._prefill(prompt[reused:])))
-        t1 = time.perf_counter()
-        if engine.startup_profile is not None and "first prefill" not in engine.startup_profile.seconds:
-            engine.startup_profile.add("first prefill", t1 - t0)
+        t1: float | None = None
         reason = "length"
-        while budget > 0:
-            if next_id in stop_ids:
-                reason = "eos"
-                break
-            generated.append(next_id)
-            text, hit = stops.feed(detok.add(next_id))
-            if text:
-                yield TextDelta(text, (next_id,))
-            if hit:
-                reason = "stop"
-                break
-            if len(generated) >= budget:
-                break
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            next_id = int(sampler(self._forward([next_id])))
+        interrupt: KeyboardInterrupt | None = None
+        try:
+            next_id = int(sampler(self._prefill(prompt[reused:])))
+            t1 = time.perf_counter()
+            profile = engine.startup_profile
+            if profile is not None and "first prefill" not in profile.seconds:
+                profile.add("first prefill", t1 - t0)
+            while budget > 0:
+                if next_id in stop_ids:
+                    reason = "eos"
+                    break
+                generated.append(next_id)
+                text, hit = stops.feed(detok.add(next_id))
+                if text:
+                    yield TextDelta(text, (next_id,))
+                if hit:
+                    reason = "stop"
+                    break
+                if len(generated) >= budget:
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                next_id = int(sampler(self._forward([next_id])))
+        except KeyboardInterrupt as e:
+            # Ctrl-C (or SIGTERM) inside a step: the cache holds every token counted in
+            # self.tokens, so the reply ends here like a cancel, with a "cancelled" Finished
+            # that has this generation's real numbers; a caller that reads on past it gets the
+            # interrupt back (a plain `for` loop over events still stops on Ctrl-C).
+            reason, interrupt = "cancelled", e
+        if t1 is None:
+            t1 = time.perf_counter()
         if reason != "stop":
-            tail = stops.finish(detok.flush())
+            # a character cut in half by the end (max tokens, a cancel) is dropped, not U+FFFD
+            tail = stops.finish(detok.flush(partial=False))
             if tail:
                 yield TextDelta(tail, ())
         yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
                        prompt_tokens=len(prompt), cached_tokens=reused,
                        prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
                        stats=engine_stats(engine.model, before))
+        if interrupt is not None:
+            raise interrupt
 
 
 def make_decoder(model: Transformer, cache: LatentKVCache, profile: StartupProfile | None = None):

@@ -8,7 +8,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     RUNTIME = 1  # the model, the GPU or the machine failed us
     USAGE = 2  # bad flags, bad input files, a prompt that does not fit
-    INTERRUPTED = 130  # Ctrl-C
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + 15, as shells report it)
 
 
 class DscoderError(Exception):

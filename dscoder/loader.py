@@ -82,32 +82,57 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                 log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
                 notice: Callable[[str], None] | None = None, cuda_graphs: bool = True,
                 compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
-                routing_trace: str | Path | None = None, profile: StartupProfile | None = None):
-    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate: on a GPU
-    the decode step is compiled (while the weights load) and its first graph captured before
-    this returns, so that the first reply decodes as fast as the next.
+                routing_trace: str | Path | None = None, engine: str = "auto",
+                trust_remote_code: bool = False, profile: StartupProfile | None = None):
+    """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
+    one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
+    On a GPU the native engine compiles its decode step while the weights load and captures its
+    first graph before this returns, so that the first reply decodes as fast as the next.
 
     log: details for --verbose; warn: what the user must hear (a failed page-lock); notice: facts
     worth one line (the context window a budget sets). The engine switches (settings.py reads
     them from DSCODER_* and the config file): cuda_graphs and compile (decode speed-ups on CUDA),
     offload_policy and prefetch_depth (the expert cache under a budget), routing_trace (a file
-    to record which experts each layer picks). profile: where the time goes (the engine's
+    to record which experts each layer picks). profile: where the time goes (the native engine's
     startup_profile; --verbose prints it)."""
-    profile = profile if profile is not None else StartupProfile()
-    with recording(profile):
-        return _load(model, device, dtype, gpu_memory, context_length, download, progress, log, warn,
-                     notice, cuda_graphs and not routing_trace, compile, offload_policy,
-                     prefetch_depth, routing_trace, profile)
-
-
-def _load(model, device, dtype, gpu_memory, context_length, download, progress, log, warn, notice,
-          graphs, compile, offload_policy, prefetch_depth, routing_trace, profile):
-    from dscoder.engine import Engine
+    from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
+
+    profile = profile if profile is not None else StartupProfile()
+    with profile.phase("config"):
+        model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+    if choose_engine(model_dir, engine) == "transformers":
+        from dscoder.hf_engine import load_hf_engine
+
+        return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
+                              dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
+                              trust_remote_code=trust_remote_code,
+                              defaults=generation_defaults(model_dir), log=log)
+    return _load_native(model_dir, device=device, dtype=dtype, gpu_memory=gpu_memory,
+                        context_length=context_length, progress=progress, log=log, warn=warn,
+                        notice=notice, cuda_graphs=cuda_graphs, compile=compile,
+                        offload_policy=offload_policy, prefetch_depth=prefetch_depth,
+                        routing_trace=routing_trace, profile=profile)
+
+
+def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
+                 context_length: int | None, progress: Progress | None,
+                 log: Callable[[str], None] | None, warn: Callable[[str], None] | None,
+                 notice: Callable[[str], None] | None, cuda_graphs: bool, compile: bool,
+                 offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None,
+                 profile: StartupProfile):
+    with recording(profile):
+        return _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn,
+                       notice, cuda_graphs and not routing_trace, compile, offload_policy,
+                       prefetch_depth, routing_trace, profile)
+
+
+def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
+            graphs, compile, offload_policy, prefetch_depth, routing_trace, profile):
+    from dscoder.engine import Engine
     from dscoder.tokenizer import load_tokenizer
 
     with profile.phase("config"):
-        model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
         cfg = ModelConfig.from_file(model_dir / "config.json")
         defaults = generation_defaults(model_dir)  # a bad file is reported before the long load
         dev = pick_device(device)

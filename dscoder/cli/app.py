@@ -25,7 +25,7 @@ HELP = """Chat with DeepSeek-Coder-V2, complete code and fill gaps in files, all
 Settings come from flags, then DSCODER_* environment variables (DSCODER_MODEL, DSCODER_TEMPERATURE,
 ...), then $XDG_CONFIG_HOME/dscoder/config.toml, then defaults. These options also work after chat,
 complete and insert (dscoder chat --temperature 0 "hi"), and there they win. Exit codes: 0 success, 1 runtime
-error, 2 bad usage or input, 130 interrupted."""
+error, 2 bad usage or input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 app = typer.Typer(name="dscoder", help=HELP, add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -55,6 +55,8 @@ def main_options(
     gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
     context_length: Annotated[Optional[int], typer.Option("--context-length", metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE", help="auto (native for DeepSeek-Coder-V2, transformers for other models), native or transformers. [env DSCODER_ENGINE; default auto]")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Let the transformers engine run Python code that ships with the model. [env DSCODER_TRUST_REMOTE_CODE]", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T", help="Sampling temperature; 0 is greedy. [env DSCODER_TEMPERATURE; default: the model's]", rich_help_panel=GEN)] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
@@ -226,7 +228,8 @@ def pull(
     """Download a model into the Hugging Face cache (progress on stderr)."""
     rt = runtime(ctx)
     name = model or rt.model_name
-    path = rt.backend.pull(name)
+    # the model's own Python files come only when it may run (--trust-remote-code)
+    path = rt.backend.pull(name, code=True) if rt.settings.trust_remote_code else rt.backend.pull(name)
     rt.term.info(f"{name} is ready in {path}")
 
 
@@ -250,18 +253,34 @@ def _debug_wanted(args: list[str]) -> bool:
 def _report(message: str, args: list[str], exc: BaseException | None = None) -> None:
     from dscoder.ui.console import make_terminal
 
-    term = make_terminal(pretty="--no-pretty" not in args)
-    if exc is not None and _debug_wanted(args):
-        traceback.print_exception(exc, file=sys.stderr)
-    term.error(message)
+    try:
+        term = make_terminal(pretty="--no-pretty" not in args)
+        if exc is not None and _debug_wanted(args):
+            traceback.print_exception(exc, file=sys.stderr)
+        term.error(message)
+    except (OSError, ValueError, DscoderError, SystemExit):  # stderr itself is closed or full
+        pass
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (ExitCode values). Never lets a traceback through."""
+    from dscoder import signals
+    from dscoder.cli.streams import guarded
+
     args = list(sys.argv[1:] if argv is None else argv)
+    with signals.handled(), guarded():
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    from dscoder import signals
+
+    _STATE["debug"] = False  # this run's settings decide (an earlier run in this process may not)
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
+        if rv == ExitCode.INTERRUPTED:  # typer turns a KeyboardInterrupt into 130, SIGTERM too
+            return signals.exit_code()
         return rv if isinstance(rv, int) else ExitCode.OK
     except typer.Exit as e:
         return e.exit_code
@@ -269,17 +288,30 @@ def run(argv: list[str] | None = None) -> int:
         show = getattr(e, "show", None)
         show() if show else _report(e.format_message(), args)
         return ExitCode.USAGE if e.exit_code == 2 else e.exit_code
-    except (KeyboardInterrupt, typer.Abort):
-        return ExitCode.INTERRUPTED
+    except typer.Abort as e:
+        return signals.exit_code(e)
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143): nothing more to say
+        return signals.exit_code(e)
     except DscoderError as e:
+        if signals.received() is not None:  # e.g. stderr closed while click reported Ctrl-C
+            return signals.exit_code(e)
         _report(e.message, args, e)
         return e.exit_code
     except BrokenPipeError:  # `dscoder complete | head -1`: the reader is gone, nothing to say
         _silence_stdout()
         return ExitCode.OK
+    except SystemExit as e:
+        # rich answers a broken pipe with SystemExit(1) (Console.on_broken_pipe): for us a reader
+        # that stopped reading is a success, as in git, so `set -o pipefail` scripts keep going.
+        if isinstance(e.__context__, BrokenPipeError):
+            _silence_stdout()
+            return ExitCode.OK
+        raise
     except Exception as e:  # noqa: BLE001  (the last line of defence: one sentence, no traceback)
         from dscoder.cli.backend import explain_oom
 
+        if signals.received() is not None:  # the fallout of an interrupt that was swallowed
+            return signals.exit_code(e)
         oom = explain_oom(e)
         message = oom.message if oom else (f"Unexpected error: {type(e).__name__}: {e} "
                                            "(run again with --debug to see where; please report it).")
@@ -296,7 +328,11 @@ def _silence_stdout() -> None:
 
 
 def main() -> None:
-    sys.exit(run())
+    from dscoder.cli.streams import flush_at_exit
+
+    code = run()
+    flush_at_exit()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

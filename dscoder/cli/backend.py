@@ -41,9 +41,11 @@ class RealBackend:
         return Path(hub.resolve_model(self.model_name(settings)))
 
     def load_tokenizer(self, settings: Settings) -> Any:
-        from dscoder.tokenizer import load_tokenizer
+        from dscoder.engines import choose_engine, load_tokenizer_for
 
-        return load_tokenizer(self._model_dir(settings))
+        model_dir = self._model_dir(settings)
+        choose_engine(model_dir, settings.engine)  # --engine native on another model: say so now
+        return load_tokenizer_for(model_dir)
 
     def context_length(self, settings: Settings) -> int | None:
         """The window --show-prompt trims to without loading weights: the flag, else the config's."""
@@ -57,13 +59,20 @@ class RealBackend:
 
     def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
                     progress: Progress | None = None) -> Any:
+        from dscoder import signals
+
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
         from dscoder.profile import StartupProfile
 
         profile = StartupProfile()
         with profile.phase("import"):
-            check_device(settings.device, warn)  # imports torch
-            from dscoder.engine import load_engine  # the only import of torch on the way to generating
+            # The only import of torch on the way to generating. torch's start-up swallows a
+            # KeyboardInterrupt (during its numpy import) and a second import then fails half-way,
+            # so Ctrl-C/SIGTERM wait until the import is done, and are delivered then.
+            with signals.deferred():
+                from dscoder.engine import load_engine
+            signals.check()
+            check_device(settings.device, warn)
 
         return load_engine(model_dir, device=settings.device, profile=profile,
                            gpu_memory=settings.gpu_memory,
@@ -73,12 +82,13 @@ class RealBackend:
                            cuda_graphs=settings.cuda_graphs, compile=settings.compile,
                            offload_policy=settings.offload_policy,
                            prefetch_depth=settings.prefetch_depth,
-                           routing_trace=settings.routing_trace or None)
+                           routing_trace=settings.routing_trace or None, engine=settings.engine,
+                           trust_remote_code=settings.trust_remote_code)
 
-    def pull(self, name: str) -> Path:
+    def pull(self, name: str, code: bool = False) -> Path:
         from dscoder import hub
 
-        return Path(hub.pull(name))
+        return Path(hub.pull(name, code=code))
 
 
 def check_device(device: str, warn: Warn) -> None:

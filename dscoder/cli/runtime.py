@@ -1,8 +1,9 @@
 """What every command needs: the merged settings, the terminal, and the model loaded at most once."""
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from dscoder.cli import backend
@@ -51,7 +52,17 @@ class Runtime:
             profile = getattr(self._engine, "startup_profile", None)
             if self.settings.verbose and profile is not None:
                 self.term.info(profile.summary())
+            self._say_window()
         return self._engine
+
+    def _say_window(self) -> None:
+        """--context-length beyond the model's own window is clamped to it: say so. (A window
+        that a GPU budget sets is said by the loader.)"""
+        asked, window = self.settings.context_length, self._engine.context_length
+        model_max = getattr(getattr(self._engine, "config", None), "max_position_embeddings", None)
+        if asked is not None and model_max is not None and asked > model_max:
+            self.term.warn(f"--context-length {asked} is more than this model's window of "
+                           f"{model_max} tokens; the context window is {window} tokens.")
 
     def server_url(self) -> str | None:
         """--server (or DSCODER_SERVER); else the user's server on the default socket if it
@@ -115,7 +126,10 @@ class Runtime:
 
     def fim_stop_ids(self) -> set[int]:
         tok = self.tokenizer()
-        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id}
+        # plus the engine's own stops: a Coder V1 Instruct tokenizer's EOS is <|EOT|>, but a
+        # middle ends with <｜end▁of▁sentence｜> (the transformers engine lists both)
+        engine_stops = getattr(self._engine, "stop_ids", ())
+        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id, *engine_stops}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -127,28 +141,64 @@ class Interrupted(KeyboardInterrupt):
 
 
 def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
-                 max_lines: int | None = None, on_text: Callable[[str], None] | None = None) -> Finished:
-    """Drive one generation into `stream`; the engine's Finished event, or one we make when we
-    stop early (--max-lines) or the user presses Ctrl-C (then `Interrupted` is raised)."""
+                 max_lines: int | None = None, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> Finished:
+    """Drive one generation into `stream` and return the engine's Finished event.
+
+    Stopping early goes through the engine, so that the Finished it yields (cached tokens,
+    engine counters, every generated id, those held back by the UTF-8 decoder or a stop string
+    included) describes the reply: --max-lines sets `cancel` (the Event given to `generate`)
+    and the text is cut at the line; a Ctrl-C inside the engine's step makes it yield a
+    "cancelled" Finished, and one that lands here (while drawing) sets `cancel`. An interrupted
+    reply raises `Interrupted` with that Finished. Only an engine without `cancel`, or one whose
+    generator died of the interrupt, gets a Finished made here from what was streamed."""
     acc = _Accumulator(prompt_tokens)
-    try:
-        for event in events:
-            if isinstance(event, Finished):
-                stream.finish()
-                return event
+    interrupted = False
+    it = iter(events)
+    while True:
+        try:
+            event = next(it)
+        except StopIteration:
+            break
+        except KeyboardInterrupt:  # the generator died of it (or a second Ctrl-C while draining)
+            _close(events)
+            stream.finish()
+            raise Interrupted(acc.finished("cancelled")) from None
+        if isinstance(event, Finished):
+            stream.finish()
+            return _final(event, acc, interrupted)
+        try:
+            if acc.full or interrupted:
+                continue  # the engine is finishing after a cancel: nothing more to show
             text = acc.add(event, max_lines)
             stream.feed(text)
             if on_text:
                 on_text(text)
             if acc.full:
-                break
-    except KeyboardInterrupt:
-        _close(events)
-        stream.finish()
-        raise Interrupted(acc.finished("cancelled")) from None
+                if cancel is None:
+                    break
+                cancel.set()
+        except KeyboardInterrupt:
+            interrupted = True
+            if cancel is None:
+                _close(events)
+                stream.finish()
+                raise Interrupted(acc.finished("cancelled")) from None
+            cancel.set()
     _close(events)
     stream.finish()
+    if interrupted:
+        raise Interrupted(acc.finished("cancelled"))
     return acc.finished("stop" if acc.full else "eos")
+
+
+def _final(event: Finished, acc: "_Accumulator", interrupted: bool) -> Finished:
+    """The engine's Finished as the CLI reports it: cut at --max-lines, or raised if interrupted."""
+    if acc.full:  # our cancel for --max-lines: the text ends at the line, the numbers are real
+        return replace(event, text=acc.text, reason="stop")
+    if interrupted or event.reason == "cancelled":
+        raise Interrupted(replace(event, reason="cancelled"))
+    return event
 
 
 def _close(events: Iterator[Any]) -> None:
@@ -185,10 +235,14 @@ class _Accumulator:
         self.parts.append(text)
         return text
 
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
     def finished(self, reason: str) -> Finished:
         now = time.monotonic()
         first = self.first or now
-        return Finished(reason=reason, text="".join(self.parts), token_ids=tuple(self.ids),
+        return Finished(reason=reason, text=self.text, token_ids=tuple(self.ids),
                         prompt_tokens=self.prompt_tokens, cached_tokens=0,
                         prefill_seconds=first - self.start, decode_seconds=now - first)
 

@@ -82,7 +82,10 @@ class ServerState:
 
     def fim_stop_ids(self) -> set[int]:
         tok = self.engine.tokenizer
-        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id}
+        # plus the engine's own stops (the transformers engine: a Coder V1 Instruct middle ends
+        # at <｜end▁of▁sentence｜>, not at its tokenizer's EOS <|EOT|>)
+        engine_stops = getattr(self.engine, "stop_ids", ())
+        return {tok.eos_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id, *engine_stops}
 
 
 class Guard:

@@ -44,9 +44,8 @@ class PrefixCache:
         self.session = engine.new_session()
         self.slots, self.max_bytes = slots, max_bytes
         self.saved: list[Any] = []  # KVSnapshot, oldest first
-        model = getattr(engine, "model", None)
         # under a budget the GPU has no room to spare: snapshots go to host memory
-        self.device = "cpu" if getattr(model, "offload", None) is not None else None
+        self.device = "cpu" if getattr(engine, "under_budget", False) else None
         self.enabled = slots > 0 and hasattr(self.session, "snapshot")
 
     def session_for(self, prompt: Sequence[int]) -> Any:

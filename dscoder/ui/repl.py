@@ -19,6 +19,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.keys import Keys
 
+from dscoder.signals import Terminated
+
 HISTORY_CAP = 1000  # entries kept in the history file (codex's grew to gigabytes)
 QUOTES = '"""'
 
@@ -133,6 +135,8 @@ class LineReader:
                 text = self.session.prompt(FormattedText([("bold", ">>> ")]))
             except EOFError:  # Ctrl-D on an empty line
                 return None
+            except Terminated:  # SIGTERM: leave, whatever the line holds
+                raise
             except KeyboardInterrupt:  # Ctrl-C on an empty line
                 if last_was_ctrl_c:
                     return None
