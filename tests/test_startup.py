@@ -167,7 +167,7 @@ def test_verbose_prints_the_start_up_profile(monkeypatch):
             return "m"
 
         def load_engine(self, settings, warn, info=None, progress=None):
-            return type("E", (), {"tokenizer": None, "startup_profile": profile})()
+            return type("E", (), {"tokenizer": None, "startup_profile": profile, "context_length": 4096})()
 
     monkeypatch.setattr(backend, "BACKEND", Backend())
     for verbose in (False, True):
