@@ -44,6 +44,7 @@ class Engine:
     use_graphs: bool = False  # decode from CUDA graphs (the model is resident on a GPU)
     budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
     startup_profile: StartupProfile | None = None  # where loading's time went (--verbose)
+    capture_ahead: bool = True  # capture the next length bucket's graph in the background
     _session: Session | None = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     closed: bool = False
@@ -167,8 +168,7 @@ class Session:
             if cache is not None:
                 grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]
             self._cache = cache = grown
-            self._graphs = (make_decoder(self.engine.model, grown, self.engine.startup_profile)
-                            if self.engine.use_graphs else None)
+            self._graphs = make_decoder(self.engine, grown) if self.engine.use_graphs else None
         return cache
 
     def prepare_decode(self, pos: int, wait: bool = False) -> None:
@@ -298,12 +298,13 @@ class Session:
             raise interrupt
 
 
-def make_decoder(model: Transformer, cache: LatentKVCache, profile: StartupProfile | None = None):
+def make_decoder(engine: Engine, cache: LatentKVCache):
     """Graph-replayed decode for a cache: whole steps, or per-MoE-layer segments when offloaded."""
-    offload = model.offload
-    if offload is not None:
-        return offload.decoder(model, cache)
-    return GraphedDecoder(model, cache, on_capture=profile.capture_reporter() if profile else None)
+    model, profile = engine.model, engine.startup_profile
+    if model.offload is not None:
+        return model.offload.decoder(model, cache)
+    return GraphedDecoder(model, cache, ahead=engine.capture_ahead,
+                          on_capture=profile.capture_reporter() if profile else None)
 
 
 def engine_stats(model: Transformer, before: dict | None = None) -> dict:

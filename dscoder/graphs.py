@@ -8,8 +8,8 @@ fixed number of cache rows (the context rounded up to a bucket), masking those n
 Capturing a bucket's graph takes tens of milliseconds (the compiled step has dynamic shapes, so
 it never recompiles). So that no reply waits for it, graphs are captured ahead: the loader
 captures the first buckets, and when decoding nears the end of a bucket the next one is
-captured on a background thread (DSCODER_CAPTURE_AHEAD=0 turns that thread off; a missing
-graph is then captured when first needed, as before). Each graph has its own input buffers,
+captured on a background thread (load_engine(capture_ahead=False), DSCODER_CAPTURE_AHEAD=0 in
+the CLI, turns that thread off; a missing graph is then captured when first needed, as before). Each graph has its own input buffers,
 and its warm-up runs on a small scratch cache, so a capture never writes what a running
 decode step reads.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 import queue
 import threading
 import time
@@ -32,7 +31,6 @@ from dscoder.model.transformer import Transformer
 
 BUCKET = 1024  # cache rows per bucket: at most this many rows read beyond the context per step
 AHEAD_ROWS = 256  # start capturing bucket b+1 when decoding is this close to the end of bucket b
-AHEAD_ENV = "DSCODER_CAPTURE_AHEAD"
 Report = Callable[[float, bool], None]  # (seconds, on the background thread): the profile listens
 
 
@@ -53,12 +51,12 @@ class GraphedDecoder:
     """The decode graphs of one KV cache (one per bucket); a session owns one."""
 
     def __init__(self, model: Transformer, cache: LatentKVCache, *,
-                 on_capture: Report | None = None, ahead: bool | None = None) -> None:
+                 on_capture: Report | None = None, ahead: bool = True) -> None:
         self.model, self.cache = model, cache
         self.graphs: dict[int, _Graph] = {}
         self.pending: dict[int, Future] = {}
         self.on_capture = on_capture
-        self.ahead = ahead if ahead is not None else os.environ.get(AHEAD_ENV, "1") != "0"
+        self.ahead = ahead
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         """Logits (1, V) for `token` at `pos`; the tensor is reused by the next call."""

@@ -83,7 +83,8 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                 notice: Callable[[str], None] | None = None, cuda_graphs: bool = True,
                 compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
                 routing_trace: str | Path | None = None, engine: str = "auto",
-                trust_remote_code: bool = False, profile: StartupProfile | None = None):
+                trust_remote_code: bool = False, capture_ahead: bool = True,
+                profile: StartupProfile | None = None):
     """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
     one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
     On a GPU the native engine compiles its decode step while the weights load and captures its
@@ -93,8 +94,9 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
     worth one line (the context window a budget sets). The engine switches (settings.py reads
     them from DSCODER_* and the config file): cuda_graphs and compile (decode speed-ups on CUDA),
     offload_policy and prefetch_depth (the expert cache under a budget), routing_trace (a file
-    to record which experts each layer picks). profile: where the time goes (the native engine's
-    startup_profile; --verbose prints it)."""
+    to record which experts each layer picks), capture_ahead (decode graphs of the next length
+    bucket captured on a background thread before they are needed). profile: where the time
+    goes (the native engine's startup_profile; --verbose prints it)."""
     from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
 
@@ -112,7 +114,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                         context_length=context_length, progress=progress, log=log, warn=warn,
                         notice=notice, cuda_graphs=cuda_graphs, compile=compile,
                         offload_policy=offload_policy, prefetch_depth=prefetch_depth,
-                        routing_trace=routing_trace, profile=profile)
+                        routing_trace=routing_trace, capture_ahead=capture_ahead, profile=profile)
 
 
 def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
@@ -120,15 +122,15 @@ def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory:
                  log: Callable[[str], None] | None, warn: Callable[[str], None] | None,
                  notice: Callable[[str], None] | None, cuda_graphs: bool, compile: bool,
                  offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None,
-                 profile: StartupProfile):
+                 capture_ahead: bool, profile: StartupProfile):
     with recording(profile):
         return _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn,
                        notice, cuda_graphs and not routing_trace, compile, offload_policy,
-                       prefetch_depth, routing_trace, profile)
+                       prefetch_depth, routing_trace, capture_ahead, profile)
 
 
 def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
-            graphs, compile, offload_policy, prefetch_depth, routing_trace, profile):
+            graphs, compile, offload_policy, prefetch_depth, routing_trace, capture_ahead, profile):
     from dscoder.engine import Engine
     from dscoder.tokenizer import load_tokenizer
 
@@ -172,7 +174,8 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
         use_graphs = _fast_decode(net, dev, graphs, compile, precompile)
         engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                         defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
-                        budget_plan=budget_plan, startup_profile=profile)
+                        budget_plan=budget_plan, startup_profile=profile,
+                        capture_ahead=capture_ahead)
         if use_graphs:
             warm_up(engine, profile)
     except torch.cuda.OutOfMemoryError as e:

@@ -230,3 +230,21 @@ def test_capture_worker_runs_in_order_and_a_stopped_one_cancels():
     assert _failed(late) and late.cancelled() and 9 not in order
     assert [bucket_rows(p, 4096) for p in (0, 1023, 1024, 4095)] == [1024, 1024, 2048, 4096]
     assert bucket_rows(5000, 4096) == 4096
+
+
+def test_capture_ahead_is_a_setting_that_reaches_load_engine(monkeypatch, tiny_checkpoint):
+    import dscoder.engine
+    from dscoder.cli.backend import RealBackend
+    from dscoder.errors import UsageError
+    from dscoder.settings import load_settings
+
+    home = {"HOME": "/nonexistent"}
+    assert load_settings({}, home).capture_ahead is True
+    seen = {}
+    monkeypatch.setattr(dscoder.engine, "load_engine", lambda *a, **kw: seen.update(kw) or "engine")
+    s = load_settings({"model": str(tiny_checkpoint), "device": "cpu"},
+                      {**home, "DSCODER_CAPTURE_AHEAD": "0"})
+    RealBackend().load_engine(s, lambda m: None, lambda m: None)
+    assert seen["capture_ahead"] is False and seen["profile"] is not None
+    with pytest.raises(UsageError, match="DSCODER_CAPTURE_AHEAD"):
+        load_settings({}, {**home, "DSCODER_CAPTURE_AHEAD": "later"})

@@ -80,6 +80,7 @@ class RealBackend:
                            context_length=settings.context_length, progress=progress,
                            log=info if settings.verbose else None, warn=warn, notice=info,
                            cuda_graphs=settings.cuda_graphs, compile=settings.compile,
+                           capture_ahead=settings.capture_ahead,
                            offload_policy=settings.offload_policy,
                            prefetch_depth=settings.prefetch_depth,
                            routing_trace=settings.routing_trace or None, engine=settings.engine,

@@ -48,8 +48,7 @@ def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypat
     got = [greedy(graphed, [1, 5, 9], 100), greedy(graphed, list(range(1, 70)), 40)]
     assert compile_count() == before, "a new bucket or a grown cache recompiled the decode step"
     assert graphed.startup_profile.counts.get("graphs captured ahead", 0) > 0
-    monkeypatch.setenv("DSCODER_CUDA_GRAPHS", "0")
-    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32", cuda_graphs=False)
     assert got == [greedy(eager, [1, 5, 9], 100), greedy(eager, list(range(1, 70)), 40)]
 
 
@@ -59,8 +58,7 @@ def test_capture_ahead_off_captures_on_need_with_the_same_ids(tiny_checkpoint, m
 
     monkeypatch.setattr(graphs_mod, "BUCKET", 16)
     ahead = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
-    monkeypatch.setenv("DSCODER_CAPTURE_AHEAD", "0")
-    on_need = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    on_need = load_engine(tiny_checkpoint, device="cuda", dtype="float32", capture_ahead=False)
     assert greedy(ahead, [1, 2], 60) == greedy(on_need, [1, 2], 60)
     assert on_need.startup_profile.counts.get("graphs captured ahead", 0) == 0
 
