@@ -172,6 +172,9 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
             install_trace(net, routing_trace)
         net.set_context(ctx)
         use_graphs = _fast_decode(net, dev, graphs, compile, precompile)
+        if precompile is not None and precompile.error is not None and log:
+            log(f"compiling the decode step while loading failed ({precompile.error!r}); "
+                "it compiles now instead")
         engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                         defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
                         budget_plan=budget_plan, startup_profile=profile,
