@@ -248,3 +248,86 @@ def test_capture_ahead_is_a_setting_that_reaches_load_engine(monkeypatch, tiny_c
     assert seen["capture_ahead"] is False and seen["profile"] is not None
     with pytest.raises(UsageError, match="DSCODER_CAPTURE_AHEAD"):
         load_settings({}, {**home, "DSCODER_CAPTURE_AHEAD": "later"})
+
+
+class _FakeGraph:
+    def __init__(self, log: list, visible: int) -> None:
+        self.log, self.visible = log, visible
+
+    def replay(self) -> None:
+        self.log.append(("replay", self.visible))
+
+
+def _fake_decoder(fail_in_background: bool = False):
+    """A GraphedDecoder whose captures record instead of touching CUDA: the bookkeeping
+    (which bucket, ahead or on need, waiting, falling back) is what is tested here."""
+    import threading
+
+    from dscoder.graphs import _THREAD, GraphedDecoder, _Graph
+
+    class Fake(GraphedDecoder):
+        def _capture(self, visible: int) -> None:
+            background = threading.current_thread().name == _THREAD
+            self.log.append(("capture", visible, background))
+            if background and fail_in_background:
+                raise RuntimeError("capture failed")
+            z = torch.zeros(1)
+            self.graphs[visible] = _Graph(_FakeGraph(self.log, visible), z.long(), z.long(), z)
+
+    cache = type("Cache", (), {"capacity": 4096})()
+    d = Fake(None, cache)
+    d.log = []
+    return d
+
+
+def test_the_next_bucket_is_captured_in_the_background_before_it_is_needed():
+    d = _fake_decoder()
+    for pos in range(700, 1030):
+        d(5, pos)
+    d.wait()
+    captures = [e for e in d.log if e[0] == "capture"]
+    assert captures == [("capture", 1024, False), ("capture", 2048, True)]
+    assert ("replay", 2048) in d.log  # positions 1024.. replayed the graph captured ahead
+
+
+def test_a_failed_background_capture_is_redone_where_it_is_needed():
+    d = _fake_decoder(fail_in_background=True)
+    for pos in range(1000, 1030):
+        d(5, pos)
+    assert ("capture", 2048, True) in d.log and ("capture", 2048, False) in d.log
+    assert d.ahead is False and ("replay", 2048) in d.log
+
+
+def test_a_reply_asks_for_its_first_decode_graph_before_prefilling(tiny_checkpoint, monkeypatch):
+    """The engine's hooks: load captures the first bucket (wait), a reply asks for the bucket
+    of its first decode step ahead of its prefill."""
+    import dscoder.engine as engine_mod
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    calls = []
+
+    class Recorder:
+        def __init__(self, engine, cache):
+            self.cache = cache
+
+        def capture(self, visible):
+            calls.append(("capture", visible))
+
+        def capture_ahead(self, visibles):
+            calls.append(("ahead", *visibles))
+
+        def __call__(self, token, pos):
+            calls.append(("decode", pos))
+            x = torch.tensor([token])
+            return engine.model(x, self.cache, pos)
+
+    monkeypatch.setattr(engine_mod, "make_decoder", Recorder)
+    engine.use_graphs = True
+    engine.prepare()
+    assert calls == [("capture", 1024)]
+    prompt = list(range(1, 1100))
+    list(engine.generate(prompt, GenerationSettings(max_tokens=3, temperature=0), stop_ids=()))
+    assert calls[1] == ("ahead", 2048)  # position 1099 reads 2,048 rows: asked before prefill
+    assert [c for c in calls if c[0] == "decode"] == [("decode", 1099), ("decode", 1100)]
