@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -27,6 +28,11 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "U8": torch.uint8, "BOOL": torch.bool}
 READ_THREADS = 8  # page-cache reads scale with threads up to the memory bandwidth
 STAGING_BYTES = 16 << 20  # per buffer; two per thread (pinning costs about 0.7 s per GiB)
+# While the shards are read, the GIL changes hands every 0.2 ms instead of 5: a thread running
+# Python meanwhile (the decode step compiling in the background) otherwise holds it 5 ms at a
+# time while every reading thread waits to start its next read. Measured on 2 cores with a busy
+# Python thread: 0.8 GB/s at 5 ms, 5 GB/s at 0.2 ms (11 GB/s alone); the busy thread kept 85%.
+LOAD_SWITCH_INTERVAL = 0.0002
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -86,6 +92,8 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
     total = sum(e.nbytes for e, _ in jobs)
     fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
     local = threading.local()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
     try:
         with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, len(jobs)))) as pool:
             futures = {pool.submit(_read_one, e, dst, fds[e.path], local): e.nbytes for e, dst in jobs}
@@ -100,6 +108,7 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
         if any(dst.is_cuda for _, dst in jobs):
             torch.cuda.synchronize()  # the last staged copies
     finally:
+        sys.setswitchinterval(switch)
         for fd in fds.values():
             os.close(fd)
 
