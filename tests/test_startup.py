@@ -108,10 +108,13 @@ def test_parallel_read_fills_converted_and_stacked_tensors(tiny_checkpoint, tmp_
     from dscoder.config import ModelConfig
     from dscoder.weights import load_model
 
+    import sys
+
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
-    seen = []
+    seen, switch = [], sys.getswitchinterval()
     m = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.bfloat16,
                    progress=lambda done, total: seen.append((done, total)))
+    assert sys.getswitchinterval() == switch  # lowered only while reading
     ref = {}
     for f in tiny_checkpoint.glob("*.safetensors"):
         ref.update(load_file(f))
