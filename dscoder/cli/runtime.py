@@ -49,6 +49,9 @@ class Runtime:
                                                             self.term.info, progress)
                 self._tokenizer = self._engine.tokenizer
             self.load_seconds = time.monotonic() - start
+            profile = getattr(self._engine, "startup_profile", None)
+            if self.settings.verbose and profile is not None:
+                self.term.info(profile.summary())
             self._say_window()
         return self._engine
 
