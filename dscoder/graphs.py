@@ -9,9 +9,9 @@ Capturing a bucket's graph takes tens of milliseconds (the compiled step has dyn
 it never recompiles). So that no reply waits for it, graphs are captured ahead: the loader
 captures the first buckets, and when decoding nears the end of a bucket the next one is
 captured on a background thread (load_engine(capture_ahead=False), DSCODER_CAPTURE_AHEAD=0 in
-the CLI, turns that thread off; a missing graph is then captured when first needed, as before). Each graph has its own input buffers,
-and its warm-up runs on a small scratch cache, so a capture never writes what a running
-decode step reads.
+the CLI, turns that thread off; a missing graph is then captured when first needed, as before).
+Each graph has its own input buffers, and its warm-up writes only its bucket's last row, which
+no decode step has reached yet.
 """
 from __future__ import annotations
 
@@ -102,22 +102,20 @@ class GraphedDecoder:
     def _capture(self, visible: int) -> None:
         t = time.perf_counter()
         device = self.model.lm_head.weight.device
-        ids = torch.zeros(1, dtype=torch.long, device=device)
-        pos = torch.zeros(1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
-        with torch.cuda.stream(side):
-            # Warm up first (lazy initialisations, cuBLAS workspaces) as capture requires; on a
-            # scratch cache, since the real one may be in use by a decode step right now. The
-            # step is compiled with dynamic shapes, so the warm-up's smaller size compiles
-            # nothing (the scratch cache is made outside inference mode, like the real one:
-            # Dynamo guards on that). It needs nothing the current stream is still computing,
-            # so it does not wait for it: a prefill running meanwhile is not waited for.
-            scratch = self.model.new_cache(BUCKET + 1)
         with torch.inference_mode(), torch.cuda.stream(side):
+            # the inputs are written on the side stream that reads them (it does not wait for
+            # the current stream, which may be busy with a prefill)
+            ids = torch.zeros(1, dtype=torch.long, device=device)
+            # The warm-up decodes at the bucket's last row, on the real cache: the exact shapes
+            # the graph will have, so any compile happens now and never inside the capture (a
+            # dynamic shape's guards cannot be foreseen from another size). That row is at or
+            # beyond every row written so far (a bucket is captured before decoding reaches its
+            # end), so what it gets is masked until the real step there overwrites it.
+            pos = torch.full((1,), visible - 1, dtype=torch.long, device=device)
             for _ in range(2):
-                self.model.decode_at(ids, pos, scratch, BUCKET)
+                self.model.decode_at(ids, pos, self.cache, visible)
             side.synchronize()
-            del scratch
             graph = torch.cuda.CUDAGraph()
             # capture_begin/end rather than torch.cuda.graph(), whose device-wide synchronize
             # would wait for the main thread's prefill; thread_local: that thread may keep

@@ -114,6 +114,13 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
 
 
 def _read_one(entry: ShardEntry, dst: torch.Tensor, fd: int, local: threading.local) -> None:
+    # inference mode is per thread: a destination made under the caller's inference_mode can
+    # only be written to under it
+    with torch.inference_mode(dst.is_inference()):
+        _read_into(entry, dst, fd, local)
+
+
+def _read_into(entry: ShardEntry, dst: torch.Tensor, fd: int, local: threading.local) -> None:
     if dst.dtype != entry.dtype or not dst.is_contiguous():
         tmp = torch.empty(entry.shape, dtype=entry.dtype)  # a conversion (fp32 routers): small
         _pread(fd, _bytes(tmp), entry)
