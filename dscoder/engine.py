@@ -88,13 +88,14 @@ class Engine:
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         """One generation; consecutive calls share a cache, so a common prefix is reused."""
-        return self._default_session().generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
+        return self.default_session().generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
 
     def prepare(self) -> None:
         """Allocate the default session's cache and capture its first decode graph (at load)."""
-        self._default_session().prepare_decode(0, wait=True)
+        self.default_session().prepare_decode(0, wait=True)
 
-    def _default_session(self) -> Session:
+    def default_session(self) -> Session:
+        """The session generate() uses; the loader captured its first decode graph already."""
         if self._session is None or self.closed:
             self._session = self.new_session()
         return self._session

@@ -41,7 +41,9 @@ class PrefixCache:
     session hold the longest cached prefix of `prompt` it can."""
 
     def __init__(self, engine: Any, slots: int = SNAPSHOTS, max_bytes: int = SNAPSHOT_BYTES) -> None:
-        self.session = engine.new_session()
+        # the engine's own session when it has one: its first decode graph is captured at load
+        default = getattr(engine, "default_session", None)
+        self.session = default() if default is not None else engine.new_session()
         self.slots, self.max_bytes = slots, max_bytes
         self.saved: list[Any] = []  # KVSnapshot, oldest first
         # under a budget the GPU has no room to spare: snapshots go to host memory
