@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from dscoder.cli import backend
@@ -73,7 +73,7 @@ class Runtime:
     def report(self, finished: Finished) -> None:
         """The stats line after a one-shot reply: on a terminal or with --verbose only, so that
         the logs of scripts stay clean."""
-        if self.settings.verbose or self.term.err_color:
+        if self.settings.verbose or self.term.stderr_is_tty:
             self.term.stats(finished, verbose=self.settings.verbose, load_seconds=self.load_seconds)
 
     def fim_stop_ids(self) -> set[int]:
@@ -98,7 +98,7 @@ def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
         for event in events:
             if isinstance(event, Finished):
                 stream.finish()
-                return event
+                return replace(event, wall_seconds=time.monotonic() - acc.start)
             text = acc.add(event, max_lines)
             stream.feed(text)
             if on_text:
@@ -153,7 +153,8 @@ class _Accumulator:
         first = self.first or now
         return Finished(reason=reason, text="".join(self.parts), token_ids=tuple(self.ids),
                         prompt_tokens=self.prompt_tokens, cached_tokens=0,
-                        prefill_seconds=first - self.start, decode_seconds=now - first)
+                        prefill_seconds=first - self.start, decode_seconds=now - first,
+                        wall_seconds=now - self.start)
 
 
 def require(condition: bool, message: str) -> None:

@@ -52,6 +52,12 @@ class Terminal:
         return _isatty(self.stdout)
 
     @property
+    def stderr_is_tty(self) -> bool:
+        """Statistics and progress are for a person at a terminal, coloured or not (NO_COLOR
+        and --no-pretty take the colour away, not the information)."""
+        return _isatty(self.stderr)
+
+    @property
     def out(self) -> Console:
         if self._out is None:
             self._out = _console(self.stdout, self.pretty)
@@ -171,6 +177,8 @@ def stats_line(f: Finished, *, verbose: bool = False, load_seconds: float | None
     cached = f" ({f.cached_tokens} cached)" if f.cached_tokens else ""
     line = (f"[prompt {f.prompt_tokens} tokens{cached}, {f.prefill_tokens_per_second:.1f} tok/s"
             f" | reply {f.generated_tokens} tokens, {f.decode_tokens_per_second:.1f} tok/s")
+    if f.wall_seconds is not None:
+        line += f" | {f.wall_seconds:.1f} s"
     if f.reason in _REASONS:
         line += f" | {_REASONS[f.reason]}"
     if verbose:
