@@ -204,3 +204,27 @@ def test_muted_input_leaves_non_terminals_alone():
         pass
     with muted_input(sys.stdin if not sys.stdin.isatty() else io.StringIO()):
         pass
+
+
+def test_show_system_set_and_read_speak_plainly(tmp_path):
+    t = term()
+    state = ChatState(Conversation(), Settings(), "m")
+    run_command("/show", state, t)
+    run_command("/system", state, t)
+    run_command("/system be brief", state, t)
+    run_command("/system", state, t)
+    run_command("/set stop \\n\\n", state, t)
+    run_command("/set verbose on", state, t)
+    run_command("/set temperature 0.5", state, t)
+    run_command("/show", state, t)
+    (tmp_path / "three.py").write_text("a = 1\nb = 2\nc = 3\n")
+    run_command(f"/read {tmp_path / 'three.py'}", state, t)
+    (tmp_path / "one.txt").write_text("no newline at the end")
+    run_command(f"/read {tmp_path / 'one.txt'}", state, t)
+    said = t.stderr.getvalue()
+    for python_value in ("None", "()", "'be brief'", "True"):
+        assert python_value not in said
+    assert "system: none" in said and "System message: be brief" in said
+    assert 'stop: "\\n\\n"' in said and "verbose: on" in said and "temperature: 0.5" in said
+    assert "top_p: model default" in said
+    assert "(3 lines)" in said and "(1 line)" in said
