@@ -112,3 +112,10 @@ def test_e2e_chat_complete_insert(tiny_checkpoint, tmp_path):
     r = _e2e(tiny_checkpoint, "insert", str(src), "--line", "2", "--dry-run")
     assert r.returncode in (0, 1), r.stderr  # random weights may produce nothing useful (exit 1)
     assert src.read_bytes() == b"def add(a, b):\n\nprint(add(1, 2))\n"
+
+
+def test_python_dash_m_dscoder_runs_the_cli():
+    r = _run(["-m", "dscoder", "--version"])
+    from dscoder import __version__
+
+    assert (r.returncode, r.stdout.strip()) == (0, f"dscoder {__version__}")

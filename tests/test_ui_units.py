@@ -228,3 +228,22 @@ def test_show_system_set_and_read_speak_plainly(tmp_path):
     assert 'stop: "\\n\\n"' in said and "verbose: on" in said and "temperature: 0.5" in said
     assert "top_p: model default" in said
     assert "(3 lines)" in said and "(1 line)" in said
+
+
+def test_settings_fall_back_to_tomli_without_tomllib(tmp_path):
+    """Python 3.10 has no tomllib: settings then read the config file with tomli (same API).
+    Run in a fresh interpreter where `import tomllib` fails and `tomli` is a stand-in."""
+    import subprocess
+
+    (tmp_path / "c.toml").write_text("temperature = 0.25\n")
+    code = (
+        "import sys, types, tomllib\n"
+        "fake = types.ModuleType('tomli'); fake.loads = tomllib.loads\n"
+        "fake.TOMLDecodeError = tomllib.TOMLDecodeError\n"
+        "sys.modules['tomllib'] = None; sys.modules['tomli'] = fake\n"
+        "import dscoder.settings as s\n"
+        "assert s.tomllib is fake\n"
+        f"print(s.load_settings({{}}, {{'DSCODER_CONFIG': {str(tmp_path / 'c.toml')!r}}}).temperature)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert (r.returncode, r.stdout.strip()) == (0, "0.25"), r.stderr
