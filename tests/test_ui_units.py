@@ -247,3 +247,23 @@ def test_settings_fall_back_to_tomli_without_tomllib(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parents[1])
     assert (r.returncode, r.stdout.strip()) == (0, "0.25"), r.stderr
+
+
+def test_threads_setting_default_and_torch(monkeypatch):
+    from dscoder.cli import backend
+    from dscoder.settings import default_threads
+
+    assert [default_threads(n) for n in (1, 2, 4, 9, 64)] == [1, 1, 3, 8, 8]
+    assert load_settings({}, {"DSCODER_THREADS": "2"}).threads == 2
+    assert load_settings({"threads": 3}, {"DSCODER_THREADS": "2"}).threads == 3
+    with pytest.raises(UsageError, match="threads must be at least 1"):
+        load_settings({"threads": 0}, {})
+    torch = pytest.importorskip("torch")
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend.set_cpu_threads(Settings(device="cpu")) == default_threads()
+    assert backend.set_cpu_threads(Settings(device="auto", threads=5)) == 5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend.set_cpu_threads(Settings(device="auto")) is None  # a GPU run: torch's default
+    assert calls == [default_threads(), 5]

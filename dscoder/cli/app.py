@@ -54,6 +54,7 @@ def main_options(
     gpu_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
     dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
     context_length: Annotated[Optional[int], typer.Option(metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for the model when it runs on the CPU; default: the cores less one, at most 8. [env DSCODER_THREADS]")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T", help="Sampling temperature; 0 is greedy. [env DSCODER_TEMPERATURE; default: the model's]", rich_help_panel=GEN)] = None,
     top_p: Annotated[Optional[float], typer.Option(metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,

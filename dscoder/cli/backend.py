@@ -61,6 +61,10 @@ class RealBackend:
         check_device(settings.device, warn)
         from dscoder.engine import load_engine  # the only import of torch on the way to generating
 
+        threads = set_cpu_threads(settings)
+        if threads and settings.verbose and info:
+            info(f"CPU threads: {threads}")
+
         return load_engine(model_dir, device=settings.device,
                            gpu_memory=settings.gpu_memory,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
@@ -85,6 +89,20 @@ def check_device(device: str, warn: Warn) -> None:
     if device == "auto":
         warn("No CUDA GPU found, so the model runs on the CPU: expect a long load and a few "
              "tokens per second at best (use --device cpu to silence this).")
+
+
+def set_cpu_threads(settings: Settings) -> int | None:
+    """torch's CPU thread count: --threads if given, else default_threads() when the model runs
+    on the CPU (a GPU run leaves torch's default alone). The count set, or None."""
+    import torch
+
+    from dscoder.settings import default_threads
+
+    on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
+    threads = settings.threads or (default_threads() if on_cpu else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 BACKEND: Backend = RealBackend()
