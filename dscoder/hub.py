@@ -18,6 +18,11 @@ DEFAULT_MODEL = "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
 # Remote code (*.py) and other formats (*.bin, *.gguf) are never fetched.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The released DeepSeek-Coder-V2 models (Lite and full, Base and Instruct, and their -0724
+# updates) share one tokenizer, which dscoder ships (dscoder.tokenizer.load_bundled_tokenizer),
+# and one context window, 163,840 tokens (max_position_embeddings in each config.json).
+_CODER_V2 = re.compile(r"^deepseek-ai/DeepSeek-Coder-V2(-Lite)?-(Base|Instruct)(-0724)?$", re.I)
+CODER_V2_CONTEXT = 163840
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -47,6 +52,11 @@ def is_offline() -> bool:
 def is_hub_id(name: str) -> bool:
     """``owner/name`` with no path syntax (no leading ./, /, ~, no more than one slash)."""
     return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def is_coder_v2(name: str) -> bool:
+    """A hub id of a released DeepSeek-Coder-V2 model."""
+    return bool(_CODER_V2.match(name))
 
 
 def _local_model(path: Path) -> Path:

@@ -40,15 +40,29 @@ class RealBackend:
 
         return Path(hub.resolve_model(self.model_name(settings)))
 
-    def load_tokenizer(self, settings: Settings) -> Any:
-        from dscoder.tokenizer import load_tokenizer
+    def _known_model_missing(self, settings: Settings) -> bool:
+        """A DeepSeek-Coder-V2 hub id that is not in the local cache: its tokenizer and context
+        window are known without it (for --show-prompt and for a remote engine)."""
+        from dscoder import hub
 
+        name = self.model_name(settings)
+        return hub.is_coder_v2(name) and not Path(name).exists() and hub.cached_model(name) is None
+
+    def load_tokenizer(self, settings: Settings) -> Any:
+        from dscoder.tokenizer import load_bundled_tokenizer, load_tokenizer
+
+        if self._known_model_missing(settings):
+            return load_bundled_tokenizer()
         return load_tokenizer(self._model_dir(settings))
 
     def context_length(self, settings: Settings) -> int | None:
         """The window --show-prompt trims to without loading weights: the flag, else the config's."""
         if settings.context_length:
             return settings.context_length
+        if self._known_model_missing(settings):
+            from dscoder.hub import CODER_V2_CONTEXT
+
+            return CODER_V2_CONTEXT
         try:
             config = json.loads((self._model_dir(settings) / "config.json").read_text(encoding="utf-8"))
             return int(config["max_position_embeddings"])
