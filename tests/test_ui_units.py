@@ -235,6 +235,11 @@ def test_settings_fall_back_to_tomli_without_tomllib(tmp_path):
     Run in a fresh interpreter where `import tomllib` fails and `tomli` is a stand-in."""
     import subprocess
 
+    if sys.version_info < (3, 11):  # here it is the real thing
+        import dscoder.settings
+
+        assert dscoder.settings.tomllib.__name__ == "tomli"
+        return
     (tmp_path / "c.toml").write_text("temperature = 0.25\n")
     code = (
         "import sys, types, tomllib\n"
