@@ -226,17 +226,21 @@ def _report(message: str, args: list[str], exc: BaseException | None = None) -> 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (ExitCode values). Never lets a traceback through."""
+    from dscoder.cli.messages import tidy_arguments, usage_message, wants_help
+
     args = list(sys.argv[1:] if argv is None else argv)
-    command = typer.main.get_command(app)
+    command = tidy_arguments(typer.main.get_command(app))
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
         return rv if isinstance(rv, int) else ExitCode.OK
     except typer.Exit as e:
         return e.exit_code
     except typer.TyperException as e:  # typer's own click: bad flags, unknown commands
-        show = getattr(e, "show", None)
-        show() if show else _report(e.format_message(), args)
-        return ExitCode.USAGE if e.exit_code == 2 else e.exit_code
+        if wants_help(e):  # `dscoder` alone: the help
+            e.show()
+            return ExitCode.USAGE
+        _report(usage_message(e), args)
+        return ExitCode.USAGE
     except (KeyboardInterrupt, typer.Abort):
         return ExitCode.INTERRUPTED
     except DscoderError as e:
