@@ -121,9 +121,12 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     for shard in shards:
         path = model_dir / shard
         keys = [k for k, s in index.items() if s == shard and k in needed]
+        read = 0  # tensor bytes of this shard so far: progress moves with every tensor
         with _open(path) as f:
             for key in keys:
-                _copy_tensor(f, path, key, needed[key], destination, cfg)
+                read += _copy_tensor(f, path, key, needed[key], destination, cfg)
+                if progress:
+                    progress(done + read, total)
         done += path.stat().st_size
         if progress:
             progress(done, total)
@@ -132,7 +135,8 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
 
 
 def _copy_tensor(f, path: Path, key: str, shape: tuple[int, ...],
-                 destination: Callable[[str], torch.Tensor], cfg: ModelConfig) -> None:
+                 destination: Callable[[str], torch.Tensor], cfg: ModelConfig) -> int:
+    """Copy one checkpoint tensor into its place; the bytes read."""
     try:
         found = tuple(f.get_slice(key).get_shape())
     except Exception as e:
@@ -153,3 +157,4 @@ def _copy_tensor(f, path: Path, key: str, shape: tuple[int, ...],
         i = cfg.moe_intermediate_size
         rows = slice(0, i) if t.part == "gate_proj" else slice(i, 2 * i)
         dst[t.expert, rows].copy_(src)
+    return src.numel() * src.element_size()

@@ -99,3 +99,21 @@ def test_config_reads_the_lite_values():
     assert cfg.kv_cache_dim == 576 and cfg.is_moe_layer(1) and not cfg.is_moe_layer(0)
     # 192 ** -0.5 * m**2, m = 0.1 * 0.707 * ln(40) + 1
     assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.0707 * 3.6888794541139363 + 1) ** 2)
+
+
+def test_load_progress_moves_with_every_tensor(tiny_checkpoint):
+    """The loading bar shows bytes read as they are read, not 0 until a whole shard is done."""
+    import torch
+
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model, shard_index
+
+    calls: list[tuple[int, int]] = []
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32,
+               progress=lambda done, total: calls.append((done, total)))
+    shards = set(shard_index(tiny_checkpoint).values())
+    total = calls[-1][1]
+    assert calls[-1] == (total, total) and len(calls) > 10 * len(shards)
+    assert all(0 <= d <= total for d, _ in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # never goes back

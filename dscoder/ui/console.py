@@ -13,10 +13,15 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator, Mapping, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeRemainingColumn)
 from rich.text import Text
 
 from dscoder.events import Finished
+
+
+LOADING = "reading weights"
+PREPARING = "preparing the model"
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -111,10 +116,18 @@ class Terminal:
         if not self.err_color:
             yield lambda done, total: None
             return
-        with Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(),
-                      TimeRemainingColumn(), console=self.err, transient=True) as bar:
-            task = bar.add_task("load", total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      DownloadColumn(), TimeRemainingColumn(), console=self.err,
+                      transient=True) as bar:
+            task = bar.add_task(LOADING, total=None)
+
+            def update(done: int, total: int) -> None:
+                # once every byte is read, what is left (page-locking host memory, copies to
+                # the GPU, building the decode step) can take a while too: say so
+                bar.update(task, completed=done, total=total,
+                           description=PREPARING if total and done >= total else LOADING)
+
+            yield update
 
     def input_muted(self) -> AbstractContextManager[None]:
         """While a reply streams: keys typed are not echoed into it (see `muted_input`)."""
