@@ -212,3 +212,21 @@ def test_stats_line_without_colour_on_a_terminal(tmp_path, plain):
     shown = "\n".join(term.screen.display)
     assert "reply" in shown and "tok/s" in shown
     assert "\x1b[" not in child.before  # and no colour
+
+
+def test_insert_shows_a_spinner_with_the_token_count_then_erases_it(tmp_path):
+    target = tmp_path / "f.py"
+    target.write_text("a = 1\nb = 2\n")
+    child = spawn(tmp_path, "insert", str(target), "--line", "2", "--dry-run",
+                  reply="x = 0\\n" * 40, delay=0.03)
+    term = Screen(child)
+    try:
+        term.expect("filling the gap before line 2")
+        term.expect(" tokens")
+        child.expect(pexpect.EOF)
+        term.stream.feed(child.before)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    shown = "\n".join(term.screen.display)
+    assert "filling the gap" not in shown and "(dry run" in shown

@@ -40,7 +40,9 @@ def insert(rt: Runtime, file: Path, *, line: int, dry_run: bool, print_only: boo
     if prompt is None:
         return
     events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
-    finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids))
+    with rt.term.working(f"filling the gap before line {line}") as progress:
+        finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids),
+                                on_tokens=progress)
     rt.report(finished)
     text = clean_insertion(finished.text, prefix, suffix)
     if not text:

@@ -90,9 +90,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
-                 max_lines: int | None = None, on_text: Callable[[str], None] | None = None) -> Finished:
+                 max_lines: int | None = None, on_text: Callable[[str], None] | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> Finished:
     """Drive one generation into `stream`; the engine's Finished event, or one we make when we
-    stop early (--max-lines) or the user presses Ctrl-C (then `Interrupted` is raised)."""
+    stop early (--max-lines) or the user presses Ctrl-C (then `Interrupted` is raised).
+    `on_tokens` hears the number of tokens generated so far (for a progress display)."""
     acc = _Accumulator(prompt_tokens)
     try:
         for event in events:
@@ -103,6 +105,8 @@ def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
             stream.feed(text)
             if on_text:
                 on_text(text)
+            if on_tokens:
+                on_tokens(len(acc.ids))
             if acc.full:
                 break
     except KeyboardInterrupt:

@@ -129,6 +129,19 @@ class Terminal:
 
             yield update
 
+    @contextmanager
+    def working(self, what: str) -> Iterator[Callable[[int], None]]:
+        """A spinner with a token count on stderr while the model writes something that is not
+        shown as it comes (insert), erased when done; a (tokens so far) callback. On a terminal
+        only, like the loading bar."""
+        if not self.err_color:
+            yield lambda tokens: None
+            return
+        with Progress(SpinnerColumn(), TextColumn(what), TextColumn("{task.completed} tokens"),
+                      console=self.err, transient=True) as bar:
+            task = bar.add_task(what, total=None)
+            yield lambda tokens: bar.update(task, completed=tokens)
+
     def input_muted(self) -> AbstractContextManager[None]:
         """While a reply streams: keys typed are not echoed into it (see `muted_input`)."""
         return muted_input(self.stdin)
