@@ -54,6 +54,33 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name
 
 
+class NotDownloaded(ModelNotFound):
+    """A hub id that is not in the local cache (the CLI may offer to download it)."""
+
+    def __init__(self, repo_id: str) -> None:
+        super().__init__(f"{repo_id} is not in the Hugging Face cache ({hub_cache_dir()}); run "
+                         f"`dscoder pull {repo_id}` or pass a local directory with --model.")
+        self.repo_id = repo_id
+
+
+def download_size(repo_id: str) -> int:
+    """Bytes that a download of ``repo_id`` fetches (the files ALLOW_PATTERNS selects), from the
+    hub's file list; a failure to ask is one sentence, as for the download itself."""
+    from fnmatch import fnmatch
+
+    if is_offline():
+        raise DscoderError(f"Cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or copy "
+                           "the model here and pass its directory with --model.")
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except Exception as e:  # noqa: BLE001 -- any failure becomes one sentence, no traceback
+        raise _download_error(repo_id, e) from e
+    return sum(f.size or 0 for f in info.siblings or ()
+               if any(fnmatch(f.rfilename, p) for p in ALLOW_PATTERNS))
+
+
 def is_coder_v2(name: str) -> bool:
     """A hub id of a released DeepSeek-Coder-V2 model."""
     return bool(_CODER_V2.match(name))
@@ -91,8 +118,7 @@ def resolve_model(name: str | Path, *, download: bool = False, progress: bool = 
     if cached is not None:
         return cached
     if not download:
-        raise ModelNotFound(f"{name} is not in the Hugging Face cache ({hub_cache_dir()}); run "
-                            f"`dscoder pull {name}` or pass a local directory with --model.")
+        raise NotDownloaded(name)
     return _download(name, progress=progress)
 
 

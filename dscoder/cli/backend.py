@@ -90,6 +90,11 @@ class RealBackend:
 
         return Path(hub.pull(name))
 
+    def download_size(self, name: str) -> int | None:
+        from dscoder import hub
+
+        return hub.download_size(name)
+
 
 def check_device(device: str, warn: Warn) -> None:
     """Say early and plainly what the GPU situation means for the user."""

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 
 from dscoder.cli import backend
 from dscoder.errors import UsageError
+from dscoder.hub import NotDownloaded
 from dscoder.events import Finished, GenerationSettings, TextDelta
 from dscoder.settings import Settings
 from dscoder.ui.console import Terminal
@@ -31,13 +32,35 @@ class Runtime:
 
     def engine(self) -> Any:
         if self._engine is None:
-            start = time.monotonic()
-            with self.term.load_progress() as progress:
-                self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info,
-                                                        progress)
-            self.load_seconds = time.monotonic() - start
-            self._tokenizer = self._engine.tokenizer
+            try:
+                self._load()
+            except NotDownloaded as e:
+                if not self._download(e):
+                    raise
+                self._load()
         return self._engine
+
+    def _load(self) -> None:
+        start = time.monotonic()
+        with self.term.load_progress() as progress:
+            self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info,
+                                                    progress)
+        self.load_seconds = time.monotonic() - start
+        self._tokenizer = self._engine.tokenizer
+
+    def _download(self, missing: NotDownloaded) -> bool:
+        """On a terminal, offer to download a model that is not in the cache (as ollama does):
+        its size, one confirmation, then the hub's own progress bars (an interrupted download
+        resumes next time). True once it is there; False in a script or if the answer is no."""
+        term, name = self.term, missing.repo_id
+        if not (term.stdin_is_tty and term.stderr_is_tty):
+            return False
+        size = getattr(self.backend, "download_size", lambda name: None)(name)
+        weight = f" ({size / 1e9:.1f} GB)" if size else ""
+        if not term.confirm(f"{name} is not downloaded yet. Download it now{weight}? [Y/n] "):
+            return False
+        self.backend.pull(name)
+        return True
 
     def tokenizer(self) -> Any:
         """The engine's tokenizer, or the tokenizer alone (for --show-prompt: no weights, no torch)."""

@@ -129,6 +129,16 @@ class Terminal:
 
             yield update
 
+    def confirm(self, question: str) -> bool:
+        """Ask on stderr, read one line from stdin: Enter or y/yes says yes (end of input: no)."""
+        self.stderr.write(question)
+        self.stderr.flush()
+        answer = self.stdin.readline()
+        if not answer:  # Ctrl-D
+            self.stderr.write("\n")
+            return False
+        return answer.strip().lower() in ("", "y", "yes")
+
     @contextmanager
     def working(self, what: str) -> Iterator[Callable[[int], None]]:
         """A spinner with a token count on stderr while the model writes something that is not
