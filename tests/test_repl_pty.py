@@ -90,25 +90,30 @@ def test_chat_multiline_and_paste_is_not_a_command(tmp_path):
     assert not (tmp_path / "state" / "dscoder" / "history").exists()
 
 
-def test_typing_during_a_reply_is_not_echoed_into_it(tmp_path):
+def test_typing_during_a_reply_is_not_echoed_into_it_and_waits_at_the_prompt(tmp_path):
     words = " ".join(f"w{i}" for i in range(150))
     child = spawn(tmp_path, "chat", "--no-history", reply=f"Reply: {words} REPLY-DONE", delay=0.02)
+    term = Screen(child)
     try:
-        child.expect_exact(PROMPT)
+        term.expect(PROMPT)
         child.send("first" + ENTER)
-        child.expect("w1[0-9] ")  # the reply is streaming
-        child.send("zqxj typed ahead" + ENTER)  # keys pressed meanwhile, Enter included
-        child.expect_exact("REPLY-DONE")
-        seen = child.before
-        child.expect_exact(PROMPT)  # the prompt is empty again: the typed keys were discarded
-        seen += child.before
-        assert "zqxj" not in seen
+        term.expect("w1")  # the reply is streaming
+        child.send("zqxj typed" + ENTER + "ahead")  # keys pressed meanwhile, Enter included
+        term.expect("REPLY-DONE")
+        term.expect("tok/s")  # the stats line: the reply is over
+        shown = term.settle()
+        reply = shown[shown.index("Reply:"):shown.index("REPLY-DONE")]
+        assert "zqxj" not in reply  # not echoed into the reply
+        # the typed text starts the next prompt (its Enter a newline), and nothing was sent
+        assert ">>> zqxj typed\nahead" in "\n".join(line.rstrip() for line in shown.splitlines())
+        child.send(CTRL_C)  # clears it
+        term.expect(PROMPT)
         child.send("/show" + ENTER)
-        child.expect_exact("messages: 2")  # the typed line was never sent as a message
-        child.expect_exact(PROMPT)
+        term.expect("messages: 2")  # the typed line was never sent as a message
+        term.expect(PROMPT)
         child.send("second" + ENTER)  # the prompt still echoes and works
-        child.expect_exact("REPLY-DONE")
-        child.expect_exact(PROMPT)
+        term.expect("REPLY-DONE")
+        term.expect(PROMPT)
         child.send(CTRL_D)
         child.expect(pexpect.EOF)
     finally:
@@ -230,3 +235,29 @@ def test_insert_shows_a_spinner_with_the_token_count_then_erases_it(tmp_path):
     assert child.exitstatus == 0
     shown = "\n".join(term.screen.display)
     assert "filling the gap" not in shown and "(dry run" in shown
+
+
+def test_typing_while_the_model_loads_waits_at_the_first_prompt(tmp_path):
+    child = spawn(tmp_path, "chat", "--no-history", reply="ok", delay=0.0,
+                  extra_env={"DSCODER_FAKE_LOAD_DELAY": "1.5"})
+    term = Screen(child)
+    try:
+        term.expect("fake: loading")
+        child.send("early" + ENTER + "bird")
+        term.expect("dscoder chat with")
+        shown = "\n".join(line.rstrip() for line in term.settle().splitlines())
+        assert ">>> early\nbird" in shown and shown.count("early") == 1  # not echoed during load
+        child.send(ENTER)  # now Enter sends it
+        term.expect("ok")
+        term.expect(PROMPT)
+        child.send("/save " + str(tmp_path / "c.json") + ENTER)
+        term.expect("Saved 2 messages")
+        child.send(CTRL_D)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    import json
+
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["messages"][0]["content"] == "early\nbird"

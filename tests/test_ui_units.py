@@ -171,7 +171,7 @@ def test_markdown_stream_settles_lines_and_shows_everything_once():
 
 # --- typing while a reply streams ------------------------------------------------------------------
 
-def test_muted_input_hides_and_discards_typeahead_and_restores_on_ctrl_c():
+def test_muted_input_hides_and_keeps_typeahead_and_restores_on_ctrl_c():
     import os
     import select
     import time
@@ -183,20 +183,29 @@ def test_muted_input_hides_and_discards_typeahead_and_restores_on_ctrl_c():
         before = termios.tcgetattr(slave)
         assert before[3] & termios.ECHO
         with pytest.raises(KeyboardInterrupt):
-            with muted_input(stream):
+            with muted_input(stream) as typed:
                 assert not termios.tcgetattr(slave)[3] & termios.ECHO
                 assert termios.tcgetattr(slave)[3] & termios.ISIG  # Ctrl-C still interrupts
-                os.write(master, b"typed ahead\n")
+                os.write(master, b"typed ahead\rand half a li")  # Enter, then no Enter yet
                 time.sleep(0.1)
                 raise KeyboardInterrupt
         assert termios.tcgetattr(slave) == before  # echo is back
         assert select.select([master], [], [], 0.1)[0] == []  # nothing was echoed to the screen
-        assert select.select([slave], [], [], 0.1)[0] == []  # and the typed line is gone
+        assert typed.text == "typed ahead\nand half a li"  # kept, for the next prompt
+        assert select.select([slave], [], [], 0.1)[0] == []  # and not left to be read twice
         os.write(master, b"x\n")  # afterwards the terminal echoes again
         assert select.select([master], [], [], 2)[0] and b"x" in os.read(master, 100)
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_typed_text_drops_control_keys_and_never_ends_in_enter():
+    from dscoder.ui.console import typed_text
+
+    assert typed_text(b"fix \x1b[Athe bug\x1b[D\r") == "fix the bug"
+    assert typed_text(b"two\r\nlines\n\n") == "two\nlines"
+    assert typed_text("caf\u00e9\t\x07ok".encode()) == "caf\u00e9\tok"
 
 
 def test_muted_input_leaves_non_terminals_alone():

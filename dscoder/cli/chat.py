@@ -81,13 +81,16 @@ def result_json(rt: Runtime, f: Finished) -> dict[str, Any]:
 def repl(rt: Runtime, system: str | None) -> None:
     from dscoder.ui.repl import LineReader  # prompt_toolkit only for the interactive path
 
-    engine = rt.engine()
+    with rt.term.input_muted() as typed:  # keys typed while the model loads wait for the prompt
+        engine = rt.engine()
     session = engine.new_session()
     state = ChatState(Conversation(system=system), rt.settings, rt.model_name)
     history = state_dir(_env()) / "history" if rt.settings.history else None
     reader = LineReader(history, commands=COMMANDS, on_hint=rt.term.hint)
     rt.term.hint(f"dscoder chat with {rt.model_name}. /help for commands, Ctrl-D to leave.")
-    while (entry := reader.read()) is not None:
+    pending = typed.text
+    while (entry := reader.read(pending)) is not None:
+        pending = ""
         try:
             if not entry.pasted and is_command(entry.text):
                 action = run_command(entry.text, state, rt.term)
@@ -100,13 +103,14 @@ def repl(rt: Runtime, system: str | None) -> None:
             else:
                 state.conversation.add_user(entry.text)
             rt.settings = state.settings
-            reply(rt, session, state.conversation)
+            pending = reply(rt, session, state.conversation)
         except DscoderError as e:
             rt.term.error(e.message)
 
 
-def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
-    """One answer in the REPL; Ctrl-C keeps the partial answer, marked, and returns to the prompt."""
+def reply(rt: Runtime, session: Any, convo: Conversation) -> str:
+    """One answer in the REPL; Ctrl-C keeps the partial answer, marked, and returns to the prompt.
+    Returns what the user typed meanwhile (not echoed), for the next prompt to start with."""
     try:
         prompt = build_prompt(rt, convo.prompt_messages())
     except DscoderError:
@@ -114,7 +118,7 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
         raise
     stream = answer_stream(rt.term, code_theme=rt.settings.code_theme)
     try:
-        with rt.term.input_muted():  # keys typed meanwhile would land in the live window
+        with rt.term.input_muted() as typed:  # keys typed meanwhile would land in the live window
             finished = stream_reply(session.generate(prompt.ids, rt.generation()), stream,
                                     prompt_tokens=len(prompt.ids))
     except Interrupted as e:
@@ -122,6 +126,7 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
         rt.term.hint("(interrupted)")
     convo.add_assistant(finished.text, interrupted=finished.reason == "cancelled")
     rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)
+    return typed.text
 
 
 def _env() -> dict[str, str]:

@@ -7,6 +7,7 @@ set or --no-pretty was given.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from contextlib import AbstractContextManager, contextmanager
@@ -152,8 +153,9 @@ class Terminal:
             task = bar.add_task(what, total=None)
             yield lambda tokens: bar.update(task, completed=tokens)
 
-    def input_muted(self) -> AbstractContextManager[None]:
-        """While a reply streams: keys typed are not echoed into it (see `muted_input`)."""
+    def input_muted(self) -> AbstractContextManager[TypeAhead]:
+        """While a reply streams or the model loads: keys typed are not echoed, and are kept for
+        the next prompt (see `muted_input`)."""
         return muted_input(self.stdin)
 
     def show_prompt(self, text: str, tokens: int) -> None:
@@ -162,16 +164,37 @@ class Terminal:
         self.info(f"[{tokens} tokens]")
 
 
-@contextmanager
-def muted_input(stream: TextIO) -> Iterator[None]:
-    """Terminal echo off while the body runs, and what was typed meanwhile thrown away after it.
+@dataclass
+class TypeAhead:
+    """What was typed while the input was muted, as text for the next prompt (no Enter acts)."""
 
-    While a reply streams, the terminal would echo keys typed into rich's live window and garble
-    it. Only ECHO goes off: ICANON and ISIG stay, so Ctrl-C still interrupts the reply. The
-    keys typed during the reply are discarded (TCIFLUSH) rather than kept for the next prompt:
-    the user never saw them (no echo), and a stray Enter among them would send a message that
-    nobody read over. The settings come back in any case: normal end, Ctrl-C or an exception.
-    Anything but a terminal (a pipe, a file, no termios on this platform) is left alone."""
+    text: str = ""
+
+
+_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?", re.S)  # arrow keys and the like
+
+
+def typed_text(data: bytes) -> str:
+    """Keys typed ahead as plain text: Enter becomes a newline (never a send), escape sequences
+    and other control keys are dropped, and the text is trimmed of trailing newlines."""
+    text = _ESCAPE.sub("", data.decode("utf-8", errors="ignore")).replace("\r\n", "\n")
+    text = text.replace("\r", "\n")
+    return "".join(c for c in text if c in "\n\t" or c >= " ").rstrip("\n")
+
+
+@contextmanager
+def muted_input(stream: TextIO) -> Iterator[TypeAhead]:
+    """Terminal echo off while the body runs (a reply streams, the model loads); what was typed
+    meanwhile is kept, as text for the next prompt.
+
+    The terminal would echo keys typed into rich's live window and garble it, so ECHO goes off,
+    and so does line buffering (ICANON), so that half a line typed can be read back at the end.
+    ISIG stays, so Ctrl-C still interrupts. The keys typed come back as `TypeAhead.text` for the
+    next prompt to start with: the user sees them there, and an Enter among them is a newline,
+    so nothing is sent that nobody read over. The settings come back in any case: normal end,
+    Ctrl-C or an exception. Anything but a terminal (a pipe, a file, no termios on this
+    platform) is left alone."""
+    typed = TypeAhead()
     try:
         import termios
 
@@ -180,23 +203,33 @@ def muted_input(stream: TextIO) -> Iterator[None]:
     except (ImportError, AttributeError, ValueError, OSError):
         saved = None
     if saved is None:
-        yield
+        yield typed
         return
     muted = list(saved)
-    muted[3] &= ~(termios.ECHO | termios.ECHONL)  # lflag
+    muted[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON)  # lflag
+    muted[6] = list(saved[6])
+    muted[6][termios.VMIN], muted[6][termios.VTIME] = 0, 0  # reads return what is there
     try:
         termios.tcsetattr(fd, termios.TCSANOW, muted)
     except termios.error:  # e.g. a background process group: leave the terminal alone
-        yield
+        yield typed
         return
     try:
-        yield
+        yield typed
     finally:
         try:
-            termios.tcflush(fd, termios.TCIFLUSH)
+            typed.text = typed_text(_drain(fd))
             termios.tcsetattr(fd, termios.TCSANOW, saved)
-        except termios.error:
+        except (termios.error, OSError):
             pass
+
+
+def _drain(fd: int) -> bytes:
+    """Everything waiting to be read on a terminal in non-canonical mode with VMIN 0."""
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    return data
 
 
 def _console(stream: TextIO, color: bool) -> Console:

@@ -145,15 +145,18 @@ class LineReader:
 
         return kb
 
-    def read(self) -> Entry | None:
+    def read(self, typed_ahead: str = "") -> Entry | None:
+        """The next message; `typed_ahead` (keys typed while a reply streamed) starts the line."""
         last_was_ctrl_c = False
         while True:
             self._pasted = False
             try:
-                text = self.session.prompt(FormattedText([("bold", ">>> ")]))
+                text = self.session.prompt(FormattedText([("bold", ">>> ")]), default=typed_ahead)
+                typed_ahead = ""
             except EOFError:  # Ctrl-D on an empty line
                 return None
             except KeyboardInterrupt:  # Ctrl-C on an empty line
+                typed_ahead = ""
                 if last_was_ctrl_c:
                     return None
                 last_was_ctrl_c = True
