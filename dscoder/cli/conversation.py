@@ -109,7 +109,8 @@ HELP = """\
 
 Keys: Enter sends; Alt+Enter, Esc Enter or Ctrl-J add a newline; start with \"\"\" to write
 several lines until a closing \"\"\"; a paste is one message. Up/Down and Ctrl-R search the
-history. Ctrl-C stops a reply (what was written stays, marked interrupted) or clears the line."""
+history (Enter sends the line found, Escape edits it, Ctrl-C gives up). Ctrl-C stops a reply
+(what was written stays, marked interrupted) or clears the line."""
 
 COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/system", "/set", "/show",
             "/regen", "/read", "/save", "/load")
