@@ -151,8 +151,11 @@ def test_bundled_tokenizer_on_a_fresh_machine(tmp_path, tokenizer_dir):
         assert json.loads(r.stdout) == expected
     assert expected[-1] == [100000, 100001, 100002, 100003, 100004]
     # and through the CLI: --show-prompt works, without torch, for the default model
-    show = _run(["-m", "dscoder", "chat", "--show-prompt", "hi"], **env)
+    show = _run(["-c", "import sys; from dscoder.cli.app import run; rc = run(['chat', "
+                 "'--show-prompt', 'hi']); print('TORCH' if 'torch' in sys.modules else "
+                 "'NO-TORCH', file=sys.stderr); sys.exit(rc)"], **env)
     assert (show.returncode, show.stdout) == (0, "<｜begin▁of▁sentence｜>User: hi\n\nAssistant:")
+    assert show.stderr.split() == ["[8", "tokens]", "NO-TORCH"]
     # any other model still needs its files
     other = _run(["-m", "dscoder", "--model", "someone/other-model", "chat", "--show-prompt", "hi"],
                  **env)
