@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import lite_checkpoint, log, random_prompt  # noqa: E402  (beside this script)
+from common import Sampler, lite_checkpoint, log, random_prompt  # noqa: E402  (beside this script)
 
 GiB = 2**30
 
@@ -56,22 +55,21 @@ def gpu_peaks(device: str) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
 
 
-def small_budget(path: Path, context: int) -> str:
+def small_budget(path: Path, context: int, device: str) -> str:
     """A simulated budget for the dry run: one expert slot more than the minimum."""
     from dscoder.config import ModelConfig
-    from dscoder.offload.planner import STREAM_CHUNK, kv_peak_bytes, min_slots, work_bytes
+    from dscoder.offload.planner import budget_for_slots, min_slots
     from dscoder.offload.setup import model_sizes
 
     s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
-    fixed = s.resident_bytes + kv_peak_bytes(s, context) + work_bytes(s, context)
-    return str(fixed + (2 * STREAM_CHUNK + min_slots(s) + 1) * s.expert_bytes)
+    return str(budget_for_slots(s, min_slots(s) + 1, context, cuda=device == "cuda"))
 
 
 def budget_arg(args, budget: str) -> str | None:
     if budget == "full":
         return None
     if budget == "small":
-        return small_budget(args.dir, args.context)
+        return small_budget(args.dir, args.context, args.device)
     return budget
 
 
@@ -81,9 +79,14 @@ def run_ours(args, budget: str) -> dict:
 
     r: dict = {"engine": "dscoder", "budget": budget}
     reset_gpu(args.device)
+    sampler = Sampler() if args.device == "cuda" else None  # the process in nvidia-smi
+    if sampler:
+        sampler.start()
     t = time.perf_counter()
     engine = load_engine(args.dir, device=args.device, dtype=args.dtype, context_length=args.context,
-                         gpu_memory=budget_arg(args, budget), log=lambda m: log(f"  {m}"))
+                         gpu_memory=budget_arg(args, budget), log=lambda m: log(f"  {m}"),
+                         warn=lambda m: log(f"  warning: {m}"), offload_policy=args.policy,
+                         prefetch_depth=args.prefetch_depth)
     r["load_s"] = time.perf_counter() - t
     r["host_rss_gib"] = rss_gib()
     log(f"  loaded in {r['load_s']:.1f} s, host RSS {r['host_rss_gib']:.1f} GiB")
@@ -113,7 +116,10 @@ def run_ours(args, budget: str) -> dict:
                                                "wasted_prefetches", "copy_seconds",
                                                "exposed_seconds") if k in dec})
     r.update(gpu_peaks(args.device))
-    del engine, off
+    if sampler:
+        r["peak_process_gib"] = sampler.stop() / 1024  # CUDA context included: the budget's measure
+        r["process_source"] = sampler.source
+    engine.close()  # frees the GPU and the pinned host memory before the next row
     return r
 
 
@@ -193,7 +199,8 @@ COLUMNS = [("engine", "engine", "{}"), ("budget", "budget", "{}"), ("load s", "l
            ("TTFT s", "ttft_s", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
            ("decode tok/s", "decode_tok_s", "{:.2f}"), ("hit rate", "decode_hit_rate", "{:.1%}"),
            ("ready", "decode_ready_rate", "{:.1%}"), ("MB/token", "decode_bytes_per_token", "{:.0f}"), ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
-           ("peak resv GiB", "peak_reserved_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
+           ("peak resv GiB", "peak_reserved_gib", "{:.2f}"),
+           ("nvidia-smi GiB", "peak_process_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -226,13 +233,11 @@ def main() -> None:
     p.add_argument("--baseline-decode", type=int, default=8)
     p.add_argument("--host-gib", type=int, default=100, help="accelerate's max_memory for the CPU")
     p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--prefetch-depth", type=int, help="MoE layers ahead to prefetch (DSCODER_PREFETCH_DEPTH)")
-    p.add_argument("--policy", help="eviction policy (DSCODER_OFFLOAD_POLICY): lru, lfu, lru-layer, lfu-layer")
+    p.add_argument("--prefetch-depth", type=int, default=1,
+                   help="MoE layers ahead to prefetch (DSCODER_PREFETCH_DEPTH)")
+    p.add_argument("--policy", default="lru",
+                   help="eviction policy (DSCODER_OFFLOAD_POLICY): lru, lfu, lru-layer, lfu-layer")
     args = p.parse_args()
-    if args.prefetch_depth is not None:
-        os.environ["DSCODER_PREFETCH_DEPTH"] = str(args.prefetch_depth)
-    if args.policy:
-        os.environ["DSCODER_OFFLOAD_POLICY"] = args.policy
     args.dtype = "bfloat16" if args.shape == "lite" else "float32"
     budgets = (args.budgets or ("full,24GiB,12GiB" if args.shape == "lite" else "full,small")).split(",")
     base = [] if args.no_baseline else (args.baseline_budgets.split(",") if args.baseline_budgets

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,3 +73,51 @@ def emit_json(result: dict, out_dir: str | None) -> None:
     if out_dir:
         Path(out_dir, "result.json").write_text(line + "\n")
     print(line)
+
+
+MiB = 2**20
+
+
+def process_mib() -> tuple[float | None, str]:
+    """This process's GPU memory in MiB as nvidia-smi shows it, and where the number came from."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout
+        rows = [line.split(",") for line in out.strip().splitlines() if "," in line]
+        mine = [float(used) for pid, used in rows if int(pid) == os.getpid()]
+        if mine:
+            return mine[0], "nvidia-smi"
+        if len(rows) == 1:  # a container hides our pid; the only process on the card is us
+            return float(rows[0][1]), "nvidia-smi (only process)"
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    if torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / MiB, "mem_get_info (whole device)"
+    return None, "none"
+
+
+class Sampler(threading.Thread):
+    """The peak of process_mib() while it runs."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.period, self.peak, self.source = period, 0.0, "none"
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.period)
+
+    def sample(self) -> None:
+        mib, source = process_mib()
+        if mib is not None and mib > self.peak:
+            self.peak, self.source = mib, source
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        self.sample()
+        return self.peak

@@ -2,19 +2,25 @@
 _dscoder() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" opts i
     for ((i = 1; i < COMP_CWORD; i++)); do
-        case "${COMP_WORDS[i]}" in chat|complete|insert|pull|completion) cmd="${COMP_WORDS[i]}"; break ;; esac
+        case "${COMP_WORDS[i]}" in chat|complete|insert|serve|pull|completion) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     case "$prev" in
+        --api-key) COMPREPLY=(); return ;;
         --context-length) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cuda cpu" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto bfloat16 float16 float32" -- "$cur")); return ;;
+        --engine) COMPREPLY=(); return ;;
         --gpu-memory) COMPREPLY=(); return ;;
+        --host) COMPREPLY=(); return ;;
+        --keep-alive) COMPREPLY=(); return ;;
         --line) COMPREPLY=(); return ;;
         --max-lines) COMPREPLY=(); return ;;
         --max-tokens) COMPREPLY=(); return ;;
         --model) COMPREPLY=(); return ;;
+        --port) COMPREPLY=(); return ;;
         --seed) COMPREPLY=(); return ;;
-        --stop) COMPREPLY=(); return ;;
+        --server) COMPREPLY=(); return ;;
+        --socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --suffix) COMPREPLY=(); return ;;
         --suffix-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --system) COMPREPLY=(); return ;;
@@ -28,10 +34,11 @@ _dscoder() {
         -t) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
-        "") opts="--model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --version -h --help"; COMPREPLY=($(compgen -W "chat complete insert pull completion" -- "$cur")) ;;
-        chat) opts="--system -s --json --no-history --show-prompt --model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty -h --help"; COMPREPLY=() ;;
-        complete) opts="--suffix --suffix-file --max-lines --show-prompt --model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
-        insert) opts="--line -l --dry-run --print --backup --show-prompt --model -m --device --gpu-memory --dtype --context-length --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        "") opts="--model -m --device --gpu-memory --dtype --context-length --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive --version -h --help"; COMPREPLY=($(compgen -W "chat complete insert serve pull completion" -- "$cur")) ;;
+        chat) opts="--system -s --json --no-history --show-prompt --model -m --device --gpu-memory --dtype --context-length --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=() ;;
+        complete) opts="--suffix --suffix-file --max-lines --show-prompt --model -m --device --gpu-memory --dtype --context-length --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        insert) opts="--line -l --dry-run --print --backup --show-prompt --model -m --device --gpu-memory --dtype --context-length --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        serve) opts="--host --port --socket --allow-remote --api-key --stop --model -m --device --gpu-memory --dtype --context-length --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=() ;;
         pull) opts=" -h --help"; COMPREPLY=() ;;
         completion) opts=" -h --help"; COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")) ;;
     esac

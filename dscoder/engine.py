@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,22 +41,65 @@ class Engine:
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     model_dir: Path | None = None
     use_graphs: bool = False  # decode from CUDA graphs (the model is resident on a GPU)
+    budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
     _session: Session | None = None
+    _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    closed: bool = False
+
+    @property
+    def under_budget(self) -> bool:
+        """Loaded under --gpu-memory: the GPU has no room to spare (the server keeps its copies
+        of other conversations' KV rows in host memory then)."""
+        return self.budget_plan is not None
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
     def new_session(self) -> Session:
+        if self.closed:
+            raise UsageError("The engine was closed; load a new one to generate.")
         return Session(self)
+
+    def close(self) -> None:
+        """Free what the engine holds on the GPU and in pinned host memory: weights, KV caches,
+        CUDA graphs, the expert cache and the host copy of the experts (`del engine` alone leaves
+        them to references held elsewhere). The engine cannot generate afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        for session in list(self._sessions):
+            session.close()
+        self._session = None
+        from dscoder.loader import release_model
+
+        release_model(self.model, self.device, uncap=self.budget_plan is not None)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompt_ids: Sequence[int], settings: GenerationSettings | None = None, *,
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         """One generation; consecutive calls share a cache, so a common prefix is reused."""
-        if self._session is None:
+        if self._session is None or self.closed:
             self._session = self.new_session()
         return self._session.generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """Cached rows of a sequence, kept outside its session (the server's prefix cache)."""
+
+    tokens: tuple[int, ...]
+    rows: torch.Tensor  # (layers, len(tokens), kv dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -74,9 +118,32 @@ class Session:
         self.tokens: list[int] = []  # ids whose keys and values are in the cache, in order
         self._cache: LatentKVCache | None = None
         self._graphs: GraphedDecoder | None = None  # captured for self._cache
+        engine._sessions.add(self)  # so that Engine.close() frees its cache and graphs
+
+    def close(self) -> None:
+        self.tokens = []
+        self._cache = None
+        self._graphs = None
 
     def reset(self) -> None:
         self.tokens = []
+
+    def snapshot(self, device: torch.device | str | None = None) -> KVSnapshot | None:
+        """A copy of the cached rows and their ids (None when nothing is cached), so that another
+        conversation can use this session and this one can come back without a prefill."""
+        n = len(self.tokens)
+        if self._cache is None or n == 0:
+            return None
+        rows = self._cache.data[:, :n].to(device or self._cache.data.device, copy=True)
+        return KVSnapshot(tuple(self.tokens), rows)
+
+    def restore(self, snap: KVSnapshot, n: int) -> None:
+        """Make the cache hold the first n ids of `snap` (a copy of rows, no forward pass)."""
+        n = min(n, len(snap.tokens))
+        self.tokens = []  # the rows now cached are given up: growing the cache need not copy them
+        cache = self._ensure_capacity(n)
+        cache.data[:, :n].copy_(snap.rows[:, :n], non_blocking=True)
+        self.tokens = list(snap.tokens[:n])
 
     def _ensure_capacity(self, n: int) -> LatentKVCache:
         cache = self._cache
@@ -133,6 +200,8 @@ class Session:
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         engine = self.engine
+        if engine.closed:
+            raise UsageError("The engine was closed; load a new one to generate.")
         settings = settings or engine.defaults
         prompt = list(prompt_ids)
         self._check_prompt(prompt)
@@ -160,31 +229,43 @@ class Session:
         generated: list[int] = []
         before = engine_stats(engine.model)
         t0 = time.perf_counter()
-        next_id = int(sampler(self._prefill(prompt[reused:])))
-        t1 = time.perf_counter()
+        t1: float | None = None
         waited = 0.0  # time suspended in `yield`: the consumer's (rendering), not the engine's
         reason = "length"
-        while budget > 0:
-            if next_id in stop_ids:
-                reason = "eos"
-                break
-            generated.append(next_id)
-            text, hit = stops.feed(detok.add(next_id))
-            if text:
-                paused = time.perf_counter()
-                yield TextDelta(text, (next_id,))
-                waited += time.perf_counter() - paused
-            if hit:
-                reason = "stop"
-                break
-            if len(generated) >= budget:
-                break
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            next_id = int(sampler(self._forward([next_id])))
+        interrupt: KeyboardInterrupt | None = None
+        try:
+            next_id = int(sampler(self._prefill(prompt[reused:])))
+            t1 = time.perf_counter()
+            while budget > 0:
+                if next_id in stop_ids:
+                    reason = "eos"
+                    break
+                generated.append(next_id)
+                text, hit = stops.feed(detok.add(next_id))
+                if text:
+                    paused = time.perf_counter()
+                    yield TextDelta(text, (next_id,))
+                    waited += time.perf_counter() - paused
+                if hit:
+                    reason = "stop"
+                    break
+                if len(generated) >= budget:
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                next_id = int(sampler(self._forward([next_id])))
+        except KeyboardInterrupt as e:
+            # Ctrl-C (or SIGTERM) inside a step: the cache holds every token counted in
+            # self.tokens, so the reply ends here like a cancel, with a "cancelled" Finished
+            # that has this generation's real numbers; a caller that reads on past it gets the
+            # interrupt back (a plain `for` loop over events still stops on Ctrl-C).
+            reason, interrupt = "cancelled", e
+        if t1 is None:
+            t1 = time.perf_counter()
         if reason != "stop":
-            tail = stops.finish(detok.flush())
+            # a character cut in half by the end (max tokens, a cancel) is dropped, not U+FFFD
+            tail = stops.finish(detok.flush(partial=False))
             if tail:
                 paused = time.perf_counter()
                 yield TextDelta(tail, ())
@@ -193,6 +274,8 @@ class Session:
                        prompt_tokens=len(prompt), cached_tokens=reused,
                        prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1 - waited,
                        stats=engine_stats(engine.model, before))
+        if interrupt is not None:
+            raise interrupt
 
 
 def make_decoder(model: Transformer, cache: LatentKVCache):
@@ -214,4 +297,4 @@ def engine_stats(model: Transformer, before: dict | None = None) -> dict:
 
 from dscoder.loader import load_engine  # noqa: E402  (the public entry point lives beside Engine)
 
-__all__ = ["Engine", "Session", "load_engine"]
+__all__ = ["Engine", "KVSnapshot", "Session", "load_engine"]

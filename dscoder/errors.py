@@ -8,7 +8,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     RUNTIME = 1  # the model, the GPU or the machine failed us
     USAGE = 2  # bad flags, bad input files, a prompt that does not fit
-    INTERRUPTED = 130  # Ctrl-C
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + 15, as shells report it)
 
 
 class DscoderError(Exception):
@@ -51,3 +52,9 @@ class FileChanged(DscoderError):
     """The file changed on disk after we read it; nothing was written."""
 
     exit_code = ExitCode.RUNTIME
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, from torch or from the engine (torch-free test)."""
+    return (isinstance(error, OutOfMemory) or type(error).__name__ == "OutOfMemoryError"
+            or "CUDA out of memory" in str(error))

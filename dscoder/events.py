@@ -42,10 +42,12 @@ class Finished:
     # the reply's wall time as the user saw it (set by the CLI; the engine's own seconds above
     # count only its work, so a slow terminal never reads as a slow model)
     wall_seconds: float | None = None
+    # the count when the ids are not known (a server that sends only text and usage)
+    generated_count: int | None = None
 
     @property
     def generated_tokens(self) -> int:
-        return len(self.token_ids)
+        return self.generated_count if self.generated_count is not None else len(self.token_ids)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -55,7 +57,7 @@ class Finished:
     @property
     def decode_tokens_per_second(self) -> float:
         # the first token comes out of prefill; decode produced the rest
-        n = max(len(self.token_ids) - 1, 0)
+        n = max(self.generated_tokens - 1, 0)
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 

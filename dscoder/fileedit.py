@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import shlex
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
+from dscoder import signals
 from dscoder.errors import DscoderError, FileChanged, UsageError
 
 BOM = b"\xef\xbb\xbf"
@@ -80,11 +83,15 @@ def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
         raise UsageError(f"cannot read {path}: {e.strerror or e}.") from None
 
 
-def _decode(path: Path, data: bytes) -> str:
+_BINARY_FILE = "looks like a binary file (it contains NUL bytes); give a text file"
+_BINARY_PIPE = "looks like binary data (it contains NUL bytes); pipe text instead"
+
+
+def _decode(path: Path | str, data: bytes, binary: str = _BINARY_FILE) -> str:
     if data.startswith(_UTF16_BOMS):
         raise UsageError(f"{path} is UTF-16 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8).")
     if looks_binary(data):
-        raise UsageError(f"{path} looks like a binary file (it contains NUL bytes); give a text file.")
+        raise UsageError(f"{path} {binary}.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,6 +99,25 @@ def _decode(path: Path, data: bytes) -> str:
             f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
             "convert it to UTF-8 first (e.g. iconv -f LATIN1 -t UTF-8)."
         ) from None
+
+
+PIPED = "The piped input"
+
+
+def read_stdin_text(stream: TextIO) -> str:
+    """All of piped stdin as text, by the same rules as a file: UTF-8, no NUL bytes, else a
+    UsageError. The bytes are decoded here, not by Python's stdin, whose errors depend on the
+    locale (under LC_ALL=C it uses surrogateescape and lets any byte through)."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        data = buffer.read()
+    else:  # a text stream without bytes (tests): re-encode what it decoded
+        try:
+            data = stream.read().encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = b"\xff"  # a lone surrogate: it did not come from UTF-8
+    text = _decode(PIPED, data, binary=_BINARY_PIPE)
+    return text.removeprefix("\ufeff")
 
 
 def _dominant_newline(decoded: str) -> str:
@@ -162,10 +188,87 @@ def unified_diff(original: TextFile, new_text: str) -> str:
     The labels are a/FILE and b/FILE with FILE as the user gave it; an absolute path loses its
     leading slash, as in git (`git diff --no-index /tmp/x.py ...` shows a/tmp/x.py)."""
     name = original.path.as_posix().lstrip("/")
-    old, new = split_keepends(original.text), split_keepends(_final_text(original, new_text))
-    out = difflib.unified_diff(old, new, f"a/{name}", f"b/{name}")
+    old_text, new_text = original.text, _final_text(original, new_text)
+    # difflib over a whole 50 MB file takes seconds and gigabytes; an edit changes one stretch,
+    # so only that stretch and the lines around it are split and compared (the common start and
+    # end are found by comparing slices, at memcmp speed), and the hunk headers shifted back.
+    # The margin is wide so that difflib places a change in a run of equal lines (blank lines)
+    # as it would over the whole file, with full context on both sides.
+    head = _common_head_lines(old_text, new_text)
+    tail = _common_tail_lines(old_text[head:], new_text[head:])
+    lo = _back_lines(old_text, head, _MARGIN)
+    old_mid = split_keepends(old_text[lo:_forward_lines(old_text, len(old_text) - tail, _MARGIN)])
+    new_mid = split_keepends(new_text[lo:_forward_lines(new_text, len(new_text) - tail, _MARGIN)])
+    shift = old_text.count("\n", 0, lo)
+    out = difflib.unified_diff(old_mid, new_mid, f"a/{name}", f"b/{name}", n=_CONTEXT)
+    out = (_shift_hunk(ln, shift) if ln.startswith("@@") else ln for ln in out)
     # difflib leaves a line without "\n" glued to the next one; mark it as diff/patch expect.
     return "".join(ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in out)
+
+
+_CONTEXT = 3  # unchanged lines shown around a change, as in diff -u and git
+_MARGIN = 1000  # unchanged lines given to difflib on each side of the changed stretch
+_HUNK = re.compile(r"@@ -(\d+)((?:,\d+)?) \+(\d+)((?:,\d+)?) @@")
+
+
+def _common_head_lines(a: str, b: str) -> int:
+    """Length of the longest common start of a and b that ends at a line boundary."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # the longest k with a[:k] == b[:k]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == len(a) == len(b):
+        return lo
+    return a.rfind("\n", 0, lo) + 1  # back to the start of the line that differs
+
+
+def _common_tail_lines(a: str, b: str) -> int:
+    """Length of the longest common end of a and b made of whole lines (each ending in \\n)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        return 0
+    # The common end must start a line in both texts; if not, move on to the next line start
+    # inside it (the same distance in both, and then both are after a "\n").
+    start, start_b = len(a) - lo, len(b) - lo
+    if (start > 0 and a[start - 1] != "\n") or (start_b > 0 and b[start_b - 1] != "\n"):
+        nl = a.find("\n", start)
+        start = len(a) if nl < 0 else nl + 1
+    return len(a) - start
+
+
+def _back_lines(text: str, pos: int, n: int) -> int:
+    """The start of the line n lines before the one starting at pos (0 at the top)."""
+    for _ in range(n):
+        if pos == 0:
+            break
+        pos = text.rfind("\n", 0, pos - 1) + 1
+    return pos
+
+
+def _forward_lines(text: str, pos: int, n: int) -> int:
+    """The end of the n lines that start at pos (the text's end if fewer)."""
+    for _ in range(n):
+        if pos >= len(text):
+            break
+        nl = text.find("\n", pos)
+        pos = len(text) if nl < 0 else nl + 1
+    return pos
+
+
+def _shift_hunk(line: str, offset: int) -> str:
+    if not offset:
+        return line
+    return _HUNK.sub(lambda m: f"@@ -{int(m[1]) + offset}{m[2]} +{int(m[3]) + offset}{m[4]} @@",
+                     line, count=1)
 
 
 def _real(path: Path) -> Path:
@@ -187,23 +290,49 @@ def check_writable(path: Path) -> None:
         )
 
 
+def backup_path(path: Path) -> Path:
+    """Where --backup keeps the original: FILE~ beside the file (the real file, for a symlink)."""
+    target = _real(Path(path))
+    return target.with_name(target.name + "~")
+
+
+def check_backup(path: Path) -> None:
+    """UsageError now, before generation, if FILE~ cannot become the backup."""
+    backup = backup_path(path)
+    # (its folder is the file's own, which check_writable has checked)
+    if backup.is_dir() or (backup.exists() and not backup.is_file()):
+        raise UsageError(f"the backup path {backup} is a folder or not a regular file; "
+                         "move it away, or leave out --backup.")
+
+
 def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> None:
     """Replace the file with new_text ("\\n" newlines) in the original's newline style, BOM and mode.
 
     FileChanged (nothing written) if the bytes on disk are no longer those read; UsageError if the
-    file or folder is not writable. On any exception, Ctrl-C included, the original is untouched and
-    no temporary file is left behind. backup=True first saves the old bytes, exactly, as FILE~.
+    file or folder is not writable. On any exception, Ctrl-C and SIGTERM included, the original is
+    untouched and no temporary file is left behind (a SIGKILL's is removed by the next write).
+    backup=True first saves the old bytes, exactly, as FILE~, with the file's mode and owner.
+    A file with other hard links is rewritten in place (see `_write_in_place`), so that all its
+    names keep sharing the new text, as vim and emacs do.
     """
     check_writable(original.path)
     target = _real(original.path)
     data = _encode(original, _final_text(original, new_text))
+    remove_stale_temps(target)
     try:
+        if hard_links(target) > 1:
+            _write_in_place(original, target, data, backup)
+            return
         tmp = _write_temp(target, data, original.mode)
         try:
             old = _ensure_unchanged(original, target)
             if backup:
                 _write_backup(target, old, original.mode)
-            os.replace(tmp, target)
+            # The point of no return: an interrupt that was swallowed somewhere (signals.check)
+            # or that arrives now stops us before the rename, never after it.
+            with signals.deferred(deliver=False):
+                signals.check()
+                os.replace(tmp, target)
         except BaseException:
             _remove_quietly(tmp)
             raise
@@ -214,16 +343,86 @@ def write_atomic(original: TextFile, new_text: str, *, backup: bool = False) -> 
     _fsync_dir(target.parent)
 
 
-def _write_temp(target: Path, data: bytes, mode: int) -> Path:
-    """A fsynced temporary copy of `data` next to `target`, with its mode and (if we can) owner."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+def hard_links(target: Path) -> int:
+    """How many names the file has (1 for a file that is not hard-linked, or cannot be read)."""
+    try:
+        return os.stat(target).st_nlink
+    except OSError:
+        return 1
+
+
+def _write_in_place(original: TextFile, target: Path, data: bytes, backup: bool) -> None:
+    """Overwrite the file's own inode: a rename would give this name a new inode and silently
+    stop the other hard links from sharing the edit. Not atomic against a crash or SIGKILL, so
+    the write itself runs with Ctrl-C and SIGTERM held back, after every check has passed."""
+    old = _ensure_unchanged(original, target)
+    if backup:
+        _write_backup(target, old, original.mode)
+    with signals.deferred(deliver=False):
+        signals.check()
+        with open(target, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _temp_name_re(name: str) -> re.Pattern[str]:
+    # .NAME.PID.XXXXXXXX.dscoder-tmp: mkstemp's 8 random characters never include a dot
+    return re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, and is someone else's
+        pass
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of FILE (and of its backup FILE~) left by a writer that died
+    between writing and renaming them (SIGKILL, a crash, a power cut); their names carry the
+    writer's pid, so those of a writer still running are kept. Returns what was removed."""
+    target = _real(Path(path))
+    removed: list[Path] = []
+    for name in (target.name, target.name + "~"):
+        pattern = _temp_name_re(name)
+        try:
+            candidates = list(target.parent.glob(f".{_glob_escape(name)}.*{TEMP_SUFFIX}"))
+        except OSError:
+            continue
+        for p in candidates:
+            m = pattern.fullmatch(p.name)
+            if m and not _alive(int(m.group(1))):
+                try:
+                    os.unlink(p)
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _write_temp(target: Path, data: bytes, mode: int, owner_of: Path | None = None) -> Path:
+    """A fsynced temporary copy of `data` next to `target`, with its mode and (if we can) the
+    owner of `owner_of` (default: `target`). The name carries our pid, for remove_stale_temps."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX,
+                                dir=target.parent)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)  # mkstemp makes 0600; fchmod ignores the umask
-            _copy_owner(f.fileno(), target)
+            _copy_owner(f.fileno(), owner_of or target)
             os.fsync(f.fileno())
     except BaseException:
         _remove_quietly(tmp)
@@ -259,9 +458,9 @@ def _ensure_unchanged(original: TextFile, target: Path) -> bytes:
 
 
 def _write_backup(target: Path, data: bytes, mode: int) -> None:
-    backup = target.with_name(target.name + "~")
+    backup = backup_path(target)
     try:
-        tmp = _write_temp(backup, data, mode)
+        tmp = _write_temp(backup, data, mode, owner_of=target)
         try:
             os.replace(tmp, backup)
         except BaseException:

@@ -16,6 +16,8 @@ _COMMENTS = ("#", "//", "/*", "*", "--", ";")
 # A line that closes or continues the block above it: code before it belongs inside that block.
 _CONTINUES = re.compile(r"[)\]}]|(else|elif|except|finally|catch|case|default|end|fi|done|esac)\b")
 _MAX_SUFFIX_LINES = 50  # enough to recognise a re-written suffix; bounds the work
+# The rules look at the text around the hole, never the whole file: a 50 MB file costs no more.
+_NEAR_CHARS = 100_000
 
 
 def clean_insertion(generated: str, prefix: str, suffix: str) -> str:
@@ -23,6 +25,7 @@ def clean_insertion(generated: str, prefix: str, suffix: str) -> str:
     text = generated.replace("\r\n", "\n")
     if not text.strip():
         return ""
+    prefix, suffix = prefix[-_NEAR_CHARS:], suffix[:_NEAR_CHARS]
     at_line_start = prefix == "" or prefix.endswith("\n")
     if not _markdown_context(prefix, suffix):  # in Markdown, fences are content
         text = strip_fences(text)

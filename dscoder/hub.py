@@ -14,9 +14,11 @@ from pathlib import Path
 from dscoder.errors import DscoderError, ModelNotFound
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
-# What the engine needs: config, weights and index, tokenizer and generation settings.
-# Remote code (*.py) and other formats (*.bin, *.gguf) are never fetched.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# What the engine needs: config, weights and index, tokenizer, chat template and generation
+# settings. Remote code (*.py) is fetched only for --trust-remote-code; other formats (*.bin,
+# *.gguf) never are.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+CODE_PATTERNS = ["*.py"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The released DeepSeek-Coder-V2 models (Lite and full, Base and Instruct, and their -0724
 # updates) share one tokenizer, which dscoder ships (dscoder.tokenizer.load_bundled_tokenizer),
@@ -122,14 +124,15 @@ def resolve_model(name: str | Path, *, download: bool = False, progress: bool = 
     return _download(name, progress=progress)
 
 
-def pull(name: str, *, progress: bool = True) -> Path:
-    """Download (or complete, or update) ``name`` into the hub cache; progress goes to stderr."""
+def pull(name: str, *, progress: bool = True, code: bool = False) -> Path:
+    """Download (or complete, or update) ``name`` into the hub cache; progress goes to stderr.
+    ``code``: also the model's own Python files (for --trust-remote-code)."""
     if not is_hub_id(name):
         raise ModelNotFound(f"{name!r} is not a hub id; give one like {DEFAULT_MODEL}.")
-    return _download(name, progress=progress)
+    return _download(name, progress=progress, code=code)
 
 
-def _download(repo_id: str, *, progress: bool) -> Path:
+def _download(repo_id: str, *, progress: bool, code: bool = False) -> Path:
     if is_offline():
         raise DscoderError(f"Cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or copy "
                            "the model here and pass its directory with --model.")
@@ -141,8 +144,8 @@ def _download(repo_id: str, *, progress: bool) -> Path:
     if not progress:
         disable_progress_bars()
     try:  # tqdm bars go to stderr, which is where progress belongs
-        path = Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(),
-                                      allow_patterns=ALLOW_PATTERNS))
+        path = Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), allow_patterns=(
+            ALLOW_PATTERNS + CODE_PATTERNS if code else ALLOW_PATTERNS)))
     except Exception as e:  # noqa: BLE001 -- any failure becomes one sentence, no traceback
         raise _download_error(repo_id, e) from e
     finally:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from dscoder.config import ModelConfig
-from dscoder.errors import OutOfMemory, UsageError
+from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
 from dscoder.weights import Progress, load_model
 
@@ -37,31 +37,85 @@ def pick_dtype(dtype: str | None, cfg: ModelConfig) -> torch.dtype:
 
 
 def generation_defaults(model_dir: Path) -> GenerationSettings:
-    """Sampling defaults from generation_config.json (greedy when do_sample is false)."""
+    """Sampling defaults from generation_config.json (greedy when do_sample is false); no file
+    means our defaults, a bad one is refused with one sentence per problem."""
     path = model_dir / "generation_config.json"
+    if not path.exists():
+        return GenerationSettings()
     try:
         g = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return GenerationSettings()
-    base = GenerationSettings()
-    if g.get("do_sample") is False:
+    except (OSError, ValueError) as e:
+        raise BadCheckpoint(f"Cannot read {path}: {e}.") from e
+    if not isinstance(g, dict):
+        raise BadCheckpoint(f"{path} holds a JSON {type(g).__name__}, not an object of settings.")
+    base, problems = GenerationSettings(), []
+
+    def number(key: str, default: float, ok, rule: str) -> float:
+        v = g.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            problems.append(f"{key} must be {rule}, not {v!r}.")
+            return default
+        return v
+
+    do_sample = g.get("do_sample", True)
+    if not isinstance(do_sample, bool):
+        problems.append(f"do_sample must be true or false, not {do_sample!r}.")
+    temperature = number("temperature", base.temperature, lambda v: v >= 0, "0 or more")
+    top_p = number("top_p", base.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1")
+    top_k = number("top_k", 0, lambda v: v >= 0 and v == int(v), "a whole number, 0 or more")
+    if problems:
+        raise BadCheckpoint(f"{path} is not valid: {' '.join(problems)}")
+    if do_sample is False:
         return GenerationSettings(temperature=0.0)
-    return GenerationSettings(temperature=float(g.get("temperature", base.temperature)),
-                              top_p=float(g.get("top_p", base.top_p)),
-                              top_k=int(g.get("top_k", 0) or 0))
+    return GenerationSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
 
 
 def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
                 gpu_memory: str | None = None, context_length: int | None = None,
                 download: bool = False, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None):
-    """Load a checkpoint (local dir or hub id) and return an Engine ready to generate."""
-    from dscoder.engine import Engine
+                log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+                notice: Callable[[str], None] | None = None, cuda_graphs: bool = True,
+                compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
+                routing_trace: str | Path | None = None, engine: str = "auto",
+                trust_remote_code: bool = False):
+    """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
+    one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
+
+    log: details for --verbose; warn: what the user must hear (a failed page-lock); notice: facts
+    worth one line (the context window a budget sets). The engine switches (settings.py reads
+    them from DSCODER_* and the config file): cuda_graphs and compile (decode speed-ups on CUDA),
+    offload_policy and prefetch_depth (the expert cache under a budget), routing_trace (a file
+    to record which experts each layer picks)."""
+    from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
-    from dscoder.tokenizer import load_tokenizer
 
     model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+    if choose_engine(model_dir, engine) == "transformers":
+        from dscoder.hf_engine import load_hf_engine
+
+        return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
+                              dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
+                              trust_remote_code=trust_remote_code,
+                              defaults=generation_defaults(model_dir), log=log)
+    return _load_native(model_dir, device=device, dtype=dtype, gpu_memory=gpu_memory,
+                        context_length=context_length, progress=progress, log=log, warn=warn,
+                        notice=notice, cuda_graphs=cuda_graphs, compile=compile,
+                        offload_policy=offload_policy, prefetch_depth=prefetch_depth,
+                        routing_trace=routing_trace)
+
+
+def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
+                 context_length: int | None, progress: Progress | None,
+                 log: Callable[[str], None] | None, warn: Callable[[str], None] | None,
+                 notice: Callable[[str], None] | None, cuda_graphs: bool, compile: bool,
+                 offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None):
+    from dscoder.engine import Engine
+    from dscoder.tokenizer import load_tokenizer
+
     cfg = ModelConfig.from_file(model_dir / "config.json")
+    defaults = generation_defaults(model_dir)  # a bad file is reported before the long load
     dev = pick_device(device)
     dt = pick_dtype(dtype, cfg)
     ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -72,35 +126,65 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
 
-            net, ctx, _ = load_with_budget(model_dir, cfg, dev, dt, gpu_memory, ctx,
-                                           context_length is not None, progress=progress, log=log)
+            net, ctx, budget_plan = load_with_budget(
+                model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
+                progress=progress, log=log, warn=warn, policy=offload_policy,
+                prefetch_depth=prefetch_depth)
+            if notice and budget_plan.window_notice():
+                notice(budget_plan.window_notice())
         else:
+            budget_plan = None
             net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
-        if os.environ.get("DSCODER_ROUTING_TRACE"):
+        if routing_trace:
             from dscoder.offload.setup import install_trace
 
-            install_trace(net)
+            install_trace(net, routing_trace)
         net.set_context(ctx)
-        use_graphs = _fast_decode(net, dev)
+        use_graphs = _fast_decode(net, dev, cuda_graphs and not routing_trace, compile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                  defaults=generation_defaults(model_dir), model_dir=model_dir,
-                  use_graphs=use_graphs)
+                  defaults=defaults, model_dir=model_dir,
+                  use_graphs=use_graphs, budget_plan=budget_plan)
 
 
-def _fast_decode(net, dev: torch.device) -> bool:
+def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool) -> bool:
     """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
-    step (it fuses the step's small kernels; the compile happens on the first reply).
-    DSCODER_CUDA_GRAPHS=0 and DSCODER_COMPILE=0 turn each off; a routing trace needs the host at
-    every layer, so it turns graphs off too."""
-    env = os.environ
-    if (dev.type != "cuda" or env.get("DSCODER_CUDA_GRAPHS", "1") == "0"
-            or env.get("DSCODER_ROUTING_TRACE")):
+    step (it fuses the step's small kernels; the compile happens on the first reply). A routing
+    trace needs the host at every layer, so the caller turns graphs off for it."""
+    if dev.type != "cuda" or not graphs:
         return False
-    if net.offload is None and env.get("DSCODER_COMPILE", "1") != "0":
+    if net.offload is None and compile:
         net.compile_decode()
     return True
+
+
+def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
+    """Free a loaded model's memory even while something still refers to the module: the
+    parameters move to the meta device, the expert cache and the pinned host store are emptied,
+    compiled code is dropped, and CUDA gets its cached blocks back. uncap: lift the allocator
+    cap that a --gpu-memory budget set, so that a later engine can have its own."""
+    import gc
+
+    if net.offload is not None:
+        from dscoder.offload.setup import release_offload
+
+        release_offload(net)
+    compiled = net._compiled_layer is not None
+    net._compiled_layer = None
+    net.rope = None
+    net.to(torch.device("meta"))
+    if compiled:
+        from torch import _dynamo
+
+        _dynamo.reset()  # its caches hold the compiled step's guards and constants
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        if uncap:
+            torch.cuda.set_per_process_memory_fraction(1.0, device.index if device.index is not None
+                                                       else torch.cuda.current_device())

@@ -5,6 +5,10 @@ FIM sentinels) and runs of text between them. Each maximal run of text is encode
 (encoding smaller pieces changes the ids at the seams), and the text never becomes special ids,
 whatever it contains. The result equals what the released chat template gives through
 transformers for ordinary text.
+
+Models other than DeepSeek-Coder-V2 bring their own chat template (dscoder.chat_template): their
+tokenizer (dscoder.model_tokenizer) carries it, and ``chat_prompt`` uses it instead of the native
+builder, with the same truncation and the same guarantee that text stays text.
 """
 from __future__ import annotations
 
@@ -19,6 +23,11 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Part = int | str  # a special id the template inserts, or a run of text
 ROLES = ("system", "user", "assistant")
 PREFIX_SHARE = 0.75  # FIM: the prefix's share of the budget when prefix and suffix are both long
+LOW_WATER = 0.5  # chat: a conversation that overflows is cut to this share of the limit at once
+# Text is cut by characters before it is tokenized, so time and memory follow the context window,
+# not the file (a 50 MB file took minutes and 18 GB to tokenize whole). Code averages 3-4
+# characters a token; 16 keeps a full window for all but pathological text (runs of blanks).
+CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class Prompt:
     ids: list[int]
     text: str  # the rendered prompt, special tokens spelled out (for --show-prompt)
     dropped_messages: int = 0  # chat: messages dropped (whole turns) to fit
+    dropped_turns: int = 0  # chat: the oldest turns left out (pass it to the next chat_prompt)
     truncated_chars: tuple[int, int] = (0, 0)  # characters cut from the prefix start / suffix end
 
 
@@ -73,6 +83,17 @@ def _chat_parts(tok: Tokenizer, messages: Sequence[Message]) -> list[Part]:
     return parts
 
 
+def _parts_builder(tok: Tokenizer) -> Callable[[Sequence[Message]], list[Part]]:
+    """The model's own template when its tokenizer has one, else the native V2 builder."""
+    if not hasattr(tok, "chat_template"):
+        return lambda messages: _chat_parts(tok, messages)
+    template = tok.chat_template
+    if template is None:
+        raise UsageError("This model has no chat template (a base model?); use dscoder complete "
+                         "or insert with it, or chat with an Instruct model.")
+    return template.parts
+
+
 def _turns(messages: Sequence[Message]) -> list[list[int]]:
     """Indices of the droppable turns, oldest first: each user message with the replies that
     follow it. System messages and the last turn (the one being answered) are never dropped."""
@@ -92,25 +113,70 @@ def _without_turns(messages: Sequence[Message], turns: list[list[int]], k: int) 
 
 
 def chat_prompt(tok: Tokenizer, messages: Sequence[Message], *,
-                max_prompt_tokens: int | None = None) -> Prompt:
-    """The chat prompt with the generation prompt ``Assistant:``; drops the oldest whole turns
-    (keeping system messages and the last user message) when it exceeds ``max_prompt_tokens``."""
+                max_prompt_tokens: int | None = None, dropped_turns: int = 0,
+                low_water: float = LOW_WATER) -> Prompt:
+    """The chat prompt with the generation prompt ``Assistant:``; leaves out the oldest whole
+    turns (keeping system messages and the last user message) when it exceeds ``max_prompt_tokens``.
+
+    ``dropped_turns``: turns the previous prompt of this conversation already left out; they
+    stay out while the rest fits, so consecutive prompts share their prefix and the engine reuses
+    its KV cache. When the rest no longer fits, turns go out at once until the prompt is at most
+    ``low_water`` of the limit: the window then has room for several more turns before the
+    prefix has to change again (one turn per turn would change it, and prefill the whole
+    window, on every turn)."""
     _check_messages(messages)
-    ids, text = _build(tok, _chat_parts(tok, messages))
-    if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
-        return Prompt(ids, text)
+    parts = _parts_builder(tok)
     turns = _turns(messages)
+    k0 = min(dropped_turns, len(turns))
+    if max_prompt_tokens is not None:
+        _refuse_huge(tok, messages, turns, max_prompt_tokens)
 
     def attempt(k: int) -> tuple[list[int], str]:
-        return _build(tok, _chat_parts(tok, _without_turns(messages, turns, k)))
+        return _build(tok, parts(_without_turns(messages, turns, k)))
 
-    k = _least(1, len(turns), lambda k: len(attempt(k)[0]) <= max_prompt_tokens)
-    ids, text = attempt(k)
-    if len(ids) > max_prompt_tokens:
+    def prompt(k: int, built: tuple[list[int], str]) -> Prompt:
+        return Prompt(built[0], built[1], dropped_messages=sum(len(t) for t in turns[:k]),
+                      dropped_turns=k)
+
+    built = attempt(k0)
+    if max_prompt_tokens is None or len(built[0]) <= max_prompt_tokens:
+        return prompt(k0, built)
+    target = int(max_prompt_tokens * low_water)
+    k = _least(k0 + 1, len(turns), lambda k: len(attempt(k)[0]) <= target) if k0 < len(turns) else k0
+    built = attempt(k)
+    if len(built[0]) > max_prompt_tokens:
         raise PromptTooLong(
-            f"The prompt needs {len(ids)} tokens even without earlier turns, but the limit is "
+            f"The prompt needs {len(built[0])} tokens even without earlier turns, but the limit is "
             f"{max_prompt_tokens}; shorten the message or the system prompt, or raise the limit.")
-    return Prompt(ids, text, dropped_messages=sum(len(t) for t in turns[:k]))
+    return prompt(k, built)
+
+
+def _refuse_huge(tok: Tokenizer, messages: Sequence[Message], turns: list[list[int]],
+                 limit: int) -> None:
+    """PromptTooLong at once for a message that can never fit (10 MB piped into chat), found by
+    tokenizing at most ``limit * CHARS_PER_TOKEN`` characters of it, not all of it."""
+    droppable = {i for turn in turns for i in turn}
+    for i, m in enumerate(messages):
+        if i not in droppable and _surely_over(tok, m["content"], limit):
+            raise PromptTooLong(
+                f"Message {i + 1} has {len(m['content'])} characters, more than fit in the prompt "
+                f"(the limit is {limit} tokens); shorten it, or pipe in only the part that matters.")
+
+
+def _surely_over(tok: Tokenizer, text: str, limit: int) -> bool:
+    """Whether ``text`` needs more than ``limit`` tokens, decided from a bounded piece of it:
+    the tokens of a prefix are at most one more (its last one, cut) than the whole has there."""
+    most = max_token_chars(tok)
+    if most is not None and len(text) > limit * most:
+        return True
+    head = text[: limit * CHARS_PER_TOKEN]
+    return len(head) < len(text) and len(tok.encode(head)) > limit + 1
+
+
+def max_token_chars(tok: Tokenizer) -> int | None:
+    """The most characters one token can stand for (128 for DeepSeek-Coder-V2: a run of spaces);
+    None when the tokenizer cannot say."""
+    return getattr(tok, "max_token_chars", None)
 
 
 def _least(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
@@ -132,7 +198,9 @@ def _count(tok: Tokenizer, text: str) -> int:
 
 def keep_tail(tok: Tokenizer, text: str, budget: int) -> str:
     """The end of ``text`` in at most ``budget`` tokens, starting at a line start if that keeps
-    at least half the budget. The pre-tokenizer isolates newlines, so lines encode alone."""
+    at least half the budget. The pre-tokenizer isolates newlines, so lines encode alone.
+    Only the last ``budget * CHARS_PER_TOKEN`` characters are tokenized."""
+    text = text[max(len(text) - max(budget, 0) * CHARS_PER_TOKEN, 0):]
     ids, offsets = tok.encode_with_offsets(text)
     if len(ids) <= budget:
         return text
@@ -152,7 +220,8 @@ def keep_tail(tok: Tokenizer, text: str, budget: int) -> str:
 
 def keep_head(tok: Tokenizer, text: str, budget: int) -> str:
     """The start of ``text`` in at most ``budget`` tokens, ending at a line end if that keeps at
-    least half the budget."""
+    least half the budget. Only the first ``budget * CHARS_PER_TOKEN`` characters are tokenized."""
+    text = text[: max(budget, 0) * CHARS_PER_TOKEN]
     ids, offsets = tok.encode_with_offsets(text)
     if len(ids) <= budget:
         return text
@@ -187,18 +256,34 @@ def _room(max_prompt_tokens: int, n_special: int, what: str) -> int:
     return room
 
 
+def _bos(tok: Tokenizer) -> list[Part]:
+    """BOS, for the models that have one (Qwen's tokenizers have none)."""
+    return [] if tok.bos_id is None else [tok.bos_id]
+
+
 def fim_prompt(tok: Tokenizer, prefix: str, suffix: str, *,
-               max_prompt_tokens: int | None = None) -> Prompt:
-    """``<BOS><fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest the hole."""
-    kept_prefix, kept_suffix = prefix, suffix
+               max_prompt_tokens: int | None = None, context: str = "") -> Prompt:
+    """``<BOS>{context}<fim_begin>{prefix}<fim_hole>{suffix}<fim_end>``; keeps the text nearest
+    the hole. ``context`` (other files of the repository, as editors send it) gets the room the
+    prefix and suffix leave, and keeps its end: the snippets nearest the prefix."""
+    if None in (tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id):
+        raise UsageError("This model's tokenizer has no fill-in-the-middle tokens; use "
+                         "dscoder complete without --suffix, or a DeepSeek-Coder model.")
+    kept_prefix, kept_suffix, kept_context = prefix, suffix, context
     if max_prompt_tokens is not None:
-        room = _room(max_prompt_tokens, 4, "fill-in-the-middle")
-        n_prefix, n_suffix = _count(tok, prefix), _count(tok, suffix)
-        if n_prefix + n_suffix > room:
-            kept_prefix = keep_tail(tok, prefix, _budget_split(room, n_prefix, n_suffix))
-            kept_suffix = keep_head(tok, suffix, room - _count(tok, kept_prefix))
-    parts: list[Part] = [tok.bos_id, tok.fim_begin_id, kept_prefix, tok.fim_hole_id,
-                         kept_suffix, tok.fim_end_id]
+        room = _room(max_prompt_tokens, 3 + len(_bos(tok)), "fill-in-the-middle")
+        # never tokenize more than the window could hold (see CHARS_PER_TOKEN)
+        near_prefix = prefix[max(len(prefix) - room * CHARS_PER_TOKEN, 0):]
+        near_suffix = suffix[: room * CHARS_PER_TOKEN]
+        n_prefix, n_suffix = _count(tok, near_prefix), _count(tok, near_suffix)
+        if n_prefix + n_suffix > room or len(near_prefix) < len(prefix) or len(near_suffix) < len(suffix):
+            kept_prefix = keep_tail(tok, near_prefix, _budget_split(room, n_prefix, n_suffix))
+            kept_suffix = keep_head(tok, near_suffix, room - _count(tok, kept_prefix))
+        if context:
+            used = _count(tok, kept_prefix) + _count(tok, kept_suffix)
+            kept_context = keep_tail(tok, context, room - used)  # keep_tail cuts by characters too
+    parts: list[Part] = [*_bos(tok), kept_context, tok.fim_begin_id, kept_prefix,
+                         tok.fim_hole_id, kept_suffix, tok.fim_end_id]
     ids, text = _build(tok, parts)
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept_prefix),
                                               len(suffix) - len(kept_suffix)))
@@ -209,6 +294,6 @@ def completion_prompt(tok: Tokenizer, prefix: str, *,
     """``<BOS>{prefix}``; keeps the end of the prefix when it is too long."""
     kept = prefix
     if max_prompt_tokens is not None:
-        kept = keep_tail(tok, prefix, _room(max_prompt_tokens, 1, "completion"))
-    ids, text = _build(tok, [tok.bos_id, kept])
+        kept = keep_tail(tok, prefix, _room(max_prompt_tokens, len(_bos(tok)), "completion"))
+    ids, text = _build(tok, [*_bos(tok), kept])
     return Prompt(ids, text, truncated_chars=(len(prefix) - len(kept), 0))

@@ -5,6 +5,7 @@ generation_config.json can fill what the user did not choose (see `Settings.gene
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -21,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a depend
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ENGINES = ("auto", "native", "transformers")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -44,6 +46,17 @@ class Settings:
     pretty: bool = True
     history: bool = True
     code_theme: str = "monokai"
+    server: str | None = None  # URL or unix:PATH of a server to use; "off": always in-process
+    keep_alive: str | None = None  # a duration: how long a background server stays after use
+    api_key: str | None = None  # the key a server requires (serve) or is sent (client mode)
+    # engine switches, for experiments and benchmarks (passed to load_engine; see README)
+    cuda_graphs: bool = True  # DSCODER_CUDA_GRAPHS=0: eager decode
+    compile: bool = True  # DSCODER_COMPILE=0: no torch.compile of the resident decode step
+    offload_policy: str = "lru"  # expert cache eviction under --gpu-memory
+    prefetch_depth: int = 1  # MoE layers ahead whose experts a decode step starts copying
+    routing_trace: str | None = None  # a file to record which experts each layer picks
+    engine: str = "auto"  # auto, native or transformers (dscoder.engines)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (transformers engine)
 
     def generation(self, defaults: GenerationSettings) -> GenerationSettings:
         """Our choices over the model's defaults (from its generation_config.json)."""
@@ -101,8 +114,13 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "threads": _int,
     "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
-    "history": _bool, "code_theme": _str,
+    "history": _bool, "code_theme": _str, "server": _str, "keep_alive": _str, "api_key": _str,
+    "engine": _str, "trust_remote_code": _bool,
 }
+_CONVERT.update({  # the engine switches
+    "cuda_graphs": _bool, "compile": _bool, "offload_policy": _str, "prefetch_depth": _int,
+    "routing_trace": _str,
+})
 assert set(_CONVERT) == {f.name for f in fields(Settings)}
 
 
@@ -143,7 +161,17 @@ def _convert(key: str, value: Any, where: str) -> Any:
         raise UsageError(f"Bad value for {key} in {where}: {e}.") from None
 
 
-def _from_file(path: Path) -> dict[str, Any]:
+SEED_MAX = 2**64 - 1  # the largest seed torch's generators take
+
+
+def _from_file(path: Path, named: bool = False, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The settings in a config file; `named`: DSCODER_CONFIG named it, so it must exist.
+    Values of the keys in `skip` (given by a higher layer) are not converted: a bad one that
+    would be overridden anyway is no error."""
+    if named and not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"DSCODER_CONFIG names {path}, which {what}; "
+                         "point it at a config.toml or unset it.")
     if not path.is_file():
         return {}
     try:
@@ -154,11 +182,12 @@ def _from_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"Unknown setting {unknown[0]!r} in {path}; "
                          f"known settings: {', '.join(sorted(_CONVERT))}.")
-    return {k: _convert(k, v, str(path)) for k, v in data.items()}
+    return {k: _convert(k, v, str(path)) for k, v in data.items() if k not in skip}
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    out = {k: _convert(k, env[env_name(k)], env_name(k)) for k in _CONVERT if env_name(k) in env}
+def _from_env(env: Mapping[str, str], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    out = {k: _convert(k, env[env_name(k)], env_name(k)) for k in _CONVERT
+           if env_name(k) in env and k not in skip}
     if _bool_env(env, "DSCODER_NOHISTORY"):
         out["history"] = False
     if "NO_COLOR" in env and env["NO_COLOR"] != "":  # https://no-color.org
@@ -191,31 +220,70 @@ def validate(s: Settings) -> Settings:
         raise bad(f"Unknown device {s.device!r}; use auto, cuda, cuda:N or cpu.")
     if s.dtype is not None and s.dtype not in DTYPES:
         raise bad(f"Unknown dtype {s.dtype!r}; use one of {', '.join(DTYPES)}.")
+    if s.engine not in ENGINES:
+        raise bad(f"Unknown engine {s.engine!r}; use auto, native or transformers.")
     if s.gpu_memory is not None and not _gpu_memory_ok(s.gpu_memory):
         raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; "
                   "write it like 12GiB, 24GB, 512MiB or auto.")
     for key in ("max_tokens", "context_length", "threads"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise bad(f"{key.replace('_', '-')} must be at least 1.")
+    if s.temperature is not None and not math.isfinite(s.temperature):
+        raise bad(f"temperature must be a finite number (0 is greedy), not {s.temperature}.")
     if s.temperature is not None and s.temperature < 0:
         raise bad("temperature must be 0 (greedy) or more.")
+    if s.seed is not None and not 0 <= s.seed <= SEED_MAX:
+        raise bad(f"seed must be a whole number from 0 to {SEED_MAX}.")
     if s.top_p is not None and not 0 < s.top_p <= 1:
         raise bad("top-p must be above 0 and at most 1.")
     if s.top_k is not None and s.top_k < 0:
         raise bad("top-k must be 0 (off) or more.")
     if any(stop == "" for stop in s.stop):
         raise bad("A stop string cannot be empty.")
+    if s.keep_alive is not None:
+        parse_duration(s.keep_alive)
+    if s.server not in (None, "off") and not re.match(r"(https?://|unix:)", s.server):
+        raise bad(f"Cannot use server {s.server!r}; give a URL (http://host:port) or unix:PATH.")
+    _validate_engine_switches(s)
     return s
+
+
+def _validate_engine_switches(s: Settings) -> None:
+    from dscoder.offload.policy import POLICIES  # torch-free
+
+    if s.offload_policy not in POLICIES:
+        raise UsageError(f"Unknown offload_policy {s.offload_policy!r} (DSCODER_OFFLOAD_POLICY); "
+                         f"use one of {', '.join(POLICIES)}.")
+    if s.prefetch_depth < 0:
+        raise UsageError(f"prefetch_depth (DSCODER_PREFETCH_DEPTH) must be 0 or more, not "
+                         f"{s.prefetch_depth}.")
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'30m', '1h', '90s', '2d' or seconds; 'forever' (or -1) is None: no limit."""
+    t = text.strip().lower()
+    if t in ("forever", "inf", "-1"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|)", t)
+    if not m:
+        raise UsageError(f"Cannot read the duration {text!r}; write it like 30s, 30m, 2h or forever.")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def load_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
     """Merge the layers; `flags` holds only what was given on the command line (None = not given)."""
     env = os.environ if env is None else env
+    given = {k: v for k, v in flags.items() if v is not None and not (k == "stop" and not v)}
+    # A layer's value is read only if no higher layer sets the key (DSCODER_TEMPERATURE=abc
+    # is no error under -t 0); stop strings add up across layers only by the flag's choice.
+    from_env_keys = frozenset(k for k in _CONVERT if env_name(k) in env)
     merged: dict[str, Any] = {}
-    merged.update(_from_file(config_path(env)))
-    merged.update(_from_env(env))
-    for key, value in flags.items():
-        if value is None or (key == "stop" and not value):
-            continue
+    merged.update(_from_file(config_path(env), named=bool(env.get("DSCODER_CONFIG")),
+                             skip=frozenset(given) | from_env_keys))
+    merged.update(_from_env(env, skip=frozenset(given)))
+    for key, value in given.items():
         merged[key] = _stop(list(value)) if key == "stop" else value
     return validate(Settings(**merged))

@@ -13,6 +13,7 @@ half a character and its output always joins up to ``decode(ids)``.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +84,12 @@ class Tokenizer:
         """Number of ids the tokenizer knows (the model's embedding may be larger)."""
         return max(self._tok.get_vocab_size(), max(self._added, default=-1) + 1)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters a token of encoded text can stand for (its bytes bound them):
+        with it, text can be measured against a token budget before it is tokenized."""
+        return max((len(self.token_bytes(i)) for i in self._tok.get_vocab().values()), default=1)
+
     def encode(self, text: str) -> list[int]:
         """Plain text to ids: no BOS, and special-token strings stay ordinary text."""
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -149,9 +156,14 @@ class StreamDetokenizer:
         data = self._tokenizer.token_bytes(token_id, skip_special=self._skip_special)
         return self._decoder.decode(data)
 
-    def flush(self) -> str:
-        """Whatever is pending (replacement characters if truly incomplete); then starts afresh."""
-        return self._decoder.decode(b"", final=True)
+    def flush(self, *, partial: bool = True) -> str:
+        """Whatever is pending, then starts afresh. Pending bytes are the start of a character
+        that never got its last bytes: partial=True gives U+FFFD for it (as ``decode`` does),
+        partial=False drops it (generation that was cut off must not put U+FFFD in a file)."""
+        if partial:
+            return self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return ""
 
 
 def _read_json(path: Path) -> Any:
@@ -172,8 +184,9 @@ def _token_name(config: dict[str, Any], key: str, default: str) -> str:
     return value if isinstance(value, str) and value else default
 
 
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    """Load ``tokenizer.json`` (and ``tokenizer_config.json`` for the BOS/EOS names)."""
+def load_tokenizer(model_dir: Path, cls: type[Tokenizer] = Tokenizer) -> Tokenizer:
+    """Load ``tokenizer.json`` (and ``tokenizer_config.json`` for the BOS/EOS names); ``cls``
+    lets other models' tokenizers (dscoder.model_tokenizer) share this loading."""
     model_dir = Path(model_dir)
     data = _read_json(model_dir / "tokenizer.json")
     config_path = model_dir / "tokenizer_config.json"
@@ -213,6 +226,6 @@ def tokenizer_from_json(data: Any, config: Any, where: Path) -> Tokenizer:
     except Exception as e:  # bad JSON shapes, and the Rust side raises plain Exception
         raise DscoderError(f"{where} is not a valid tokenizer ({e}); "
                            "download the model again.") from None
-    return Tokenizer(text_tokenizer, added,
+    return cls(text_tokenizer, added,
                      bos_token=_token_name(config, "bos_token", BOS_TOKEN),
                      eos_token=_token_name(config, "eos_token", EOS_TOKEN))

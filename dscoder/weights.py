@@ -31,8 +31,15 @@ def shard_index(model_dir: Path) -> dict[str, str]:
     index = model_dir / INDEX
     if index.is_file():
         try:
-            return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-        except (OSError, ValueError, KeyError) as e:
+            text = index.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise BadCheckpoint(f"Cannot read {index}: {_why(e)}.") from e
+        try:
+            weight_map = json.loads(text)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map is not an object of file names")
+            return dict(weight_map)
+        except (ValueError, KeyError, TypeError) as e:
             raise BadCheckpoint(f"{index} is not a valid safetensors index ({e}).") from e
     single = model_dir / SINGLE
     if single.is_file():
@@ -41,9 +48,22 @@ def shard_index(model_dir: Path) -> dict[str, str]:
     raise BadCheckpoint(f"{model_dir} holds no {INDEX} or {SINGLE}; is it a complete checkpoint?")
 
 
+def _why(e: BaseException) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied (check the file's owner and mode, e.g. chmod a+r)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e)
+
+
 def _open(path: Path):
     if not path.is_file():
         raise BadCheckpoint(f"The checkpoint shard {path} is missing; download the model again.")
+    try:  # safetensors reports an unreadable file as damaged: find out first, with the OS's reason
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise BadCheckpoint(f"Cannot read the checkpoint shard {path}: {_why(e)}.") from e
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for damaged headers
@@ -86,6 +106,33 @@ def expected_keys(model: Transformer) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield name, tuple(p.shape)
 
 
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+# tensors some exporters add that carry nothing the model computes with (precomputed rope tables)
+HARMLESS_EXTRA = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+def check_tensors_match_config(model_dir: Path, cfg: ModelConfig, index: dict[str, str],
+                               needed: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose tensors and config.json describe different models: a tensor the
+    config does not use would be silently ignored, and one it needs would be missing."""
+    def some(keys: list[str]) -> str:
+        return keys[0] + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+
+    layers = {int(m.group(1)) for k in index if (m := LAYER_KEY.match(k))}
+    n = cfg.num_hidden_layers
+    if layers and max(layers) + 1 != n:
+        raise BadCheckpoint(f"The checkpoint in {model_dir} holds tensors for {max(layers) + 1} layers "
+                            f"but its config.json says num_hidden_layers is {n}; the config does not "
+                            "belong to these weights.")
+    missing = [k for k in needed if k not in index]
+    if missing:
+        raise BadCheckpoint(f"The checkpoint in {model_dir} lacks the tensor {some(missing)}.")
+    extra = sorted(k for k in index if k not in needed and not HARMLESS_EXTRA.search(k))
+    if extra:
+        raise BadCheckpoint(f"The checkpoint in {model_dir} holds the tensor {some(extra)} that its "
+                            "config.json does not use; the config does not match the weights.")
+
+
 def _dtype_for(name: str, dtype: torch.dtype) -> torch.dtype:
     # the router decides which experts run; the reference keeps it in fp32
     return torch.float32 if name.endswith(".mlp.gate.weight") else dtype
@@ -99,10 +146,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
         model = Transformer(cfg)
     index = shard_index(model_dir)
     needed = dict(expected_keys(model))
-    missing = [k for k in needed if k not in index]
-    if missing:
-        raise BadCheckpoint(f"The checkpoint in {model_dir} lacks the tensor {missing[0]}"
-                            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}.")
+    check_tensors_match_config(model_dir, cfg, index, needed)
     meta = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
 

@@ -31,6 +31,7 @@ class FakeTokenizer:
     """One id per character (its code point); special ids above the Unicode range."""
 
     bos_id, eos_id, fim_hole_id, fim_begin_id, fim_end_id = sorted(SPECIALS)
+    max_token_chars = 1
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dscoder.errors import OutOfMemory, UsageError
-from dscoder.offload.planner import STREAM_CHUNK, kv_peak_bytes, plan_memory, work_bytes
+from dscoder.offload.planner import (
+    CUDA_CONTEXT_BYTES, DEFAULT_OFFLOAD_CONTEXT, STREAM_CHUNK, budget_for_slots, kv_peak_bytes,
+    plan_for_device, plan_memory, work_bytes)
 from dscoder.offload.policy import LFU, LRU, LayerQuota, NoSlot, SlotTable
 from dscoder.offload.sizes import parse_size
 
@@ -43,28 +45,82 @@ def test_lite_sizes_match_the_design(lite_sizes):
 
 
 def test_whole_model_fits_large_budget(lite_sizes):
-    plan = plan_memory(lite_sizes, 80 * GiB, 163840)
+    plan = plan_for_device(lite_sizes, 80 * GiB, 163840, cuda=True)
     assert plan.resident and plan.slots == 0 and plan.context == 163840
-    assert "nothing offloaded" in plan.describe()[0]
+    assert "nothing offloaded" in plan.describe()[0] and plan.window_notice() is None
 
 
 def test_budgets_of_the_issue(lite_sizes):
-    p24 = plan_memory(lite_sizes, 24 * GiB, 163840, margin=GiB)
-    p12 = plan_memory(lite_sizes, 12 * GiB, 163840, margin=GiB)
+    p24 = plan_for_device(lite_sizes, 24 * GiB, 163840, cuda=True)
+    p12 = plan_for_device(lite_sizes, 12 * GiB, 163840, cuda=True)
     assert not p24.resident and not p12.resident
-    assert p24.context == p12.context == 8192  # the default context shrinks when offloading
-    assert 0.6 < p24.slots / p24.total_experts < 0.85
+    # the window is the longest the budget allows (never below the old 8192), and said
+    assert p24.context > p12.context > DEFAULT_OFFLOAD_CONTEXT
+    assert f"Context window {p12.context} tokens" in p12.window_notice()
+    assert "163840" in p12.window_notice()
+    assert 0.55 < p24.slots / p24.total_experts < 0.85
     assert 0.15 < p12.slots / p12.total_experts < 0.35
     for p in (p24, p12):
-        assert p.used_bytes <= p.budget
+        assert p.used_bytes <= p.budget and p.overhead_bytes == CUDA_CONTEXT_BYTES
+        assert p.allocator_bytes == p.budget - CUDA_CONTEXT_BYTES
         assert p.host_bytes == lite_sizes.all_experts_bytes
-    assert "expert cache" in p12.describe()[1]
+    assert "expert cache" in p12.describe()[1] and "CUDA context" in p12.describe()[0]
+
+
+def test_the_cuda_context_is_inside_the_budget(lite_sizes):
+    without = plan_memory(lite_sizes, 12 * GiB, 8192, context_fixed=True, fused=True)
+    within = plan_memory(lite_sizes, 12 * GiB, 8192, context_fixed=True, fused=True,
+                         overhead=CUDA_CONTEXT_BYTES)
+    assert within.used_bytes <= within.budget
+    assert without.slots - within.slots == CUDA_CONTEXT_BYTES // lite_sizes.expert_bytes + (
+        1 if CUDA_CONTEXT_BYTES % lite_sizes.expert_bytes > without.budget - without.used_bytes else 0)
+
+
+def test_window_grows_with_the_budget_and_stops_at_the_model(lite_sizes):
+    for budgets in ((12, 16, 24, 28), (34, 40, 48)):  # offloaded, then resident
+        plans = [plan_for_device(lite_sizes, b * GiB, 163840, cuda=True) for b in budgets]
+        assert len({p.resident for p in plans}) == 1
+        windows = [p.context for p in plans]
+        assert windows == sorted(windows) and len(set(windows)) == len(windows)
+    assert windows[-1] == 163840
+    # a budget that holds the model with a shorter window keeps it resident rather than offload
+    p40 = plan_for_device(lite_sizes, 40 * GiB, 163840, cuda=True)
+    assert p40.resident and DEFAULT_OFFLOAD_CONTEXT <= p40.context < 163840
+    assert "offloading experts" in p40.window_notice()
+
+
+def test_kv_peak_counts_the_last_growth_step():
+    from dscoder.offload.planner import ModelSizes
+
+    s = ModelSizes(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2)  # one byte per token
+    assert kv_peak_bytes(s, 4096) == 4096  # never grows
+    assert kv_peak_bytes(s, 8192) == 8192 + 4096
+    assert kv_peak_bytes(s, 40000) == 40000 + 32768  # 4K, 8K, 16K, 32K, then 40000
+
+
+def test_planner_shapes_match_the_engine():
+    import dscoder.engine as engine
+    import dscoder.graphs as graphs
+    import dscoder.offload.planner as planner
+
+    assert planner.PREFILL_CHUNK == engine.PREFILL_CHUNK
+    assert planner.LAYER_MAJOR_TOKENS == engine.LAYER_MAJOR_TOKENS
+    assert planner.FIRST_CAPACITY == engine.FIRST_CAPACITY
+    assert planner.WINDOW_STEP == graphs.BUCKET
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_budget_for_slots_inverts_the_plan(lite_sizes, cuda):
+    budget = budget_for_slots(lite_sizes, 100, 8192, cuda=cuda)
+    assert plan_for_device(lite_sizes, budget, 8192, cuda=cuda, context_fixed=True).slots == 100
+    assert plan_for_device(lite_sizes, budget - 2 * lite_sizes.expert_bytes, 8192, cuda=cuda,
+                           context_fixed=True).slots < 100
 
 
 def test_plan_accounts_every_byte(lite_sizes):
     p = plan_memory(lite_sizes, 12 * GiB, 4096, context_fixed=True)
     assert p.kv_bytes == kv_peak_bytes(lite_sizes, 4096) == 4096 * 27 * 576 * 2
-    assert p.work_bytes == work_bytes(lite_sizes, 4096)
+    assert p.work_bytes == work_bytes(lite_sizes, 4096, layer_major=True)
     assert p.staging_bytes == 2 * STREAM_CHUNK * lite_sizes.expert_bytes
     assert p.budget - p.used_bytes < lite_sizes.expert_bytes  # the rest is expert slots
 
@@ -72,6 +128,8 @@ def test_plan_accounts_every_byte(lite_sizes):
 def test_too_small_budget_says_what_fits(lite_sizes):
     with pytest.raises(OutOfMemory, match=r"too small.*use --gpu-memory \d+\.\d+ GiB or more"):
         plan_memory(lite_sizes, 2 * GiB, 163840)
+    with pytest.raises(OutOfMemory, match="does not even hold the CUDA context"):
+        plan_for_device(lite_sizes, 512 << 20, 163840, cuda=True)
 
 
 def test_fixed_context_is_kept_or_refused(lite_sizes):
@@ -198,3 +256,52 @@ def test_trace_roundtrip_and_cli(tmp_path, capsys):
     main([str(path), "--slots", "2", "4", "--experts", "4"])
     out = capsys.readouterr().out
     assert "lru" in out and out.strip().splitlines()[-1].startswith("[")
+
+
+# --- page-locking the host store -------------------------------------------------------------
+
+def test_failed_page_lock_is_counted_after_a_partial_success(monkeypatch):
+    import dscoder.offload.host_store as hs
+    from dscoder.offload.host_store import HostExpertStore, pin_warning
+
+    w13 = {1: torch.zeros(4, 8, 8), 2: torch.zeros(4, 8, 8)}
+    w2 = {1: torch.zeros(4, 8, 4), 2: torch.zeros(4, 8, 4)}
+    store = HostExpertStore(w13, w2)
+    refused = w13[2].data_ptr()
+    calls = []
+
+    def register(t):
+        calls.append(t.data_ptr())
+        return t.data_ptr() != refused  # every tensor but one is locked
+    monkeypatch.setattr(hs, "_register", register)
+    assert store.pin() == w13[2].nbytes
+    assert store.pin() == w13[2].nbytes and len(calls) == 4  # once: no second try, same answer
+    message = pin_warning(store.unpinned_bytes, store.total_bytes)
+    assert "page-lock 1.00 KiB of the 3.00 KiB host copy" in message
+    assert "3.6x slower" in message and "15.1" in message
+    assert pin_warning(0, store.total_bytes) is None
+    store._registered = []  # nothing was really registered with CUDA
+
+
+def test_failed_page_lock_warns_once_whatever_the_verbosity(monkeypatch):
+    import dscoder.offload.host_store as hs
+    import dscoder.offload.setup as setup
+
+    monkeypatch.setattr(hs, "_register", lambda t: False)
+    warnings: list[str] = []
+    model = _tiny_model()
+    # the CPU stands in for CUDA: install_offload pins and warns only for a CUDA device
+    monkeypatch.setattr(setup, "_pins", lambda device: True)
+    setup.install_offload(model, 6, torch.device("cpu"), warn=warnings.append)
+    assert len(warnings) == 1 and warnings[0].startswith("Could not page-lock the ")
+    assert "slower" in warnings[0]
+
+
+def _tiny_model():
+    from dscoder.config import ModelConfig
+    from dscoder.model.transformer import Transformer
+    from dscoder.random_checkpoint import TINY
+
+    model = Transformer(ModelConfig.from_dict(TINY))
+    model.set_context(64)
+    return model

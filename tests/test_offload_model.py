@@ -52,13 +52,21 @@ def test_prefill_and_decode_match_resident(tiny_checkpoint, resident, slots):
     assert (stats.misses > 0 and stats.bytes_copied > 0) == (slots < 16)  # 16: all warm
 
 
-def budget_for(path, slots: int, context: int = 512) -> str:
-    from dscoder.offload.planner import STREAM_CHUNK, kv_peak_bytes, work_bytes
+def budget_for_cuda(path, slots: int, context: int = 512) -> str:
+    """The --gpu-memory that gives `slots` expert slots on CUDA (context and margins included)."""
+    from dscoder.offload.planner import budget_for_slots
     from dscoder.offload.setup import model_sizes
 
     s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
-    fixed = s.resident_bytes + kv_peak_bytes(s, context) + work_bytes(s, context)
-    return str(fixed + 2 * STREAM_CHUNK * s.expert_bytes + slots * s.expert_bytes)
+    return str(budget_for_slots(s, slots, context, cuda=True))
+
+
+def budget_for(path, slots: int, context: int = 512) -> str:
+    from dscoder.offload.planner import budget_for_slots
+    from dscoder.offload.setup import model_sizes
+
+    s = model_sizes(ModelConfig.from_file(path / "config.json"), torch.float32)
+    return str(budget_for_slots(s, slots, context))
 
 
 def test_offloaded_engine_generates_the_same_ids(tiny_checkpoint, tiny_engine):
@@ -93,8 +101,8 @@ def test_routing_trace_is_recorded(tiny_checkpoint, tmp_path, monkeypatch):
     from dscoder.offload.trace import read_trace, replay
 
     path = tmp_path / "routing.jsonl"
-    monkeypatch.setenv("DSCODER_ROUTING_TRACE", str(path))
-    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512)
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,
+                         routing_trace=path)
     list(engine.new_session().generate([100000, 5, 6, 7], GenerationSettings(max_tokens=5, temperature=0),
                                        stop_ids=()))
     for f in [engine.model.model.layers[1].mlp.experts.writer]:
@@ -170,3 +178,83 @@ def test_engine_prefills_long_prompts_by_layer_when_offloaded(tiny_checkpoint, t
     want = list(tiny_engine.new_session().generate(ids, settings, stop_ids=()))[-1]
     got = list(engine.new_session().generate(ids, settings, stop_ids=()))[-1]
     assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("where", ["copy", "second_assign"])
+@torch.inference_mode()
+def test_interrupt_between_slot_assignment_and_copy_keeps_weights_right(tiny_checkpoint, resident,
+                                                                        where):
+    """A Ctrl-C after a slot was given to an expert but before its copy was queued must not
+    leave the slot marked as holding that expert: later tokens would use the wrong weights."""
+    model = load(tiny_checkpoint, 6)
+    cache = model.offload.cache
+    ids = prompt(60, seed=7)
+    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
+    kv = model.new_cache(512)
+    parts = [model(ids[:40], kv, 0, all_logits=True)]
+    armed = {"on": True}
+    if where == "copy":
+        real = cache.copier.copy
+
+        def copy(pairs, after=()):
+            if armed["on"]:
+                armed["on"] = False
+                raise KeyboardInterrupt  # the slots are assigned, the copy never queued
+            return real(pairs, after)
+        cache.copier.copy = copy
+    else:
+        real_assign, real_copy = cache.table.assign, cache.copier.copy
+        calls = {"n": 0}  # slots assigned since the last copy was queued
+
+        def assign(key, protected):
+            calls["n"] += 1
+            if armed["on"] and calls["n"] == 2:  # one slot already assigned in this batch
+                armed["on"] = False
+                raise KeyboardInterrupt
+            return real_assign(key, protected)
+
+        def copy(pairs, after=()):
+            calls["n"] = 0
+            return real_copy(pairs, after)
+        cache.table.assign, cache.copier.copy = assign, copy
+    pos = 40
+    while armed["on"]:  # decode until the interrupt has fired (on the first miss batch)
+        try:
+            parts.append(model(ids[pos:pos + 1], kv, pos))
+            pos += 1
+        except KeyboardInterrupt:
+            break  # the step is lost; the session goes on from the same position
+    assert not armed["on"], "the interrupt never fired"
+    assert all(cache.table.key_of[s] == k for k, s in cache.table.slot_of.items())
+    parts += [model(ids[i:i + 1], kv, i) for i in range(pos, 60)]
+    assert rel_err(torch.cat(parts), full) < 1e-5
+
+
+def test_budget_sets_the_longest_window_and_says_so(tiny_checkpoint, tmp_path):
+    """Without --context-length a budget gets the longest window it allows, not a fixed 8192,
+    and the user hears what it is."""
+    import json
+    import shutil
+
+    from dscoder.engine import load_engine
+    from dscoder.offload.planner import kv_peak_bytes, work_bytes
+    from dscoder.offload.setup import model_sizes
+
+    ckpt = tmp_path / "long"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["max_position_embeddings"] = 65536
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    s = model_sizes(ModelConfig.from_file(ckpt / "config.json"), torch.float32)
+    # what the whole model needs with a 20000-token window (a CPU budget has no CUDA context)
+    budget = s.resident_bytes + s.all_experts_bytes + kv_peak_bytes(s, 20000) + work_bytes(s, 20000)
+    notices: list[str] = []
+    engine = load_engine(ckpt, device="cpu", dtype="float32", gpu_memory=str(budget),
+                         notice=notices.append)
+    assert 19456 <= engine.context_length <= 20000  # a multiple of 1024 below what fits
+    assert notices == [f"Context window {engine.context_length} tokens under a "
+                       f"{budget / 2**30:.2f} GiB GPU budget (the model allows 65536); a longer "
+                       "--context-length costs offloading experts."]
+    fixed = load_engine(ckpt, device="cpu", dtype="float32", gpu_memory=str(budget),
+                        context_length=4096, notice=notices.append)
+    assert fixed.context_length == 4096 and len(notices) == 1  # the user chose: nothing to say

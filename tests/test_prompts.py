@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dscoder.errors import PromptTooLong, UsageError
-from dscoder.prompts import Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head, keep_tail
+from dscoder.prompts import (LOW_WATER, Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head,
+                             keep_tail)
 from dscoder.tokenizer import Tokenizer, load_tokenizer
 
 BOS, EOS, HOLE, BEGIN, END = 100000, 100001, 100002, 100003, 100004
@@ -125,17 +126,51 @@ def test_chat_truncation_drops_oldest_whole_turns(tok: Tokenizer) -> None:
     messages = _long_chat()
     full = chat_prompt(tok, messages)
     limit = len(full.ids) // 2
-    p = chat_prompt(tok, messages, max_prompt_tokens=limit)
+    p = chat_prompt(tok, messages, max_prompt_tokens=limit, low_water=1.0)
     assert len(p.ids) <= limit
     assert p.dropped_messages % 2 == 0 and p.dropped_messages > 0  # whole user+assistant turns
     kept = [messages[0], *messages[1 + p.dropped_messages:]]
     assert p == Prompt(chat_prompt(tok, kept).ids, chat_prompt(tok, kept).text,
-                       dropped_messages=p.dropped_messages)
+                       dropped_messages=p.dropped_messages, dropped_turns=p.dropped_messages // 2)
     assert p.text.startswith("<｜begin▁of▁sentence｜>You are a careful reviewer.\n\nUser: question")
     assert p.text.endswith("User: final question: what now?\n\nAssistant:")
     # as few turns as possible were dropped
     one_less = [messages[0], *messages[1 + p.dropped_messages - 2:]]
     assert len(chat_prompt(tok, one_less).ids) > limit
+
+
+def test_chat_overflow_drops_down_to_the_low_water_mark(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    limit = len(chat_prompt(tok, messages).ids) - 1  # just over: one turn would be enough
+    p = chat_prompt(tok, messages, max_prompt_tokens=limit)
+    assert len(p.ids) <= limit * LOW_WATER
+    # the fewest turns that reach the low-water mark
+    one_less = [messages[0], *messages[1 + p.dropped_messages - 2:]]
+    assert len(chat_prompt(tok, one_less).ids) > limit * LOW_WATER
+
+
+def test_chat_after_overflow_keeps_its_prefix_for_several_turns(tok: Tokenizer) -> None:
+    """A long chat cuts old turns in batches: between cuts each prompt extends the previous one
+    (the KV cache is reused), instead of one turn dropped and the whole window prefilled per turn."""
+    limit, messages, dropped, prompts = 400, [system("Be brief.")], 0, []
+    for i in range(40):
+        messages.append(user(f"question {i}: " + "why " * 10))
+        p = chat_prompt(tok, messages, max_prompt_tokens=limit, dropped_turns=dropped)
+        assert len(p.ids) <= limit and p.dropped_turns >= dropped
+        dropped = p.dropped_turns
+        prompts.append(p.ids)
+        messages.append(assistant(f"answer {i}: " + "because " * 10))
+    assert dropped > 0
+    changed = sum(1 for a, b in zip(prompts, prompts[1:]) if b[:len(a) - 1] != a[:len(a) - 1])
+    # every turn here adds ~50 tokens: a cut to half the window lasts about 4 turns
+    assert 1 <= changed <= 40 // 3, changed
+
+
+def test_chat_dropped_turns_stay_dropped_while_the_rest_fits(tok: Tokenizer) -> None:
+    messages = _long_chat()
+    p = chat_prompt(tok, messages, max_prompt_tokens=10_000, dropped_turns=3)
+    assert p.dropped_turns == 3 and p.dropped_messages == 6
+    assert p.ids == chat_prompt(tok, [messages[0], *messages[7:]]).ids
 
 
 def test_chat_truncation_not_needed(tok: Tokenizer) -> None:
@@ -283,3 +318,72 @@ def test_chat_truncation_keeps_system_messages_in_place(tok: Tokenizer) -> None:
     kept = [messages[2], messages[3]]
     p = chat_prompt(tok, messages, max_prompt_tokens=len(chat_prompt(tok, kept).ids))
     assert p.ids == chat_prompt(tok, kept).ids and p.dropped_messages == 2
+
+
+# --- bounded work: the tokenizer sees text in proportion to the window, not to the input -------
+
+class _Recording:
+    """A tokenizer that records the length of every text it is asked to encode."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.seen = tok, []
+
+    def encode(self, text: str) -> list[int]:
+        self.seen.append(len(text))
+        return self.tok.encode(text)
+
+    def encode_with_offsets(self, text: str):
+        self.seen.append(len(text))
+        return self.tok.encode_with_offsets(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+
+def _big_code(lines: int) -> str:
+    return "".join(f"def f{i}(x):\n    return x * {i}  # line {i}\n" for i in range(lines))
+
+
+def test_fim_and_completion_tokenize_a_bounded_piece_of_a_huge_file(tok: Tokenizer) -> None:
+    from dscoder.prompts import CHARS_PER_TOKEN
+
+    big = _big_code(60_000)  # about 2.5 MB on each side of the hole
+    rec = _Recording(tok)
+    budget = 500
+    p = fim_prompt(rec, big, big, max_prompt_tokens=budget)
+    assert len(p.ids) <= budget
+    assert max(rec.seen) <= (budget - 4) * CHARS_PER_TOKEN + 200, max(rec.seen)
+    # the text nearest the hole is what is kept, as without the cut
+    assert p.text.split("<｜fim▁hole｜>")[0].endswith(big[-200:])
+    assert p.truncated_chars[0] > len(big) - budget * CHARS_PER_TOKEN
+    rec.seen.clear()
+    c = completion_prompt(rec, big, max_prompt_tokens=budget)
+    assert len(c.ids) <= budget and c.text.endswith(big[-300:])
+    assert max(rec.seen) <= budget * CHARS_PER_TOKEN
+
+
+def test_fim_cut_by_characters_keeps_the_same_text_as_a_full_tokenization(tok: Tokenizer) -> None:
+    big = _big_code(3_000)
+    budget = 800
+    p = fim_prompt(tok, big, big, max_prompt_tokens=budget)
+    full_prefix = keep_tail(tok, big[:], 600)  # what a full tokenization keeps of the prefix
+    assert len(p.ids) <= budget and len(p.ids) > budget * 0.9  # the window is used, not wasted
+    assert full_prefix[-500:] in p.text
+
+
+def test_chat_refuses_a_huge_message_after_tokenizing_a_bounded_piece(tok: Tokenizer) -> None:
+    from dscoder.prompts import CHARS_PER_TOKEN
+
+    for lines in (100_000, 2_500):  # 4 MB: no token is that long; 90 KB: its start is enough
+        rec = _Recording(tok)
+        with pytest.raises(PromptTooLong, match="limit is 1000"):
+            chat_prompt(rec, [user(_big_code(lines))], max_prompt_tokens=1000)
+        assert max(rec.seen, default=0) <= 1000 * CHARS_PER_TOKEN
+
+
+def test_chat_message_of_long_tokens_is_not_refused_by_its_length(tok: Tokenizer) -> None:
+    # 100 spaces are one token: 20,000 characters in about 200 tokens fit a 1,000-token window
+    text = ("x" + " " * 100) * 200
+    p = chat_prompt(tok, [user(text)], max_prompt_tokens=1000)
+    assert len(p.ids) <= 1000
+    assert tok.max_token_chars == 128

@@ -117,3 +117,122 @@ def test_load_progress_moves_with_every_tensor(tiny_checkpoint):
     assert calls[-1] == (total, total) and len(calls) > 10 * len(shards)
     assert all(0 <= d <= total for d, _ in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # never goes back
+
+
+def unprivileged(fn) -> str:
+    """Run fn as the `nobody` user in a forked child when we are root (root ignores mode bits);
+    return "" or "ExcName: message" of what it raised."""
+    import os
+
+    if os.geteuid() != 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported to the caller to assert on
+            return f"{type(e).__name__}: {e}"
+        return ""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            fn()
+            msg = ""
+        except BaseException as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}"
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_unreadable_shard_says_so(tiny_checkpoint):
+    import os
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="dscoder-perm-"))
+    try:
+        os.chmod(d, 0o755)
+        shutil.copytree(tiny_checkpoint, d / "ckpt")
+        os.chmod(d / "ckpt", 0o755)
+        for p in (d / "ckpt").iterdir():
+            os.chmod(p, 0o644)
+        victim = shards(d / "ckpt")[0]
+        os.chmod(victim, 0)
+        msg = unprivileged(lambda: load(d / "ckpt"))
+        assert msg.startswith("BadCheckpoint: Cannot read the checkpoint shard"), msg
+        assert victim.name in msg and "permission denied" in msg
+        assert "damaged" not in msg and "No such file" not in msg
+    finally:
+        shutil.rmtree(d)
+
+
+def test_config_with_fewer_layers_than_the_tensors_is_refused(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadCheckpoint, match="tensors for 3 layers but its config.json says "
+                                            "num_hidden_layers is 2"):
+        load(ckpt)
+
+
+def test_config_with_more_layers_than_the_tensors_is_refused(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_hidden_layers"] = 4
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadCheckpoint, match="tensors for 3 layers .* num_hidden_layers is 4"):
+        load(ckpt)
+
+
+def test_tensors_the_config_does_not_use_are_refused(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["n_routed_experts"] = 7  # the checkpoint holds 8 experts per layer
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadCheckpoint, match=r"experts\.7\..* that its config.json does not use"):
+        load(ckpt)
+
+
+def test_rotary_inv_freq_buffers_are_tolerated(ckpt):
+    index = json.loads((ckpt / INDEX).read_text())
+    first = shards(ckpt)[0]
+    tensors = load_file(first)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, first)
+    index["weight_map"]["model.layers.0.self_attn.rotary_emb.inv_freq"] = first.name
+    (ckpt / INDEX).write_text(json.dumps(index))
+    load(ckpt)
+
+
+def test_unreadable_index(ckpt):
+    (ckpt / INDEX).write_text("[1, 2]")
+    with pytest.raises(BadCheckpoint, match="not a valid safetensors index"):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("data,words", [
+    ({"temperature": "0.3"}, r"temperature must be 0 or more, not '0.3'\."),
+    ({"top_p": 0}, "top_p must be above 0"),
+    ({"top_k": 2.5}, "top_k must be a whole number"),
+    ({"do_sample": "yes"}, "do_sample must be true or false"),
+    ([1, 2], "holds a JSON list"),
+    ("{", "Cannot read"),
+])
+def test_bad_generation_config(tmp_path, data, words):
+    from dscoder.loader import generation_defaults
+
+    path = tmp_path / "generation_config.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    with pytest.raises(BadCheckpoint, match=words):
+        generation_defaults(tmp_path)
+
+
+def test_missing_generation_config_means_defaults(tmp_path):
+    from dscoder.events import GenerationSettings
+    from dscoder.loader import generation_defaults
+
+    assert generation_defaults(tmp_path) == GenerationSettings()

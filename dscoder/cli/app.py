@@ -25,13 +25,14 @@ HELP = """Chat with DeepSeek-Coder-V2, complete code and fill gaps in files, all
 Settings come from flags, then DSCODER_* environment variables (DSCODER_MODEL, DSCODER_TEMPERATURE,
 ...), then $XDG_CONFIG_HOME/dscoder/config.toml, then defaults. These options also work after chat,
 complete and insert (dscoder chat --temperature 0 "hi"), and there they win. Exit codes: 0 success, 1 runtime
-error, 2 bad usage or input, 130 interrupted."""
+error, 2 bad usage or input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 app = typer.Typer(name="dscoder", help=HELP, add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 
 GEN = "Generation options"
+SERVER = "Server options"
 
 
 class Shell(str, enum.Enum):
@@ -50,20 +51,25 @@ def _version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="Hub id (in the local cache) or a local model folder. [env DSCODER_MODEL; default deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct]")] = None,
-    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
-    gpu_memory: Annotated[Optional[str], typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
-    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
-    context_length: Annotated[Optional[int], typer.Option(metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
-    threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for the model when it runs on the CPU; default: the cores less one, at most 8. [env DSCODER_THREADS]")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
+    context_length: Annotated[Optional[int], typer.Option("--context-length", metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for the model when it runs on the CPU; default: the cores less one, at most 8. [env DSCODER_THREADS]")] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE", help="auto (native for DeepSeek-Coder-V2, transformers for other models), native or transformers. [env DSCODER_ENGINE; default auto]")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Let the transformers engine run Python code that ships with the model. [env DSCODER_TRUST_REMOTE_CODE]", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T", help="Sampling temperature; 0 is greedy. [env DSCODER_TEMPERATURE; default: the model's]", rich_help_panel=GEN)] = None,
-    top_p: Annotated[Optional[float], typer.Option(metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
-    top_k: Annotated[Optional[int], typer.Option(metavar="K", help="Sample among the K likeliest tokens; 0 is off. [env DSCODER_TOP_K]", rich_help_panel=GEN)] = None,
-    seed: Annotated[Optional[int], typer.Option(metavar="SEED", help="Random seed, for repeatable sampling. [env DSCODER_SEED]", rich_help_panel=GEN)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(metavar="TEXT", help="Stop at this string (repeatable; \\n and \\t are understood). [env DSCODER_STOP]", rich_help_panel=GEN)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", metavar="P", help="Nucleus sampling mass. [env DSCODER_TOP_P]", rich_help_panel=GEN)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", metavar="K", help="Sample among the K likeliest tokens; 0 is off. [env DSCODER_TOP_K]", rich_help_panel=GEN)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", metavar="SEED", help="Random seed, for repeatable sampling. [env DSCODER_SEED]", rich_help_panel=GEN)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="Stop at this string (repeatable; \\n and \\t are understood). [env DSCODER_STOP]", rich_help_panel=GEN)] = None,
     verbose: Annotated[Optional[bool], typer.Option("--verbose", "-v", help="More statistics: load time, timings, engine counters. [env DSCODER_VERBOSE]", show_default=False)] = None,
     debug: Annotated[Optional[bool], typer.Option("--debug", help="Show tracebacks for errors. [env DSCODER_DEBUG]", show_default=False)] = None,
     no_pretty: Annotated[bool, typer.Option("--no-pretty", help="Plain text even on a terminal (also when NO_COLOR is set or stdout is not a terminal).")] = False,
+    server: Annotated[Optional[str], typer.Option("--server", metavar="URL", help="Use the model of this server (http://host:port, unix:PATH, or any OpenAI-compatible server that takes token ids) instead of loading it. [env DSCODER_SERVER; default: your dscoder serve on the default socket, if it runs this model]", rich_help_panel=SERVER)] = None,
+    no_server: Annotated[bool, typer.Option("--no-server", help="Always load the model in this process, even when a server runs.", rich_help_panel=SERVER)] = False,
+    keep_alive: Annotated[Optional[str], typer.Option("--keep-alive", metavar="DURATION", help="Keep the model loaded this long after the last request (30m, 2h, forever): chat, complete and insert start a background server when none runs; serve exits when idle that long. [env DSCODER_KEEP_ALIVE]", rich_help_panel=SERVER)] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     given = dict(locals())  # before anything else is bound here
@@ -77,8 +83,10 @@ GLOBAL_OPTIONS = tuple(n for n in inspect.signature(main_options).parameters if 
 
 def _flags(values: Mapping[str, Any]) -> dict[str, Any]:
     """Option values as settings flags: None (or an empty --stop list) means not given."""
-    flags = {k: v for k, v in values.items() if k != "no_pretty"}
+    flags = {k: v for k, v in values.items() if k not in ("no_pretty", "no_server")}
     flags["pretty"] = False if values.get("no_pretty") else None
+    if values.get("no_server"):
+        flags["server"] = "off"
     return flags
 
 
@@ -88,22 +96,27 @@ def merge_flags(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
     return {**before, **given}
 
 
-def global_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Let a subcommand also take every global option (dscoder chat --temperature 0 "hi").
+def global_options(command: Callable[..., None] | None = None, *,
+                   skip: tuple[str, ...] = ()) -> Any:
+    """Let a subcommand also take every global option (dscoder chat --temperature 0 "hi"),
+    except those in `skip` (a subcommand whose own flag has the same name: serve --stop).
 
     The wrapper's signature is the command's plus main_options' global parameters (keyword-only,
     so typer adds them after the command's own options); their values, when given, override the
     ones given before the subcommand, and the result becomes this command's ctx.obj, which
     `runtime` reads. The command itself never sees them."""
+    if command is None:
+        return functools.partial(global_options, skip=skip)
+    names = [n for n in GLOBAL_OPTIONS if n not in skip]
     root = inspect.signature(main_options, eval_str=True).parameters
     own = inspect.signature(command, eval_str=True)
-    extra = [root[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in GLOBAL_OPTIONS]
+    extra = [root[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
     assert "ctx" in own.parameters, f"{command.__name__} needs a ctx: typer.Context parameter"
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         ctx = kwargs["ctx"]  # typer passes every parameter by name
-        after = _flags({n: kwargs.pop(n) for n in GLOBAL_OPTIONS})
+        after = _flags({n: kwargs.pop(n) for n in names})
         ctx.obj = merge_flags(ctx.find_root().obj or {}, after)
         command(*args, **kwargs)
 
@@ -153,9 +166,9 @@ def chat(
 def complete(
     ctx: typer.Context,
     file: Annotated[Optional[str], typer.Argument(help="The code to continue; - or nothing reads stdin.", show_default=False, metavar="[FILE|-]")] = None,
-    suffix: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Text after the gap: makes this a fill-in-the-middle request.")] = None,
-    suffix_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Read the text after the gap from this file.")] = None,
-    max_lines: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Stop after this many lines.")] = None,
+    suffix: Annotated[Optional[str], typer.Option("--suffix", metavar="TEXT", help="Text after the gap: makes this a fill-in-the-middle request.")] = None,
+    suffix_file: Annotated[Optional[Path], typer.Option("--suffix-file", metavar="FILE", help="Read the text after the gap from this file.")] = None,
+    max_lines: Annotated[Optional[int], typer.Option("--max-lines", min=1, metavar="N", help="Stop after this many lines.")] = None,
     show_prompt: Annotated[bool, SHOW_PROMPT] = False,
 ) -> None:
     """Continue code (no chat template); only the generated text goes to stdout."""
@@ -187,6 +200,28 @@ def insert(
 
 
 @app.command()
+@global_options(skip=("stop",))
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; anything but loopback needs --allow-remote.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=0, max=65535, help="TCP port (0: any free port).")] = 11435,
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", metavar="PATH", help="Listen on this Unix socket (mode 0600) instead of TCP.")] = None,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a --host other than loopback.")] = False,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require Authorization: Bearer KEY on every request. [env DSCODER_API_KEY]")] = None,
+    stop_server: Annotated[bool, typer.Option("--stop", help="Stop the server running on the default socket, then exit.")] = False,
+) -> None:
+    """Keep the model loaded and serve it over HTTP: OpenAI's /v1/chat/completions,
+    /v1/completions and /v1/models, llama.cpp's /infill and /health.
+
+    chat, complete and insert on this machine use it instead of loading the model. Ctrl-C or
+    SIGTERM stops it (a request in flight gets a few seconds to finish)."""
+    from dscoder.cli import serve as serve_mod
+
+    serve_mod.serve(runtime(ctx, api_key=api_key), host=host, port=port, socket_path=socket_path,
+                    allow_remote=allow_remote, stop=stop_server)
+
+
+@app.command()
 def pull(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Hub id; default: --model or the default model.", show_default=False)] = None,
@@ -194,7 +229,8 @@ def pull(
     """Download a model into the Hugging Face cache (progress on stderr)."""
     rt = runtime(ctx)
     name = model or rt.model_name
-    path = rt.backend.pull(name)
+    # the model's own Python files come only when it may run (--trust-remote-code)
+    path = rt.backend.pull(name, code=True) if rt.settings.trust_remote_code else rt.backend.pull(name)
     rt.term.info(f"{name} is ready in {path}")
 
 
@@ -218,20 +254,35 @@ def _debug_wanted(args: list[str]) -> bool:
 def _report(message: str, args: list[str], exc: BaseException | None = None) -> None:
     from dscoder.ui.console import make_terminal
 
-    term = make_terminal(pretty="--no-pretty" not in args)
-    if exc is not None and _debug_wanted(args):
-        traceback.print_exception(exc, file=sys.stderr)
-    term.error(message)
+    try:
+        term = make_terminal(pretty="--no-pretty" not in args)
+        if exc is not None and _debug_wanted(args):
+            traceback.print_exception(exc, file=sys.stderr)
+        term.error(message)
+    except (OSError, ValueError, DscoderError, SystemExit):  # stderr itself is closed or full
+        pass
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (ExitCode values). Never lets a traceback through."""
-    from dscoder.cli.messages import tidy_arguments, usage_message, wants_help
+    from dscoder import signals
+    from dscoder.cli.streams import guarded
 
     args = list(sys.argv[1:] if argv is None else argv)
+    with signals.handled(), guarded():
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    from dscoder import signals
+    from dscoder.cli.messages import tidy_arguments, usage_message, wants_help
+
+    _STATE["debug"] = False  # this run's settings decide (an earlier run in this process may not)
     command = tidy_arguments(typer.main.get_command(app))
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
+        if rv == ExitCode.INTERRUPTED:  # typer turns a KeyboardInterrupt into 130, SIGTERM too
+            return signals.exit_code()
         return rv if isinstance(rv, int) else ExitCode.OK
     except typer.Exit as e:
         return e.exit_code
@@ -241,17 +292,30 @@ def run(argv: list[str] | None = None) -> int:
             return ExitCode.USAGE
         _report(usage_message(e), args)
         return ExitCode.USAGE
-    except (KeyboardInterrupt, typer.Abort):
-        return ExitCode.INTERRUPTED
+    except typer.Abort as e:
+        return signals.exit_code(e)
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143): nothing more to say
+        return signals.exit_code(e)
     except DscoderError as e:
+        if signals.received() is not None:  # e.g. stderr closed while click reported Ctrl-C
+            return signals.exit_code(e)
         _report(e.message, args, e)
         return e.exit_code
     except BrokenPipeError:  # `dscoder complete | head -1`: the reader is gone, nothing to say
         _silence_stdout()
         return ExitCode.OK
+    except SystemExit as e:
+        # rich answers a broken pipe with SystemExit(1) (Console.on_broken_pipe): for us a reader
+        # that stopped reading is a success, as in git, so `set -o pipefail` scripts keep going.
+        if isinstance(e.__context__, BrokenPipeError):
+            _silence_stdout()
+            return ExitCode.OK
+        raise
     except Exception as e:  # noqa: BLE001  (the last line of defence: one sentence, no traceback)
         from dscoder.cli.backend import explain_oom
 
+        if signals.received() is not None:  # the fallout of an interrupt that was swallowed
+            return signals.exit_code(e)
         oom = explain_oom(e)
         message = oom.message if oom else (f"Unexpected error: {type(e).__name__}: {e} "
                                            "(run again with --debug to see where; please report it).")
@@ -268,7 +332,11 @@ def _silence_stdout() -> None:
 
 
 def main() -> None:
-    sys.exit(run())
+    from dscoder.cli.streams import flush_at_exit
+
+    code = run()
+    flush_at_exit()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

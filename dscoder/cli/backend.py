@@ -49,11 +49,15 @@ class RealBackend:
         return hub.is_coder_v2(name) and not Path(name).exists() and hub.cached_model(name) is None
 
     def load_tokenizer(self, settings: Settings) -> Any:
-        from dscoder.tokenizer import load_bundled_tokenizer, load_tokenizer
+        from dscoder.engines import choose_engine, load_tokenizer_for
 
         if self._known_model_missing(settings):
+            from dscoder.tokenizer import load_bundled_tokenizer
+
             return load_bundled_tokenizer()
-        return load_tokenizer(self._model_dir(settings))
+        model_dir = self._model_dir(settings)
+        choose_engine(model_dir, settings.engine)  # --engine native on another model: say so now
+        return load_tokenizer_for(model_dir)
 
     def context_length(self, settings: Settings) -> int | None:
         """The window --show-prompt trims to without loading weights: the flag, else the config's."""
@@ -71,9 +75,16 @@ class RealBackend:
 
     def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
                     progress: Progress | None = None) -> Any:
+        from dscoder import signals
+
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
+        # The only import of torch on the way to generating. torch's start-up swallows a
+        # KeyboardInterrupt (during its numpy import) and a second import then fails half-way,
+        # so Ctrl-C/SIGTERM wait until the import is done, and are delivered then.
+        with signals.deferred():
+            from dscoder.engine import load_engine
+        signals.check()
         check_device(settings.device, warn)
-        from dscoder.engine import load_engine  # the only import of torch on the way to generating
 
         threads = set_cpu_threads(settings)
         if threads and settings.verbose and info:
@@ -83,12 +94,17 @@ class RealBackend:
                            gpu_memory=settings.gpu_memory,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
                            context_length=settings.context_length, progress=progress,
-                           log=info if settings.verbose else None)
+                           log=info if settings.verbose else None, warn=warn, notice=info,
+                           cuda_graphs=settings.cuda_graphs, compile=settings.compile,
+                           offload_policy=settings.offload_policy,
+                           prefetch_depth=settings.prefetch_depth,
+                           routing_trace=settings.routing_trace or None, engine=settings.engine,
+                           trust_remote_code=settings.trust_remote_code)
 
-    def pull(self, name: str) -> Path:
+    def pull(self, name: str, code: bool = False) -> Path:
         from dscoder import hub
 
-        return Path(hub.pull(name))
+        return Path(hub.pull(name, code=code))
 
     def download_size(self, name: str) -> int | None:
         from dscoder import hub
@@ -139,10 +155,9 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def explain_oom(error: BaseException) -> DscoderError | None:
     """A CUDA out-of-memory error, from torch or from the engine, as one sentence."""
-    name = type(error).__name__
-    if name == "OutOfMemoryError" or "CUDA out of memory" in str(error):
-        from dscoder.errors import OutOfMemory
+    from dscoder.errors import OutOfMemory, is_out_of_memory
 
+    if is_out_of_memory(error):
         return OutOfMemory("The GPU ran out of memory; give dscoder a smaller budget with "
                            "--gpu-memory (for example --gpu-memory 10GiB), a shorter "
                            "--context-length, or use --device cpu.")

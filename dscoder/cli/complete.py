@@ -1,6 +1,7 @@
 """`dscoder complete [FILE|-]`: continue code (raw prefix), or fill a gap when given a suffix (FIM)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from dscoder.cli.runtime import Runtime, stream_reply
@@ -14,10 +15,12 @@ def read_source(rt: Runtime, file: str | None) -> str:
     if file is None or file == "-":
         if file is None and rt.term.stdin_is_tty:
             raise UsageError("Give a FILE to continue, or pipe code in (cat foo.py | dscoder complete).")
+        from dscoder.fileedit import read_stdin_text
+
         try:
-            return rt.term.stdin.read()
-        except UnicodeDecodeError:
-            raise UsageError("The piped input is not UTF-8 text.") from None
+            return read_stdin_text(rt.term.stdin)
+        except (OSError, ValueError) as e:  # stdin closed: nothing to continue
+            raise UsageError("Standard input is closed; give a FILE or pipe code in.") from e
     from dscoder.fileedit import read_text_file
 
     return read_text_file(Path(file)).text
@@ -55,5 +58,12 @@ def complete(rt: Runtime, file: str | None, *, suffix: str | None, suffix_file: 
         return
     # Raw text, never Markdown: the output is code that continues the input.
     stream = answer_stream(rt.term, markdown=False, newline=rt.term.stdout_is_tty)
-    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids())
-    rt.report(stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines))
+    if rt.term.stdout_is_tty:  # control characters in the model's text are shown, not obeyed
+        from dscoder.visible import EscapingStream
+
+        stream = EscapingStream(stream)
+    cancel = threading.Event()  # set for --max-lines, so the engine ends the reply and reports it
+    events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids(),
+                                  cancel=cancel)
+    rt.report(stream_reply(events, stream, prompt_tokens=len(prompt.ids), max_lines=max_lines,
+                           cancel=cancel))

@@ -38,6 +38,9 @@ class Conversation:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)  # user and assistant turns, in order
     attachments: list[str] = field(default_factory=list)  # /read files waiting for the next message
+    # The oldest turns left out of the prompt when it outgrew the context window; they stay out
+    # so that the following prompts share a prefix (see prompts.chat_prompt).
+    dropped_turns: int = 0
 
     def prompt_messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -151,6 +154,7 @@ def _exit(rest: str, state: ChatState, term: Terminal) -> str:
 def _clear(rest: str, state: ChatState, term: Terminal) -> None:
     state.conversation.messages.clear()
     state.conversation.attachments.clear()
+    state.conversation.dropped_turns = 0
     term.hint("Conversation cleared.")
 
 

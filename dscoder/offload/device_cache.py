@@ -108,45 +108,51 @@ class ExpertCache:
     def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Slots holding these experts of a layer, copying the missing ones (demand path)."""
         keys = [(layer, e) for e in experts]
-        protected = set(keys)
-        slots, loads = [], []
+        missing = []
         for key in keys:
-            slot = self.table.get(key)
-            if slot is None:
+            if self.table.get(key) is None:  # get() counts a use of a resident key
                 self.stats.misses += 1
-                slot = self._assign(key, protected)
-                loads.append((slot, key))
+                missing.append(key)
             elif key in self.prefetched:
                 self.stats.prefetch_used += 1  # copied for this step, ahead of time
             else:
                 self.stats.hits += 1
-            self.prefetched.discard(key)
-            slots.append(slot)
-        self._copy(loads)
-        return slots
+        self._load(missing, set(keys))
+        self.prefetched.difference_update(keys)
+        return [self.table.slot_of[key] for key in keys]
 
     def prefetch(self, layer: int, experts: Sequence[int], protected: set[Key]) -> None:
         """Start copies for experts a later layer will probably need; never evict `protected`."""
         guard = protected | {(layer, e) for e in experts}
-        loads = []
-        for e in experts:
-            key = (layer, e)
-            if key in self.table:
-                continue
-            try:
-                slot = self._assign(key, guard)
-            except NoSlot:
-                break  # every other slot is needed now: the rest will be demand misses
-            loads.append((slot, key))
-            self.prefetched.add(key)
-            self.stats.prefetched += 1
-        self._copy(loads)
+        wanted = [(layer, e) for e in experts if (layer, e) not in self.table]
+        loaded = self._load(wanted, guard, partial=True)
+        self.prefetched.update(loaded)
+        self.stats.prefetched += len(loaded)
 
-    def _assign(self, key: Key, protected: set[Key]) -> int:
-        slot, evicted = self.table.assign(key, protected)
-        if evicted is not None:
-            self.prefetched.discard(evicted)
-        return slot
+    def _load(self, keys: Sequence[Key], protected: set[Key], partial: bool = False) -> list[Key]:
+        """Give each key a slot and queue its copy, as one step: if anything interrupts it (a
+        Ctrl-C is a normal path in the REPL), every slot assigned here is given back empty, so
+        no slot is ever marked as holding an expert whose weights were not queued to it.
+        partial: stop at the first key without a slot (prefetch) instead of raising NoSlot."""
+        loads: list[tuple[int, Key]] = []
+        try:
+            for key in keys:
+                try:
+                    slot, evicted = self.table.assign(key, protected)
+                except NoSlot:
+                    if partial:
+                        break  # every other slot is needed now: the rest will be demand misses
+                    raise
+                if evicted is not None:
+                    self.prefetched.discard(evicted)
+                loads.append((slot, key))
+            self._copy(loads)
+        except BaseException:
+            for slot, key in loads:
+                self.table.discard(key)
+                self.prefetched.discard(key)
+            raise
+        return [key for _, key in loads]
 
     def _copy(self, loads: Sequence[tuple[int, Key]]) -> None:
         """One batch of copies on the copy stream (one event for all: fewer API calls per step)."""
@@ -176,7 +182,7 @@ class ExpertCache:
         for i in range(min(self.slots, len(layers) * n)):
             key = (layers[i % len(layers)], i // len(layers))
             if key not in self.table:
-                self._copy([(self._assign(key, set()), key)])
+                self._load([key], set())
         self.stats.bytes_copied = 0  # warming is part of loading, not of generation
         self.stats.copy_seconds = self.stats.exposed_seconds = 0.0
         self.stats._pending.clear()

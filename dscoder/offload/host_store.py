@@ -11,6 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 PIN_THREADS = 8
+# host-to-device copy speeds measured on the H100 host (DESIGN.md "Sizes and ceilings"): what a
+# failed page-lock costs the copies of the experts it did not lock
+PINNED_GB_S = 53.8
+PAGEABLE_GB_S = 15.1
 
 
 class HostExpertStore:
@@ -24,6 +28,8 @@ class HostExpertStore:
         self.dtype = first.dtype
         self.expert_bytes = (w13[self.layers[0]][0].nbytes + w2[self.layers[0]][0].nbytes)
         self._registered: list[int] = []
+        self._pin_tried = False
+        self.unpinned_bytes = 0  # bytes that CUDA refused to page-lock (copies from them are slower)
 
     @property
     def total_bytes(self) -> int:
@@ -32,26 +38,49 @@ class HostExpertStore:
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for t in (self.w13[layer], self.w2[layer])]
 
-    def pin(self) -> bool:
-        """Page-lock every tensor in place; False (copies still work, slower) if CUDA refuses."""
-        if self._registered or not torch.cuda.is_available():
-            return bool(self._registered)
+    def pin(self) -> int:
+        """Page-lock every tensor in place, once; the bytes CUDA refused to lock (0: all locked).
+        Copies from refused tensors still work, from pageable memory and slower."""
+        if self._pin_tried:
+            return self.unpinned_bytes
+        self._pin_tried = True
         tensors = [t for t in self.tensors() if not t.is_pinned()]
         with ThreadPoolExecutor(PIN_THREADS) as pool:
             results = list(pool.map(_register, tensors))
         self._registered = [t.data_ptr() for t, ok in zip(tensors, results) if ok]
-        return all(results)
+        self.unpinned_bytes = sum(t.nbytes for t, ok in zip(tensors, results) if not ok)
+        return self.unpinned_bytes
 
     def unpin(self) -> None:
-        for ptr in self._registered:
+        """Unregister what pin() locked (before the memory is freed, or to give it back early)."""
+        registered, self._registered = self._registered, []
+        for ptr in registered:
             torch.cuda.cudart().cudaHostUnregister(ptr)
-        self._registered = []
+
+    def release(self) -> None:
+        """Unlock and drop every tensor (the engine is closing); the store is empty afterwards."""
+        self.unpin()
+        self.w13, self.w2, self.layers = {}, {}, []
 
     def __del__(self) -> None:
         try:
             self.unpin()  # the memory must be unregistered before it is freed
         except Exception:
             pass
+
+
+def pin_warning(unpinned: int, total: int) -> str | None:
+    """The one warning for a failed page-lock, with what it costs; None when all was locked."""
+    if unpinned <= 0:
+        return None
+    from dscoder.offload.sizes import format_size
+
+    share = "" if unpinned >= total else f"{format_size(unpinned)} of "
+    return (f"Could not page-lock {share}the {format_size(total)} host copy of the experts "
+            f"(cudaHostRegister failed; check `ulimit -l` and free RAM): expert copies from it run "
+            f"from pageable memory, about {PINNED_GB_S / PAGEABLE_GB_S:.1f}x slower "
+            f"({PAGEABLE_GB_S:g} against {PINNED_GB_S:g} GB/s measured on an H100 host), so "
+            "generation will be slower.")
 
 
 def _register(t: torch.Tensor) -> bool:

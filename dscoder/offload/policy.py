@@ -183,3 +183,12 @@ class SlotTable:
         self.key_of[slot] = key
         self.policy.insert(key)
         return slot, evicted
+
+    def discard(self, key: Key) -> None:
+        """Forget a key: its slot becomes free (its contents are no longer trusted)."""
+        slot = self.slot_of.pop(key, None)
+        if slot is None:
+            return
+        self.key_of[slot] = None
+        self.policy.remove(key)
+        self.free.append(slot)

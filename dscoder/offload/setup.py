@@ -1,7 +1,6 @@
 """Loading under a --gpu-memory budget: plan, load, move experts to host, install the cache."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,15 +10,13 @@ from dscoder.config import ModelConfig
 from dscoder.errors import UsageError
 from dscoder.offload.device_cache import CopyEngine, ExpertCache
 from dscoder.offload.experts import OffloadedExperts, OffloadRuntime
-from dscoder.offload.host_store import HostExpertStore
-from dscoder.offload.planner import STREAM_CHUNK, ModelSizes, Plan, plan_memory
+from dscoder.offload.host_store import HostExpertStore, pin_warning
+from dscoder.offload.planner import STREAM_CHUNK, ModelSizes, Plan, plan_for_device
 from dscoder.offload.policy import POLICIES, make_policy
 from dscoder.offload.sizes import format_size, parse_size
 from dscoder.offload.stats import OffloadStats
-from dscoder.offload.trace import TRACE_ENV, TraceWriter
+from dscoder.offload.trace import TraceWriter
 
-POLICY_ENV = "DSCODER_OFFLOAD_POLICY"
-DEPTH_ENV = "DSCODER_PREFETCH_DEPTH"
 DEFAULT_DEPTH = 1  # MoE layers ahead whose experts a decode step starts copying
 DEFAULT_POLICY = "lru"  # random routing: all policies tie; see BENCHMARKS.md "Offloading"
 Log = Callable[[str], None]
@@ -72,46 +69,52 @@ def host_available() -> int | None:
 def make_plan(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu_memory: str,
               context: int, context_fixed: bool) -> Plan:
     budget = resolve_budget(gpu_memory, device)
-    # the CUDA allocator rounds and fragments; CPU "budgets" are simulations and need no slack
-    margin = (256 << 20) + budget // 32 if device.type == "cuda" else 0
-    host = host_available() if device.type == "cuda" else None
-    return plan_memory(model_sizes(cfg, dtype), budget, context, context_fixed=context_fixed,
-                       margin=margin, host_available=host)
+    cuda = device.type == "cuda"
+    return plan_for_device(model_sizes(cfg, dtype), budget, context, cuda=cuda,
+                           context_fixed=context_fixed, host_available=host_available() if cuda else None)
 
 
-def enforce_budget(budget: int, device: torch.device) -> None:
-    """Make the caching allocator refuse to grow past the budget (an OOM instead of overuse)."""
+def enforce_budget(plan: Plan, device: torch.device) -> None:
+    """Make the caching allocator refuse to grow past its share of the budget (the budget less
+    the CUDA context): an out-of-memory error instead of overuse."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         total = torch.cuda.get_device_properties(index).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_bytes / total), index)
 
 
 def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                      gpu_memory: str, context: int, context_fixed: bool, *, progress=None,
-                     log: Log | None = None, policy: str | None = None):
-    """(model, context, plan): the model resident or offloaded as the budget allows."""
+                     log: Log | None = None, warn: Log | None = None, policy: str = DEFAULT_POLICY,
+                     prefetch_depth: int = DEFAULT_DEPTH):
+    """(model, context, plan): the model resident or offloaded as the budget allows. log gets
+    the plan (--verbose); warn gets what the user must hear: a failed page-lock."""
     from dscoder.weights import load_model
 
     plan = make_plan(cfg, dtype, device, gpu_memory, context, context_fixed)
     for line in plan.describe():
         if log:
             log(line)
-    enforce_budget(plan.budget, device)
+    enforce_budget(plan, device)
     if plan.resident:
         model = load_model(model_dir, cfg, device=device, dtype=dtype, progress=progress)
         return model, plan.context, plan
     model = load_model(model_dir, cfg, device=device, dtype=dtype,
                        expert_device=torch.device("cpu"), progress=progress)
-    runtime = install_offload(model, plan.slots, device, policy or os.environ.get(POLICY_ENV, DEFAULT_POLICY))
-    if log and device.type == "cuda" and not runtime.store.pin():
-        log("warning: could not page-lock the host copy of the experts; copies will be slower")
+    install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn)
     return model, plan.context, plan
 
 
+def _pins(device: torch.device) -> bool:
+    """Whether the host store is page-locked: only copies to a CUDA device gain from it."""
+    return device.type == "cuda"
+
+
 def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
-                    policy: str = DEFAULT_POLICY, prefetch_depth: int | None = None) -> OffloadRuntime:
-    """Move every MoE layer's routed experts into a host store behind a `slots`-expert cache."""
+                    policy: str = DEFAULT_POLICY, prefetch_depth: int = DEFAULT_DEPTH, *,
+                    warn: Log | None = None) -> OffloadRuntime:
+    """Move every MoE layer's routed experts into a host store behind a `slots`-expert cache;
+    warn (once) if CUDA would not page-lock all of the host copy."""
     from dscoder.model.moe import MoE
 
     if policy not in POLICIES:
@@ -120,8 +123,10 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
     moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoE)]
     store = HostExpertStore({i: layers[i].mlp.experts.w13.data for i in moe},
                             {i: layers[i].mlp.experts.w2.data for i in moe})
-    if device.type == "cuda":
-        store.pin()
+    if _pins(device):
+        message = pin_warning(store.pin(), store.total_bytes)
+        if message and warn:
+            warn(message)
     stats = OffloadStats()
     copier = CopyEngine(device, stats)
     cache = ExpertCache(store, slots, device, make_policy(policy, slots, moe), stats, copier)
@@ -132,14 +137,31 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
         staging_w13=torch.empty((2, chunk, *w13.shape[1:]), dtype=w13.dtype, device=device),
         staging_w2=torch.empty((2, chunk, *w2.shape[1:]), dtype=w2.dtype, device=device),
         first_layer=moe[0], policy=policy)
-    depth = prefetch_depth if prefetch_depth is not None else int(os.environ.get(DEPTH_ENV, DEFAULT_DEPTH))
-    runtime.prefetch_depth = depth
+    runtime.prefetch_depth = prefetch_depth
     for n, i in enumerate(moe):
-        ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + depth]]
+        ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + prefetch_depth]]
         layers[i].mlp.experts = OffloadedExperts(runtime, i, ahead)
     cache.warm()
     model.offload = runtime
     return runtime
+
+
+def release_offload(model: torch.nn.Module) -> None:
+    """Empty the expert cache, the staging buffers and the host store (page-lock released
+    first: CUDA must forget memory before it is freed), and detach the runtime from the model."""
+    runtime = model.offload
+    if runtime is None:
+        return
+    if runtime.copier.cuda:
+        torch.cuda.synchronize(runtime.copier.device)  # no copy may still read the host store
+    runtime.store.release()
+    cache, empty = runtime.cache, torch.empty(0)
+    cache.w13 = cache.w2 = runtime.staging_w13 = runtime.staging_w2 = empty
+    cache.ready = [None] * cache.slots
+    cache.last_use = [None] * cache.slots
+    runtime.staging_ready = [None, None]
+    runtime.staging_free = [None, None]
+    model.offload = None
 
 
 def offload_stats(model: torch.nn.Module) -> dict:
@@ -160,18 +182,17 @@ class TracingExperts(torch.nn.Module):
         return self.inner(x, ids, weights)
 
 
-def install_trace(model: torch.nn.Module, path: str | Path | None = None) -> bool:
-    """Record routing to `path` (or $DSCODER_ROUTING_TRACE); False when neither is set."""
+def install_trace(model: torch.nn.Module, path: str | Path) -> None:
+    """Record which experts each MoE layer picks, to `path` (settings: routing_trace)."""
     from dscoder.model.moe import MoE
 
-    path = path or os.environ.get(TRACE_ENV)
-    if not path:
-        return False
-    writer = TraceWriter(Path(path))
+    try:
+        writer = TraceWriter(Path(path))
+    except OSError as e:
+        raise UsageError(f"Cannot write the routing trace {path}: {e.strerror or e}.") from e
     for i, layer in enumerate(model.model.layers):
         if isinstance(layer.mlp, MoE):
             layer.mlp.experts = TracingExperts(layer.mlp.experts, i, writer)
-    return True
 
 
 def describe_budget(plan: Plan) -> str:

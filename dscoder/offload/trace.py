@@ -17,7 +17,6 @@ from pathlib import Path
 
 from dscoder.offload.policy import POLICIES, SlotTable, make_policy, should_stream
 
-TRACE_ENV = "DSCODER_ROUTING_TRACE"
 Call = tuple[int, list[list[int]]]  # (layer, expert ids per token)
 
 

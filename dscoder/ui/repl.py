@@ -22,6 +22,8 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit import search
 from prompt_toolkit.keys import Keys
 
+from dscoder.signals import Terminated
+
 HISTORY_CAP = 1000  # entries kept in the history file (codex's grew to gigabytes)
 QUOTES = '"""'
 
@@ -155,6 +157,8 @@ class LineReader:
                 typed_ahead = ""
             except EOFError:  # Ctrl-D on an empty line
                 return None
+            except Terminated:  # SIGTERM: leave, whatever the line holds
+                raise
             except KeyboardInterrupt:  # Ctrl-C on an empty line
                 typed_ahead = ""
                 if last_was_ctrl_c:

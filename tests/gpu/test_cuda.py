@@ -61,8 +61,7 @@ def test_cuda_graph_decode_gives_the_same_ids(tiny_checkpoint, monkeypatch):
 
     graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
     assert graphed.use_graphs
-    monkeypatch.setenv("DSCODER_CUDA_GRAPHS", "0")
-    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32", cuda_graphs=False)
     assert not eager.use_graphs
     for text in ("def main():", "User: hi\n\nAssistant:"):
         assert greedy_ids(graphed, text) == greedy_ids(eager, text)
@@ -77,8 +76,7 @@ def test_cuda_graph_decode_across_buckets_and_cache_growth(tiny_checkpoint, monk
     monkeypatch.setattr(graphs_mod, "BUCKET", 16)
     monkeypatch.setattr(engine_mod, "FIRST_CAPACITY", 32)
     graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
-    monkeypatch.setenv("DSCODER_CUDA_GRAPHS", "0")
-    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32", cuda_graphs=False)
     assert greedy_ids(graphed, "x = 1", n=80) == greedy_ids(eager, "x = 1", n=80)
 
 
