@@ -255,10 +255,10 @@ def test_subcommand_help_and_completions_offer_the_global_options():
     (["insert", "f.py", "--line", "x"], "--line takes a whole number, not 'x'."),
     (["completion", "tcsh"], "SHELL takes one of bash, zsh or fish, not 'tcsh'."),
     (["complete", "--max-lines", "0"], "--max-lines must be at least 1, not 0."),
-    (["chat", "--verbse"], "dscoder chat has no option --verbse (did you mean --verbose?); "
-                           "`dscoder chat --help` lists them."),
-    (["frob"], "dscoder has no command 'frob'; the commands are chat, complete, insert, pull "
-               "and completion."),
+    (["chat", "--temprature", "1"], "dscoder chat has no option --temprature (did you mean "
+                                    "--temperature?); `dscoder chat --help` lists them."),
+    (["frob"], "dscoder has no command 'frob'; the commands are chat, complete, insert, serve, "
+               "pull and completion."),
     (["insert"], "dscoder insert needs FILE; see `dscoder insert --help`."),
     (["insert", "f.py"], "dscoder insert needs --line N; see `dscoder insert --help`."),
     (["chat", "--temperature"], "--temperature needs a value; see `dscoder --help`."),
