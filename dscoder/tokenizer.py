@@ -191,7 +191,7 @@ def load_tokenizer(model_dir: Path, cls: type[Tokenizer] = Tokenizer) -> Tokeniz
     data = _read_json(model_dir / "tokenizer.json")
     config_path = model_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.exists() else {}
-    return tokenizer_from_json(data, config, model_dir / "tokenizer.json")
+    return tokenizer_from_json(data, config, model_dir / "tokenizer.json", cls)
 
 
 # The DeepSeek-Coder-V2 tokenizer (the same for Lite and the 236B model, Base and Instruct: the
@@ -213,8 +213,10 @@ def load_bundled_tokenizer() -> Tokenizer:
     return tokenizer_from_json(data, {}, Path(str(resource)))
 
 
-def tokenizer_from_json(data: Any, config: Any, where: Path) -> Tokenizer:
-    """A Tokenizer from the parsed tokenizer.json and tokenizer_config.json (read from `where`)."""
+def tokenizer_from_json(data: Any, config: Any, where: Path,
+                        cls: type[Tokenizer] = Tokenizer) -> Tokenizer:
+    """A Tokenizer (or `cls`) from the parsed tokenizer.json and tokenizer_config.json (read
+    from `where`)."""
     if not isinstance(data, dict) or not isinstance(config, dict):
         raise DscoderError(f"The tokenizer files in {where.parent} are not valid; "
                            "download the model again.")
@@ -227,5 +229,5 @@ def tokenizer_from_json(data: Any, config: Any, where: Path) -> Tokenizer:
         raise DscoderError(f"{where} is not a valid tokenizer ({e}); "
                            "download the model again.") from None
     return cls(text_tokenizer, added,
-                     bos_token=_token_name(config, "bos_token", BOS_TOKEN),
-                     eos_token=_token_name(config, "eos_token", EOS_TOKEN))
+               bos_token=_token_name(config, "bos_token", BOS_TOKEN),
+               eos_token=_token_name(config, "eos_token", EOS_TOKEN))
