@@ -4,8 +4,9 @@
 reply (headings, lists, fenced code, a quote, a table; tests/sample_markdown.py) at a fixed pace,
 4 characters (about one token) per chunk at --rate tokens a second. The renderer runs on the
 thread that pulls the tokens, so any time it takes shows up as a longer reply. For each length,
-the wall time of the reply (from its first byte on the terminal to the end of the process) with
-Markdown rendering and with --no-pretty, interleaved, the median of --repeat runs.
+the wall time of the reply (from its first byte on the terminal to the end of the process) and of
+the whole process, with Markdown rendering and with --no-pretty, interleaved, the median of
+--repeat runs.
 No GPU and no torch needed:
 
     python benchmarks/bench_render.py                       # 500, 2000, 8000 tokens, 3 runs each
@@ -81,7 +82,10 @@ def bench(tokens: int, rate: float, repeat: int, limit: float) -> dict:
         for mode in runs:
             runs[mode].append(run_once(reply, rate, pretty=mode == "pretty", limit=limit))
     med = {mode: statistics.median(r["reply_s"] for r in rs) for mode, rs in runs.items()}
+    proc = {mode: statistics.median(r["process_s"] for r in rs) for mode, rs in runs.items()}
     return {"tokens": tokens, "chars": len(reply), "ideal_s": tokens / rate,
+            "pretty_process_s": proc["pretty"], "plain_process_s": proc["plain"],
+            "process_overhead_pct": 100 * (proc["pretty"] / proc["plain"] - 1),
             "pretty_s": med["pretty"], "plain_s": med["plain"],
             "overhead_pct": 100 * (med["pretty"] / med["plain"] - 1),
             "pretty_runs_s": [round(r["reply_s"], 3) for r in runs["pretty"]],
@@ -111,11 +115,14 @@ def main() -> None:
         rows.append(bench(n, opts.rate, opts.repeat, opts.limit))
         print(f"[{time.strftime('%H:%M:%S')}] {n} tokens: plain {rows[-1]['plain_s']:.2f} s, "
               f"pretty {rows[-1]['pretty_s']:.2f} s", file=sys.stderr, flush=True)
-    print(f"{'tokens':>7} {'ideal s':>8} {'plain s':>8} {'pretty s':>9} {'pretty vs plain':>16}")
+    print("reply: first byte to exit; process: start to exit (Python start-up, loading)")
+    print(f"{'tokens':>7} {'ideal s':>8} {'plain s':>8} {'pretty s':>9} {'pretty vs plain':>16}"
+          f" {'process: plain s':>17} {'pretty s':>9} {'pretty vs plain':>16}")
     for r in rows:
         more = ">" if r["stopped"] else " "
         print(f"{r['tokens']:>7} {r['ideal_s']:>8.2f} {r['plain_s']:>8.2f} {more}{r['pretty_s']:>8.2f}"
-              f" {more}{r['overhead_pct']:>+14.1f}%")
+              f" {more}{r['overhead_pct']:>+14.1f}% {r['plain_process_s']:>17.2f}"
+              f" {r['pretty_process_s']:>9.2f} {r['process_overhead_pct']:>+15.1f}%")
     print(json.dumps({"benchmark": "render", "rate_tok_s": opts.rate, "repeat": opts.repeat,
                       "terminal": "100x40", "machine": platform.processor() or platform.machine(),
                       "cpus": os.cpu_count(), "python": platform.python_version(),

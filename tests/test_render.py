@@ -100,3 +100,23 @@ def test_slow_renders_are_spaced_out(monkeypatch):
     gaps = [b - a for a, b in zip(renders, renders[1:])]
     assert min(gaps) >= 0.01 / render.RENDER_SHARE - 1e-9
     assert sum(0.01 for _ in renders) <= render.RENDER_SHARE * (clock["now"] - 100.0) + 0.01
+
+
+def test_warm_up_runs_beside_the_load_and_only_for_markdown(monkeypatch):
+    import threading
+
+    calls: list[str] = []
+    monkeypatch.setattr(render, "warm_up", lambda theme: calls.append(threading.current_thread().name))
+    pretty = Terminal(io.StringIO(), io.StringIO(), io.StringIO(), pretty=True, err_color=False)
+    with render.warmed(pretty, "monokai"):
+        pass
+    assert calls == ["dscoder-render-warm-up"]  # on its own thread, finished by the end
+    with render.warmed(Terminal(io.StringIO(), io.StringIO(), io.StringIO(), pretty=False,
+                                err_color=False)):
+        pass
+    assert len(calls) == 1
+
+
+def test_warm_up_itself_renders_without_error():
+    render.warm_up("monokai")
+    render.warm_up("no-such-theme")  # a bad theme is the reply's to report, not the warm-up's

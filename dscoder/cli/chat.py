@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from dscoder.errors import DscoderError, UsageError
 from dscoder.events import Finished
 from dscoder.prompts import Prompt, chat_prompt
 from dscoder.settings import state_dir
-from dscoder.ui.render import answer_stream
+from dscoder.ui.render import answer_stream, warmed
 from dscoder.visible import EscapingStream
 
 
@@ -69,7 +70,8 @@ def chat(rt: Runtime, message: str | None, *, system: str | None, json_out: bool
     content = with_context(message, piped) if message is not None else piped
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": content}]
-    prompt = rt.prompt_to_run(lambda: build_prompt(rt, messages), show_prompt)
+    with warmed(rt.term, rt.settings.code_theme) if not (show_prompt or json_out) else nullcontext():
+        prompt = rt.prompt_to_run(lambda: build_prompt(rt, messages), show_prompt)
     if prompt is None:
         return
     stream = (_Silent() if json_out
@@ -115,7 +117,8 @@ def repl(rt: Runtime, system: str | None) -> None:
     from dscoder.ui.repl import LineReader  # prompt_toolkit only for the interactive path
 
     history = history_file(rt)
-    with rt.term.input_muted() as typed:  # keys typed while the model loads wait for the prompt
+    # keys typed while the model loads wait for the prompt
+    with rt.term.input_muted() as typed, warmed(rt.term, rt.settings.code_theme):
         engine = rt.engine()
     session = engine.new_session()
     state = ChatState(Conversation(system=system), rt.settings, rt.model_name)
