@@ -1,5 +1,5 @@
-"""`python -m dscoder`: the same as the `dscoder` command."""
-from dscoder.cli.app import main
+"""`python -m dscoder`: the same as the `dscoder` command (signal handlers first, then the CLI)."""
+from dscoder.cli.entry import main
 
 if __name__ == "__main__":
     main()
