@@ -44,7 +44,7 @@ def source_file(tokens: int, directory: Path, model_dir: Path) -> Path:
 
 def cli(args: list[str], env: dict) -> float:
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "dscoder.cli.app", *args], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "dscoder.cli.entry", *args], capture_output=True,
                        text=True, env=env)
     wall = time.perf_counter() - start
     if r.returncode != 0:
@@ -111,7 +111,7 @@ def main() -> None:
 
     log("starting the server")
     t0 = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "dscoder.cli.app", "--model", str(ckpt),
+    server = subprocess.Popen([sys.executable, "-m", "dscoder.cli.entry", "--model", str(ckpt),
                                "--device", args.device, "serve", "--port", str(args.port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     line = server.stdout.readline()

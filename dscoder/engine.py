@@ -18,9 +18,10 @@ import torch
 from dscoder.config import ModelConfig
 from dscoder.errors import PromptTooLong, UsageError
 from dscoder.events import Event, Finished, GenerationSettings, TextDelta
-from dscoder.graphs import GraphedDecoder
+from dscoder.graphs import GraphedDecoder, bucket_rows
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
+from dscoder.profile import StartupProfile
 from dscoder.sampling import Sampler
 from dscoder.stops import StopMatcher
 from dscoder.tokenizer import Tokenizer
@@ -42,6 +43,8 @@ class Engine:
     model_dir: Path | None = None
     use_graphs: bool = False  # decode from CUDA graphs (the model is resident on a GPU)
     budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
+    startup_profile: StartupProfile | None = None  # where loading's time went (--verbose)
+    capture_ahead: bool = True  # capture the next length bucket's graph in the background
     _session: Session | None = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     closed: bool = False
@@ -85,9 +88,16 @@ class Engine:
                  stop_ids: Collection[int] | None = None,
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         """One generation; consecutive calls share a cache, so a common prefix is reused."""
+        return self._default_session().generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
+
+    def prepare(self) -> None:
+        """Allocate the default session's cache and capture its first decode graph (at load)."""
+        self._default_session().prepare_decode(0, wait=True)
+
+    def _default_session(self) -> Session:
         if self._session is None or self.closed:
             self._session = self.new_session()
-        return self._session.generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
+        return self._session
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,8 @@ class Session:
         engine._sessions.add(self)  # so that Engine.close() frees its cache and graphs
 
     def close(self) -> None:
+        if self._graphs is not None and hasattr(self._graphs, "wait"):
+            self._graphs.wait()  # a capture in the background must not outlive the weights
         self.tokens = []
         self._cache = None
         self._graphs = None
@@ -156,8 +168,16 @@ class Session:
             if cache is not None:
                 grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]
             self._cache = cache = grown
-            self._graphs = make_decoder(self.engine.model, grown) if self.engine.use_graphs else None
+            self._graphs = make_decoder(self.engine, grown) if self.engine.use_graphs else None
         return cache
+
+    def prepare_decode(self, pos: int, wait: bool = False) -> None:
+        """Make room for a decode step at `pos` and have its graph captured: now (`wait`), or
+        on the background thread while the prompt is prefilled."""
+        self._ensure_capacity(pos + 1)
+        if self._graphs is not None:
+            visible = bucket_rows(pos, self._graphs.cache.capacity)
+            self._graphs.capture(visible) if wait else self._graphs.capture_ahead([visible])
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ids to the cache; logits (1, V) of the last one. self.tokens moves only on success."""
@@ -223,6 +243,8 @@ class Session:
         reused = common_prefix(self.tokens, prompt)
         reused = min(reused, len(prompt) - 1)  # the last prompt token must run to give logits
         del self.tokens[reused:]
+        if budget > 1:  # the first decode step's graph, captured while the prompt prefills
+            self.prepare_decode(len(prompt))
         sampler = Sampler(settings, engine.device)
         detok = engine.tokenizer.detokenizer()
         stops = StopMatcher(settings.stop)
@@ -236,6 +258,9 @@ class Session:
         try:
             next_id = int(sampler(self._prefill(prompt[reused:])))
             t1 = time.perf_counter()
+            profile = engine.startup_profile
+            if profile is not None and "first prefill" not in profile.seconds:
+                profile.add("first prefill", t1 - t0)
             while budget > 0:
                 if next_id in stop_ids:
                     reason = "eos"
@@ -278,10 +303,13 @@ class Session:
             raise interrupt
 
 
-def make_decoder(model: Transformer, cache: LatentKVCache):
+def make_decoder(engine: Engine, cache: LatentKVCache):
     """Graph-replayed decode for a cache: whole steps, or per-MoE-layer segments when offloaded."""
-    offload = model.offload
-    return offload.decoder(model, cache) if offload is not None else GraphedDecoder(model, cache)
+    model, profile = engine.model, engine.startup_profile
+    if model.offload is not None:
+        return model.offload.decoder(model, cache)
+    return GraphedDecoder(model, cache, ahead=engine.capture_ahead,
+                          on_capture=profile.capture_reporter() if profile else None)
 
 
 def engine_stats(model: Transformer, before: dict | None = None) -> dict:

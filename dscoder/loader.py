@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from dscoder.compile_cache import configure_cache_dirs, enable_compile_caches
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
+from dscoder.profile import StartupProfile, recording
+from dscoder.warmup import Precompile, warm_up
 from dscoder.weights import Progress, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -79,19 +83,26 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                 notice: Callable[[str], None] | None = None, cuda_graphs: bool = True,
                 compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
                 routing_trace: str | Path | None = None, engine: str = "auto",
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, capture_ahead: bool = True,
+                profile: StartupProfile | None = None):
     """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
     one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
+    On a GPU the native engine compiles its decode step while the weights load and captures its
+    first graph before this returns, so that the first reply decodes as fast as the next.
 
     log: details for --verbose; warn: what the user must hear (a failed page-lock); notice: facts
     worth one line (the context window a budget sets). The engine switches (settings.py reads
     them from DSCODER_* and the config file): cuda_graphs and compile (decode speed-ups on CUDA),
     offload_policy and prefetch_depth (the expert cache under a budget), routing_trace (a file
-    to record which experts each layer picks)."""
+    to record which experts each layer picks), capture_ahead (decode graphs of the next length
+    bucket captured on a background thread before they are needed). profile: where the time
+    goes (the native engine's startup_profile; --verbose prints it)."""
     from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
 
-    model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+    profile = profile if profile is not None else StartupProfile()
+    with profile.phase("config"):
+        model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
     if choose_engine(model_dir, engine) == "transformers":
         from dscoder.hf_engine import load_hf_engine
 
@@ -103,33 +114,53 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                         context_length=context_length, progress=progress, log=log, warn=warn,
                         notice=notice, cuda_graphs=cuda_graphs, compile=compile,
                         offload_policy=offload_policy, prefetch_depth=prefetch_depth,
-                        routing_trace=routing_trace)
+                        routing_trace=routing_trace, capture_ahead=capture_ahead, profile=profile)
 
 
 def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
                  context_length: int | None, progress: Progress | None,
                  log: Callable[[str], None] | None, warn: Callable[[str], None] | None,
                  notice: Callable[[str], None] | None, cuda_graphs: bool, compile: bool,
-                 offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None):
+                 offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None,
+                 capture_ahead: bool, profile: StartupProfile):
+    with recording(profile):
+        return _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn,
+                       notice, cuda_graphs and not routing_trace, compile, offload_policy,
+                       prefetch_depth, routing_trace, capture_ahead, profile)
+
+
+def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
+            graphs, compile, offload_policy, prefetch_depth, routing_trace, capture_ahead, profile):
     from dscoder.engine import Engine
     from dscoder.tokenizer import load_tokenizer
 
-    cfg = ModelConfig.from_file(model_dir / "config.json")
-    defaults = generation_defaults(model_dir)  # a bad file is reported before the long load
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, cfg)
-    ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    if ctx < 2:
-        raise UsageError(f"--context-length must be at least 2, not {context_length}.")
-    tokenizer = load_tokenizer(model_dir)
+    with profile.phase("config"):
+        cfg = ModelConfig.from_file(model_dir / "config.json")
+        defaults = generation_defaults(model_dir)  # a bad file is reported before the long load
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, cfg)
+        ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if ctx < 2:
+            raise UsageError(f"--context-length must be at least 2, not {context_length}.")
+    # Not overlapped with loading the weights: parsing tokenizer.json holds the GIL for
+    # whole calls, which stalled the reading threads as long as it ran.
+    with profile.phase("tokenizer"):
+        tokenizer = load_tokenizer(model_dir)
+    configure_cache_dirs()  # before anything compiles (Triton kernels included)
+    compiles = dev.type == "cuda" and graphs and compile
+    # a model resident on the GPU compiles while it loads (under a budget the plan decides later)
+    precompile = _start_precompile(cfg, dev, dt, profile) if compiles and not gpu_memory else None
     try:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
 
+            t = time.perf_counter()
             net, ctx, budget_plan = load_with_budget(
                 model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
                 progress=progress, log=log, warn=warn, policy=offload_policy,
                 prefetch_depth=prefetch_depth)
+            # what is not reading weights: planning, moving experts to host memory, pinning them
+            profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
             if notice and budget_plan.window_notice():
                 notice(budget_plan.window_notice())
         else:
@@ -140,25 +171,46 @@ def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory:
 
             install_trace(net, routing_trace)
         net.set_context(ctx)
-        use_graphs = _fast_decode(net, dev, cuda_graphs and not routing_trace, compile)
+        use_graphs = _fast_decode(net, dev, graphs, compile, precompile)
+        if precompile is not None and precompile.error is not None and log:
+            log(f"compiling the decode step while loading failed ({precompile.error!r}); "
+                "it compiles now instead")
+        engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
+                        defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
+                        budget_plan=budget_plan, startup_profile=profile,
+                        capture_ahead=capture_ahead)
+        if use_graphs:
+            warm_up(engine, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
-    return Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                  defaults=defaults, model_dir=model_dir,
-                  use_graphs=use_graphs, budget_plan=budget_plan)
+    return engine
 
 
-def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool) -> bool:
+def _start_precompile(cfg: ModelConfig, dev: torch.device, dt: torch.dtype,
+                      profile: StartupProfile) -> Precompile:
+    from dscoder.graphs import BUCKET
+
+    enable_compile_caches()
+    return Precompile(cfg, dev, dt, BUCKET, profile)
+
+
+def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool,
+                 precompile: Precompile | None = None) -> bool:
     """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
-    step (it fuses the step's small kernels; the compile happens on the first reply). A routing
-    trace needs the host at every layer, so the caller turns graphs off for it."""
+    step (it fuses the step's small kernels; `precompile` has compiled it while the weights
+    loaded, or it compiles in warm_up). A routing trace needs the host at every layer, so the
+    caller turns graphs off for it."""
     if dev.type != "cuda" or not graphs:
         return False
     if net.offload is None and compile:
-        net.compile_decode()
+        if precompile is not None:
+            precompile.install(net)
+        else:
+            enable_compile_caches()
+            net.compile_decode()
     return True
 
 
@@ -184,6 +236,11 @@ def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        # cuBLAS keeps a workspace per handle and stream (32 MiB each on Hopper) in the caching
+        # allocator; they belong to the engine's streams, so they go too
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
         torch.cuda.empty_cache()
         if uncap:
             torch.cuda.set_per_process_memory_fraction(1.0, device.index if device.index is not None

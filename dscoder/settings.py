@@ -52,6 +52,7 @@ class Settings:
     # engine switches, for experiments and benchmarks (passed to load_engine; see README)
     cuda_graphs: bool = True  # DSCODER_CUDA_GRAPHS=0: eager decode
     compile: bool = True  # DSCODER_COMPILE=0: no torch.compile of the resident decode step
+    capture_ahead: bool = True  # DSCODER_CAPTURE_AHEAD=0: decode graphs captured on need only
     offload_policy: str = "lru"  # expert cache eviction under --gpu-memory
     prefetch_depth: int = 1  # MoE layers ahead whose experts a decode step starts copying
     routing_trace: str | None = None  # a file to record which experts each layer picks
@@ -118,8 +119,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "engine": _str, "trust_remote_code": _bool,
 }
 _CONVERT.update({  # the engine switches
-    "cuda_graphs": _bool, "compile": _bool, "offload_policy": _str, "prefetch_depth": _int,
-    "routing_trace": _str,
+    "cuda_graphs": _bool, "compile": _bool, "capture_ahead": _bool, "offload_policy": _str,
+    "prefetch_depth": _int, "routing_trace": _str,
 })
 assert set(_CONVERT) == {f.name for f in fields(Settings)}
 

@@ -1,23 +1,25 @@
 """Loading a DeepSeek-V2 checkpoint (original hub layout, sharded safetensors) into the model.
 
-Tensors are read shard by shard from memory-mapped files straight into their final tensors;
-the routed experts of a layer are written into one stacked tensor per layer, so no second full
-copy of the model ever exists in RAM.
+Tensors are read by several threads straight from the shard files into their final tensors
+(dscoder.shard_reader); the routed experts of a layer are written into one stacked tensor per
+layer, so no second full copy of the model ever exists in RAM.
 """
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint
 from dscoder.model.transformer import Transformer
+from dscoder.profile import StartupProfile, current
+from dscoder.shard_reader import ShardEntry, read_header, read_parallel, why
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -33,7 +35,7 @@ def shard_index(model_dir: Path) -> dict[str, str]:
         try:
             text = index.read_text(encoding="utf-8")
         except (OSError, ValueError) as e:
-            raise BadCheckpoint(f"Cannot read {index}: {_why(e)}.") from e
+            raise BadCheckpoint(f"Cannot read {index}: {why(e)}.") from e
         try:
             weight_map = json.loads(text)["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -43,31 +45,8 @@ def shard_index(model_dir: Path) -> dict[str, str]:
             raise BadCheckpoint(f"{index} is not a valid safetensors index ({e}).") from e
     single = model_dir / SINGLE
     if single.is_file():
-        with _open(single) as f:
-            return {k: SINGLE for k in f.keys()}
+        return {k: SINGLE for k in read_header(single)}
     raise BadCheckpoint(f"{model_dir} holds no {INDEX} or {SINGLE}; is it a complete checkpoint?")
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, PermissionError):
-        return "permission denied (check the file's owner and mode, e.g. chmod a+r)"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror[0].lower() + e.strerror[1:]
-    return str(e)
-
-
-def _open(path: Path):
-    if not path.is_file():
-        raise BadCheckpoint(f"The checkpoint shard {path} is missing; download the model again.")
-    try:  # safetensors reports an unreadable file as damaged: find out first, with the OS's reason
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise BadCheckpoint(f"Cannot read the checkpoint shard {path}: {_why(e)}.") from e
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise BadCheckpoint(f"The checkpoint shard {path} is damaged or truncated ({e}).") from e
 
 
 @dataclass
@@ -133,20 +112,21 @@ def check_tensors_match_config(model_dir: Path, cfg: ModelConfig, index: dict[st
                             "config.json does not use; the config does not match the weights.")
 
 
-def _dtype_for(name: str, dtype: torch.dtype) -> torch.dtype:
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     # the router decides which experts run; the reference keeps it in fp32
     return torch.float32 if name.endswith(".mlp.gate.weight") else dtype
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
                expert_device: torch.device | None = None, pin_experts: bool = False,
-               progress: Progress | None = None) -> Transformer:
+               progress: Progress | None = None, profile: StartupProfile | None = None) -> Transformer:
     """Build the model on the meta device, then fill every parameter from the checkpoint."""
     with torch.device("meta"):
         model = Transformer(cfg)
     index = shard_index(model_dir)
     needed = dict(expected_keys(model))
     check_tensors_match_config(model_dir, cfg, index, needed)
+    headers = {s: read_header(model_dir / s) for s in sorted(set(index[k] for k in needed))}
     meta = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
 
@@ -154,51 +134,40 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
         if name not in tensors:
             is_expert = ".experts.w" in name
             dev = (expert_device or device) if is_expert else device
-            t = torch.empty(meta[name].shape, dtype=_dtype_for(name, dtype), device=dev,
-                            pin_memory=pin_experts and is_expert and dev.type == "cpu")
-            tensors[name] = t
+            tensors[name] = torch.empty(meta[name].shape, dtype=param_dtype(name, dtype), device=dev,
+                                        pin_memory=pin_experts and is_expert and dev.type == "cpu")
         return tensors[name]
 
-    shards = sorted(set(index[k] for k in needed))
-    total = sum((model_dir / s).stat().st_size for s in shards if (model_dir / s).is_file())
-    done = 0
-    for shard in shards:
-        path = model_dir / shard
-        keys = [k for k, s in index.items() if s == shard and k in needed]
-        read = 0  # tensor bytes of this shard so far: progress moves with every tensor
-        with _open(path) as f:
-            for key in keys:
-                read += _copy_tensor(f, path, key, needed[key], destination, cfg)
-                if progress:
-                    progress(done + read, total)
-        done += path.stat().st_size
-        if progress:
-            progress(done, total)
+    jobs = [(_entry(headers[index[key]], model_dir / index[key], key, shape),
+             _slot(destination, key, cfg)) for key, shape in needed.items()]
+    jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
+    t = time.perf_counter()
+    read_parallel(jobs, progress)
+    profile = profile or current()
+    if profile is not None:
+        profile.add("load weights", time.perf_counter() - t)
+        profile.count("bytes loaded", sum(e.nbytes for e, _ in jobs))
     model.load_state_dict(tensors, assign=True, strict=True)
     return model
 
 
-def _copy_tensor(f, path: Path, key: str, shape: tuple[int, ...],
-                 destination: Callable[[str], torch.Tensor], cfg: ModelConfig) -> int:
-    """Copy one checkpoint tensor into its place; the bytes read."""
-    try:
-        found = tuple(f.get_slice(key).get_shape())
-    except Exception as e:
-        raise BadCheckpoint(f"The shard {path} does not contain {key} although the index says so.") from e
-    if found != shape:
-        raise BadCheckpoint(f"The tensor {key} in {path} has shape {list(found)}, expected {list(shape)}.")
-    try:
-        src = f.get_tensor(key)
-    except Exception as e:
-        raise BadCheckpoint(f"Cannot read {key} from {path}; the shard is damaged or truncated ({e}).") from e
+def _entry(header: dict[str, ShardEntry], path: Path, key: str, shape: tuple[int, ...]) -> ShardEntry:
+    if key not in header:
+        raise BadCheckpoint(f"The shard {path} does not contain {key} although the index says so.")
+    entry = header[key]
+    if entry.shape != shape:
+        raise BadCheckpoint(f"The tensor {key} in {path} has shape {list(entry.shape)}, "
+                            f"expected {list(shape)}.")
+    return entry
+
+
+def _slot(destination: Callable[[str], torch.Tensor], key: str, cfg: ModelConfig) -> torch.Tensor:
+    """The (view of the) final tensor that checkpoint tensor `key` is read into."""
     t = _target(key)
     dst = destination(t.param)
     if t.expert is None:
-        dst.copy_(src)
-    elif t.part == "down_proj":
-        dst[t.expert].copy_(src)
-    else:
-        i = cfg.moe_intermediate_size
-        rows = slice(0, i) if t.part == "gate_proj" else slice(i, 2 * i)
-        dst[t.expert, rows].copy_(src)
-    return src.numel() * src.element_size()
+        return dst
+    if t.part == "down_proj":
+        return dst[t.expert]
+    i = cfg.moe_intermediate_size
+    return dst[t.expert, 0:i] if t.part == "gate_proj" else dst[t.expert, i:2 * i]

@@ -24,7 +24,7 @@ def start_server(checkpoint: Path, runtime: Path, *args: str, env: dict | None =
     runtime.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dscoder.cli.app", "--model", str(checkpoint), "--device", "cpu",
+        [sys.executable, "-m", "dscoder.cli.entry", "--model", str(checkpoint), "--device", "cpu",
          "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     line = proc.stdout.readline()
@@ -154,7 +154,7 @@ def test_disconnect_mid_stream_cancels_the_request(server):
 def dscoder(args: list[str], runtime: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "NO_COLOR": "1"}
     env = {k: v for k, v in env.items() if not k.startswith("DSCODER_")}
-    return subprocess.run([sys.executable, "-m", "dscoder.cli.app", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "dscoder.cli.entry", *args], input=stdin,
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -370,3 +370,10 @@ def test_prefix_cache_keeps_copies_in_host_memory_under_a_budget(tiny_engine):
     budgeted = SimpleNamespace(new_session=tiny_engine.new_session, under_budget=True)
     assert PrefixCache(budgeted).device == "cpu"
     assert PrefixCache(tiny_engine).device is None  # beside the live cache, on its device
+
+
+def test_ctrl_c_stops_the_server_with_exit_0(tiny_checkpoint, tmp_path):
+    proc, url = start_server(tiny_checkpoint, tmp_path / "run")
+    assert httpx.get(url + "/health").status_code == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0

@@ -78,24 +78,28 @@ class RealBackend:
         from dscoder import signals
 
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
-        # The only import of torch on the way to generating. torch's start-up swallows a
-        # KeyboardInterrupt (during its numpy import) and a second import then fails half-way,
-        # so Ctrl-C/SIGTERM wait until the import is done, and are delivered then.
-        with signals.deferred():
-            from dscoder.engine import load_engine
-        signals.check()
-        check_device(settings.device, warn)
+        from dscoder.profile import StartupProfile
 
+        profile = StartupProfile()
+        with profile.phase("import"):
+            # The only import of torch on the way to generating. torch's start-up swallows a
+            # KeyboardInterrupt (during its numpy import) and a second import then fails half-way,
+            # so Ctrl-C/SIGTERM wait until the import is done, and are delivered then.
+            with signals.deferred():
+                from dscoder.engine import load_engine
+            signals.check()
+            check_device(settings.device, warn)
         threads = set_cpu_threads(settings)
         if threads and settings.verbose and info:
             info(f"CPU threads: {threads}")
 
-        return load_engine(model_dir, device=settings.device,
+        return load_engine(model_dir, device=settings.device, profile=profile,
                            gpu_memory=settings.gpu_memory,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
                            context_length=settings.context_length, progress=progress,
                            log=info if settings.verbose else None, warn=warn, notice=info,
                            cuda_graphs=settings.cuda_graphs, compile=settings.compile,
+                           capture_ahead=settings.capture_ahead,
                            offload_policy=settings.offload_policy,
                            prefetch_depth=settings.prefetch_depth,
                            routing_trace=settings.routing_trace or None, engine=settings.engine,

@@ -53,6 +53,9 @@ class Runtime:
                     start = time.monotonic()  # the load, not the download
                     self._load()
             self.load_seconds = time.monotonic() - start
+            profile = getattr(self._engine, "startup_profile", None)
+            if self.settings.verbose and profile is not None:
+                self.term.info(profile.summary())
             self._say_window()
         return self._engine
 

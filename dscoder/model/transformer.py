@@ -1,6 +1,8 @@
 """The whole DeepSeek-V2 decoder: embedding, decoder layers, final norm, lm_head."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,24 +115,24 @@ class Transformer(nn.Module):
     def run(self, ids: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step,
             all_logits: bool = False) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
-        call = _call_layer
-        if self._compiled_layer is not None and isinstance(step.start, torch.Tensor):
-            call = self._compiled_layer
-        for i, layer in enumerate(self.model.layers):
-            x = call(layer, x, rope, cache.layer(i), step)
+        compiled = self._compiled_layer
+        if compiled is not None and isinstance(step.start, torch.Tensor):
+            mask = _dynamic(step.mask, 1)
+            for i, layer in enumerate(self.model.layers):
+                x = compiled(layer, x, rope, _dynamic(cache.layer(i), 0), step.start, mask)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, rope, cache.layer(i), step)
         if not all_logits:
             x = x[-1:]
         return self.lm_head(self.model.norm(x)).float()
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, backend: str | Callable = "inductor", compiled: Callable | None = None) -> None:
         """Fuse the decode step's small kernels with torch.compile (one graph per layer kind:
-        the layers differ only in their weights, which are inputs of the compiled graph)."""
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # dynamic=None: the first shape compiles static; when the cache rows read grow to the
-        # next bucket, one dynamic recompile covers every later length
-        self._compiled_layer = torch.compile(_call_layer, dynamic=None)
+        the layers differ only in their weights, which are inputs of the compiled graph).
+        The compile happens at the first call, or already happened in `compiled`'s first
+        calls (dscoder.warmup compiles it on stand-in layers while the weights load)."""
+        self._compiled_layer = compiled if compiled is not None else compile_decode_layer(backend)
 
     def new_cache(self, capacity: int) -> LatentKVCache:
         w = self.lm_head.weight
@@ -138,6 +140,44 @@ class Transformer(nn.Module):
                              device=w.device, dtype=w.dtype)
 
 
-def _call_layer(layer: DecoderLayer, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
-                step: Step) -> torch.Tensor:
-    return layer(x, rope, kv, step)
+def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
+    """The compiled decode layer. The cache rows attention reads (the bucket) and the cache's
+    capacity are dynamic from the first compile (see _dynamic and _decode_layer), so a new
+    length bucket or a grown cache never recompiles: a recompile there stalled a reply 10 s."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(_decode_layer, backend=backend, dynamic=None)
+
+
+def decode_layer_args(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                      rows: int) -> tuple[torch.Tensor, ...]:
+    """Inputs like those of a compiled decode layer (after its `layer`): one token at position 0
+    reading `rows` rows of a cache one row longer (distinct sizes: Dynamo would otherwise
+    treat the two dynamic sizes as one). Made as decoding makes them, since Dynamo guards on
+    it: the cache and the position buffer outside inference mode, the activations inside."""
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    kv = torch.zeros(rows + 1, cfg.kv_cache_dim, dtype=dtype, device=device)
+    with torch.inference_mode():
+        x = torch.zeros(1, cfg.hidden_size, dtype=dtype, device=device)
+        rope = rope_table(cfg, 1, device)
+        mask = Step.on_device(pos, rows).mask
+    return x, rope, _dynamic(kv, 0), pos, _dynamic(mask, 1)
+
+
+def _decode_layer(layer: DecoderLayer, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
+                  pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One layer of a decode step at a device position: the compiled unit. The number of
+    visible rows is read from the mask's shape (a symbolic size under torch.compile), not
+    passed as an int, which Dynamo would specialise on."""
+    return layer(x, rope, kv, Step(pos, mask.shape[-1], mask, absorbed=True))
+
+
+def _dynamic(t: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """t with dimension `dim` marked dynamic for torch.compile, so that caches of any capacity
+    and masks of any bucket share one compiled graph."""
+    import torch._dynamo  # loaded already: only compiled decode gets here
+
+    assert t is not None
+    torch._dynamo.maybe_mark_dynamic(t, dim)
+    return t

@@ -133,6 +133,15 @@ class OffloadedDecoder:
         self.rt.stats.tokens += 1
         return self.logits
 
+    def capture(self, visible: int) -> None:
+        """Capture the graphs of `visible` rows now (the loader does the first bucket's)."""
+        if self.use_graphs and visible not in self.graphs:
+            self.graphs[visible] = self._capture(visible)
+
+    def capture_ahead(self, visibles: list[int]) -> None:
+        """Nothing: the segments share static buffers with the step being decoded, so they cannot
+        be captured while it runs; a new bucket is captured when first needed."""
+
     def _runner(self, visible: int):
         if not self.use_graphs:
             return lambda j: self._segment(j, visible)

@@ -225,7 +225,7 @@ def start_background_server(model: str, serve_args: list[str], keep_alive: str,
     """Start `dscoder serve` on the default socket, detached, and wait until it answers."""
     log = runtime_dir() / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = [sys.executable, "-m", "dscoder.cli.app", *serve_args, "serve",
+    cmd = [sys.executable, "-m", "dscoder.cli.entry", *serve_args, "serve",
            "--socket", str(default_socket()), "--keep-alive", keep_alive]
     say(f"Starting a dscoder server for {model} in the background (stays {keep_alive} after "
         f"the last request; log: {log}).")

@@ -1,0 +1,176 @@
+"""Reading safetensors shards at page-cache speed, straight into the tensors that keep them.
+
+safetensors' own reader hands back a new CPU tensor per key, which we then copied again (into a
+stacked expert tensor, or to the GPU from pageable memory: through the driver's bounce buffer
+at about 15 GB/s). Here each shard's header is parsed once and several threads `preadv` the
+bytes of each tensor directly into its destination: a CPU tensor is filled by the read itself
+(one copy, page cache to final buffer), a GPU tensor through a small pinned staging buffer per
+thread whose copy to the device runs while the thread reads the next chunk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dscoder.errors import BadCheckpoint
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+READ_THREADS = 8  # page-cache reads scale with threads up to the memory bandwidth
+STAGING_BYTES = 16 << 20  # per buffer; two per thread (pinning costs about 0.7 s per GiB)
+# While the shards are read, the GIL changes hands every 0.2 ms instead of 5: a thread running
+# Python meanwhile (the decode step compiling in the background) otherwise holds it 5 ms at a
+# time while every reading thread waits to start its next read. Measured on 2 cores with a busy
+# Python thread: 0.8 GB/s at 5 ms, 5 GB/s at 0.2 ms (11 GB/s alone); the busy thread kept 85%.
+LOAD_SWITCH_INTERVAL = 0.0002
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One tensor in a shard: its dtype, shape and absolute byte range in the file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def why(e: BaseException) -> str:
+    """An OS error as the end of a sentence."""
+    if isinstance(e, PermissionError):
+        return "permission denied (check the file's owner and mode, e.g. chmod a+r)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e)
+
+
+def read_header(path: Path) -> dict[str, ShardEntry]:
+    """The tensors of a .safetensors file, checked against the file's size."""
+    if not path.is_file():
+        raise BadCheckpoint(f"The checkpoint shard {path} is missing; download the model again.")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadCheckpoint(f"Cannot read the checkpoint shard {path}: {why(e)}.") from e
+    try:
+        with f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+        entries = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (8 + n + int(o) for o in info["data_offsets"])
+            entries[key] = ShardEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+            if end > size:
+                raise ValueError(f"{key} ends at byte {end} of a {size}-byte file")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise BadCheckpoint(f"The checkpoint shard {path} is damaged or truncated ({e}).") from e
+    return entries
+
+
+def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Progress | None = None,
+                  threads: int = READ_THREADS) -> None:
+    """Fill each destination tensor with its entry's data (converting dtype where they differ)."""
+    total = sum(e.nbytes for e, _ in jobs)
+    fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
+    local = threading.local()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
+    try:
+        with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, len(jobs)))) as pool:
+            futures = {pool.submit(_read_one, e, dst, fds[e.path], local): e.nbytes for e, dst in jobs}
+            done_bytes, pending = 0, set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.2)
+                for f in done:
+                    f.result()  # re-raises a worker's error (the pool drains, nothing half-used)
+                    done_bytes += futures[f]
+                if progress and done:
+                    progress(done_bytes, total)
+        if any(dst.is_cuda for _, dst in jobs):
+            torch.cuda.synchronize()  # the last staged copies
+    finally:
+        sys.setswitchinterval(switch)
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _read_one(entry: ShardEntry, dst: torch.Tensor, fd: int, local: threading.local) -> None:
+    if dst.dtype != entry.dtype or not dst.is_contiguous():
+        tmp = torch.empty(entry.shape, dtype=entry.dtype)  # a conversion (fp32 routers): small
+        _pread(fd, _bytes(tmp), entry)
+        dst.copy_(tmp)
+    elif dst.is_cuda:
+        _staged(fd, _bytes(dst), entry, _staging(local, dst.device))
+    else:
+        _pread(fd, _bytes(dst), entry)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor (a view, no copy)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _pread(fd: int, dst: torch.Tensor, entry: ShardEntry, offset: int = 0) -> None:
+    """Read len(dst) bytes of entry, from `offset` into it, straight into CPU memory dst."""
+    view = memoryview(dst.numpy())
+    done, n = 0, dst.numel()
+    while done < n:
+        got = os.preadv(fd, [view[done:]], entry.begin + offset + done)
+        if got <= 0:
+            raise BadCheckpoint(f"The checkpoint shard {entry.path} is damaged or truncated "
+                                f"(it ends inside a tensor).")
+        done += got
+
+
+class _Staging:
+    """A thread's two pinned buffers and its copy stream: read into one while the other copies."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.stream = torch.cuda.Stream(device)
+        self.turn = 0
+
+    def next(self) -> tuple[int, torch.Tensor]:
+        i = self.turn = 1 - self.turn
+        event = self.events[i]
+        if event is not None:
+            event.synchronize()  # its previous copy has left the buffer
+        return i, self.buffers[i]
+
+
+def _staging(local: threading.local, device: torch.device) -> _Staging:
+    if getattr(local, "staging", None) is None:
+        local.staging = _Staging(device)
+    return local.staging
+
+
+def _staged(fd: int, dst: torch.Tensor, entry: ShardEntry, staging: _Staging) -> None:
+    for off in range(0, entry.nbytes, STAGING_BYTES):
+        n = min(STAGING_BYTES, entry.nbytes - off)
+        i, buf = staging.next()
+        _pread(fd, buf[:n], entry, off)
+        with torch.cuda.stream(staging.stream):
+            dst[off:off + n].copy_(buf[:n], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(staging.stream)
+        staging.events[i] = event

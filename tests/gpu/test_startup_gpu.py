@@ -1,0 +1,96 @@
+"""Start-up on CUDA: compile and first graph at load, no recompile at a new length, graphs
+captured ahead on the background thread, staged reads to the GPU.
+
+Skipped without a GPU; run on the GPU machine with `python -m pytest tests/gpu -q`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def greedy(engine, ids: list[int], n: int) -> tuple[int, ...]:
+    from dscoder.events import GenerationSettings
+
+    events = list(engine.generate(ids, GenerationSettings(max_tokens=n, temperature=0), stop_ids=()))
+    return events[-1].token_ids
+
+
+def test_load_compiles_and_captures_the_first_graph(tiny_checkpoint):
+    from dscoder.engine import load_engine
+    from dscoder.graphs import BUCKET
+    from dscoder.warmup import compile_count
+
+    engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    profile = engine.startup_profile
+    assert {"compile", "graph capture", "load weights"} <= set(profile.seconds)
+    assert profile.counts["graphs captured"] == 1
+    assert BUCKET in engine._session._graphs.graphs
+    before = compile_count()
+    greedy(engine, [1, 2, 3, 4], 16)  # inside the first bucket: nothing to compile or capture
+    assert compile_count() == before
+    assert profile.counts["graphs captured"] == 1
+
+
+def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypatch):
+    import dscoder.engine as engine_mod
+    import dscoder.graphs as graphs_mod
+    from dscoder.engine import load_engine
+    from dscoder.warmup import compile_count
+
+    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
+    monkeypatch.setattr(engine_mod, "FIRST_CAPACITY", 32)
+    graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    before = compile_count()
+    got = [greedy(graphed, [1, 5, 9], 100), greedy(graphed, list(range(1, 70)), 40)]
+    assert compile_count() == before, "a new bucket or a grown cache recompiled the decode step"
+    assert graphed.startup_profile.counts.get("graphs captured ahead", 0) > 0
+    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32", cuda_graphs=False)
+    assert got == [greedy(eager, [1, 5, 9], 100), greedy(eager, list(range(1, 70)), 40)]
+
+
+def test_capture_ahead_off_captures_on_need_with_the_same_ids(tiny_checkpoint, monkeypatch):
+    import dscoder.graphs as graphs_mod
+    from dscoder.engine import load_engine
+
+    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    ahead = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    on_need = load_engine(tiny_checkpoint, device="cuda", dtype="float32", capture_ahead=False)
+    assert greedy(ahead, [1, 2], 60) == greedy(on_need, [1, 2], 60)
+    assert on_need.startup_profile.counts.get("graphs captured ahead", 0) == 0
+
+
+def test_staged_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeypatch):
+    import dscoder.shard_reader as reader
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    monkeypatch.setattr(reader, "STAGING_BYTES", 4096)  # many chunks per tensor, buffers reused
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    gpu = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
+    cpu = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.bfloat16)
+    cpu_params = dict(cpu.named_parameters())
+    for name, p in gpu.named_parameters():
+        assert torch.equal(p.cpu(), cpu_params[name]), name
+
+
+def test_close_after_captures_ahead_frees_the_gpu(tiny_checkpoint, monkeypatch):
+    import gc
+
+    import dscoder.graphs as graphs_mod
+    from dscoder.engine import load_engine
+
+    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32", context_length=512)
+    greedy(engine, [1, 2, 3], 60)
+    assert engine.startup_profile.counts.get("graphs captured ahead", 0) > 0
+    engine.close()
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= base, "a background capture kept GPU memory alive"

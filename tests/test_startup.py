@@ -1,0 +1,336 @@
+"""Start-up: the profile, the compile cache's place, no recompile at a new length, parallel reads."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dscoder.compile_cache import cache_root, configure_cache_dirs
+from dscoder.profile import StartupProfile
+
+
+def test_profile_orders_phases_and_adds_repeats():
+    p = StartupProfile()
+    p.add("graph capture", 0.25)
+    p.add("import", 1.5)
+    p.add("graph capture", 0.25)
+    p.count("bytes loaded", 4_000_000_000)
+    p.add("load weights", 2.0)
+    p.count("compiles", 2)
+    line = p.summary()
+    assert line.startswith("start-up: import 1.50 s, load weights 2.00 s, graph capture 0.50 s")
+    assert "4.0 GB at 2.0 GB/s" in line and "2 compiles" in line
+    assert p.as_dict()["seconds"]["graph capture"] == 0.5
+
+
+def test_profile_phase_runs_sync_before_stopping_the_clock():
+    p, calls = StartupProfile(), []
+    with p.phase("compile", lambda: calls.append("sync")):
+        calls.append("work")
+    assert calls == ["work", "sync"] and p.seconds["compile"] >= 0
+
+
+def test_compile_cache_lives_under_the_user_cache_dir(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    dirs = configure_cache_dirs(env)
+    assert dirs == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "dscoder" / "inductor"),
+                    "TRITON_CACHE_DIR": str(tmp_path / "dscoder" / "triton")}
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == dirs["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def test_compile_cache_defaults_to_home_and_ignores_a_relative_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root({}) == tmp_path / ".cache" / "dscoder"
+    assert cache_root({"XDG_CACHE_HOME": "relative/dir"}) == tmp_path / ".cache" / "dscoder"
+
+
+def test_user_set_cache_dirs_win(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": "/mine/inductor",
+           "TRITON_CACHE_DIR": "/mine/triton"}
+    assert configure_cache_dirs(env) == {"TORCHINDUCTOR_CACHE_DIR": "/mine/inductor",
+                                         "TRITON_CACHE_DIR": "/mine/triton"}
+
+
+def test_loading_points_the_compile_cache_at_the_user_cache_dir(tiny_checkpoint, monkeypatch, tmp_path):
+    from dscoder.engine import load_engine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "dscoder" / "inductor")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.set_context(8192)
+    return model
+
+
+def test_a_new_length_or_cache_size_needs_no_recompile(tiny_model):
+    """The compiled decode step sees the bucket and the cache capacity as dynamic sizes from
+    its first compile: one graph per layer kind (dense, MoE), whatever the length."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = tiny_model
+    m.compile_decode(backend=counting_backend)
+    try:
+        ids = torch.tensor([7])
+        with torch.inference_mode():
+            for capacity, pos, visible in [(1025, 3, 1024), (4096, 1500, 2048), (4096, 3000, 3072),
+                                           (8192, 5000, 5120), (4096, 4000, 4096)]:
+                got = m.decode_at(ids, torch.tensor([pos]), m.new_cache(capacity), visible)
+                m._compiled_layer, compiled = None, m._compiled_layer
+                want = m.decode_at(ids, torch.tensor([pos]), m.new_cache(capacity), visible)
+                m._compiled_layer = compiled
+                assert torch.allclose(got, want, atol=1e-5)
+                assert len(graphs) == 2, f"recompiled at capacity {capacity}, {visible} rows"
+    finally:
+        m._compiled_layer = None
+
+
+def test_parallel_read_fills_converted_and_stacked_tensors(tiny_checkpoint, tmp_path):
+    """bf16 from an fp32 checkpoint (a converting read) equals safetensors' own loading."""
+    from safetensors.torch import load_file
+
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    import sys
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    seen, switch = [], sys.getswitchinterval()
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.bfloat16,
+                   progress=lambda done, total: seen.append((done, total)))
+    assert sys.getswitchinterval() == switch  # lowered only while reading
+    ref = {}
+    for f in tiny_checkpoint.glob("*.safetensors"):
+        ref.update(load_file(f))
+    assert torch.equal(m.model.layers[0].self_attn.kv_b_proj.weight,
+                       ref["model.layers.0.self_attn.kv_b_proj.weight"].bfloat16())
+    assert torch.equal(m.model.layers[1].mlp.experts.w2[3],
+                       ref["model.layers.1.mlp.experts.3.down_proj.weight"].bfloat16())
+    assert m.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert seen and seen[-1][0] == seen[-1][1]
+
+
+def test_a_shard_cut_inside_a_tensor_is_named(tiny_checkpoint, tmp_path):
+    """The header is intact but a tensor's bytes run past the end of the file."""
+    from dscoder.errors import BadCheckpoint
+    from dscoder.shard_reader import read_header
+
+    src = next(tiny_checkpoint.glob("*.safetensors"))
+    victim = tmp_path / src.name
+    shutil.copy(src, victim)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size - 1)
+    with pytest.raises(BadCheckpoint, match=f"{victim.name}.*damaged or truncated"):
+        read_header(victim)
+
+
+def test_engine_records_its_start_up_and_first_prefill(tiny_checkpoint):
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    profile = engine.startup_profile
+    assert {"config", "load weights", "tokenizer"} <= set(profile.seconds)
+    assert profile.counts["bytes loaded"] > 0
+    list(engine.generate([1, 2, 3], GenerationSettings(max_tokens=2, temperature=0), stop_ids=()))
+    first = profile.seconds["first prefill"]
+    list(engine.generate([4, 5, 6], GenerationSettings(max_tokens=2, temperature=0), stop_ids=()))
+    assert profile.seconds["first prefill"] == first  # the first reply's only
+
+
+def test_verbose_prints_the_start_up_profile(monkeypatch):
+    import io
+
+    import dscoder.cli.backend as backend
+    from dscoder.cli.runtime import Runtime
+    from dscoder.settings import Settings
+    from dscoder.ui.console import Terminal
+
+    profile = StartupProfile()
+    profile.add("import", 1.25)
+
+    class Backend:
+        def model_name(self, settings):
+            return "m"
+
+        def load_engine(self, settings, warn, info=None, progress=None):
+            return type("E", (), {"tokenizer": None, "startup_profile": profile, "context_length": 4096})()
+
+    monkeypatch.setattr(backend, "BACKEND", Backend())
+    for verbose in (False, True):
+        err = io.StringIO()
+        term = Terminal(io.StringIO(), io.StringIO(), err, pretty=False, err_color=False)
+        Runtime(Settings(verbose=verbose, server="off"), term).engine()
+        assert ("start-up: import 1.25 s" in err.getvalue()) == verbose
+
+
+def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
+    """The step compiled (in the background, while loading) on zero-weight stand-ins of each
+    layer kind is the one the loaded model's layers use: nothing compiles again."""
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+    from dscoder.warmup import Precompile
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    profile = StartupProfile()
+    pre = Precompile(cfg, torch.device("cpu"), torch.float32, 1024, profile, backend=counting_backend)
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.set_context(4096)
+    pre.install(model)
+    assert pre.error is None and len(graphs) == 2  # a dense and a MoE layer
+    cache, pos = model.new_cache(4096), torch.tensor([100])  # made as a session makes them
+    with torch.inference_mode():
+        model.decode_at(torch.tensor([3]), pos, cache, 2048)
+    assert len(graphs) == 2
+    assert profile.counts["compiles"] == 2 and "compile (while loading)" in profile.seconds
+
+
+def test_loading_leaves_no_file_open(tiny_checkpoint):
+    import os
+
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    before = len(os.listdir("/proc/self/fd"))
+    load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_capture_worker_runs_in_order_and_a_stopped_one_cancels():
+    """What waits on a capture (a decode step, Engine.close) hears back even after exit began."""
+    from dscoder.graphs import _failed, _Worker, bucket_rows
+
+    worker, order = _Worker(), []
+    futures = [worker.submit(order.append, i) for i in range(3)]
+    assert not any(_failed(f) for f in futures) and order == [0, 1, 2]
+    boom = worker.submit(lambda: 1 / 0)
+    assert _failed(boom)
+    worker.stopping = True
+    late = worker.submit(order.append, 9)
+    assert _failed(late) and late.cancelled() and 9 not in order
+    assert [bucket_rows(p, 4096) for p in (0, 1023, 1024, 4095)] == [1024, 1024, 2048, 4096]
+    assert bucket_rows(5000, 4096) == 4096
+
+
+def test_capture_ahead_is_a_setting_that_reaches_load_engine(monkeypatch, tiny_checkpoint):
+    import dscoder.engine
+    from dscoder.cli.backend import RealBackend
+    from dscoder.errors import UsageError
+    from dscoder.settings import load_settings
+
+    home = {"HOME": "/nonexistent"}
+    assert load_settings({}, home).capture_ahead is True
+    seen = {}
+    monkeypatch.setattr(dscoder.engine, "load_engine", lambda *a, **kw: seen.update(kw) or "engine")
+    s = load_settings({"model": str(tiny_checkpoint), "device": "cpu"},
+                      {**home, "DSCODER_CAPTURE_AHEAD": "0"})
+    RealBackend().load_engine(s, lambda m: None, lambda m: None)
+    assert seen["capture_ahead"] is False and seen["profile"] is not None
+    with pytest.raises(UsageError, match="DSCODER_CAPTURE_AHEAD"):
+        load_settings({}, {**home, "DSCODER_CAPTURE_AHEAD": "later"})
+
+
+class _FakeGraph:
+    def __init__(self, log: list, visible: int) -> None:
+        self.log, self.visible = log, visible
+
+    def replay(self) -> None:
+        self.log.append(("replay", self.visible))
+
+
+def _fake_decoder(fail_in_background: bool = False):
+    """A GraphedDecoder whose captures record instead of touching CUDA: the bookkeeping
+    (which bucket, ahead or on need, waiting, falling back) is what is tested here."""
+    import threading
+
+    from dscoder.graphs import _THREAD, GraphedDecoder, _Graph
+
+    class Fake(GraphedDecoder):
+        def _capture(self, visible: int) -> None:
+            background = threading.current_thread().name == _THREAD
+            self.log.append(("capture", visible, background))
+            if background and fail_in_background:
+                raise RuntimeError("capture failed")
+            z = torch.zeros(1)
+            self.graphs[visible] = _Graph(_FakeGraph(self.log, visible), z.long(), z.long(), z)
+
+    cache = type("Cache", (), {"capacity": 4096})()
+    d = Fake(None, cache)
+    d.log = []
+    return d
+
+
+def test_the_next_bucket_is_captured_in_the_background_before_it_is_needed():
+    d = _fake_decoder()
+    for pos in range(700, 1030):
+        d(5, pos)
+    d.wait()
+    captures = [e for e in d.log if e[0] == "capture"]
+    assert captures == [("capture", 1024, False), ("capture", 2048, True)]
+    assert ("replay", 2048) in d.log  # positions 1024.. replayed the graph captured ahead
+
+
+def test_a_failed_background_capture_is_redone_where_it_is_needed():
+    d = _fake_decoder(fail_in_background=True)
+    for pos in range(1000, 1030):
+        d(5, pos)
+    assert ("capture", 2048, True) in d.log and ("capture", 2048, False) in d.log
+    assert d.ahead is False and ("replay", 2048) in d.log
+
+
+def test_a_reply_asks_for_its_first_decode_graph_before_prefilling(tiny_checkpoint, monkeypatch):
+    """The engine's hooks: load captures the first bucket (wait), a reply asks for the bucket
+    of its first decode step ahead of its prefill."""
+    import dscoder.engine as engine_mod
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    calls = []
+
+    class Recorder:
+        def __init__(self, engine, cache):
+            self.cache = cache
+
+        def capture(self, visible):
+            calls.append(("capture", visible))
+
+        def capture_ahead(self, visibles):
+            calls.append(("ahead", *visibles))
+
+        def __call__(self, token, pos):
+            calls.append(("decode", pos))
+            x = torch.tensor([token])
+            return engine.model(x, self.cache, pos)
+
+    monkeypatch.setattr(engine_mod, "make_decoder", Recorder)
+    engine.use_graphs = True
+    engine.prepare()
+    assert calls == [("capture", 1024)]
+    prompt = list(range(1, 1100))
+    list(engine.generate(prompt, GenerationSettings(max_tokens=3, temperature=0), stop_ids=()))
+    assert calls[1] == ("ahead", 2048)  # position 1099 reads 2,048 rows: asked before prefill
+    assert [c for c in calls if c[0] == "decode"] == [("decode", 1099), ("decode", 1100)]
