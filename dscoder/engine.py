@@ -253,6 +253,7 @@ class Session:
         before = engine_stats(engine.model)
         t0 = time.perf_counter()
         t1: float | None = None
+        waited = 0.0  # time suspended in `yield`: the consumer's (rendering), not the engine's
         reason = "length"
         interrupt: KeyboardInterrupt | None = None
         try:
@@ -268,7 +269,9 @@ class Session:
                 generated.append(next_id)
                 text, hit = stops.feed(detok.add(next_id))
                 if text:
+                    paused = time.perf_counter()
                     yield TextDelta(text, (next_id,))
+                    waited += time.perf_counter() - paused
                 if hit:
                     reason = "stop"
                     break
@@ -290,10 +293,12 @@ class Session:
             # a character cut in half by the end (max tokens, a cancel) is dropped, not U+FFFD
             tail = stops.finish(detok.flush(partial=False))
             if tail:
+                paused = time.perf_counter()
                 yield TextDelta(tail, ())
+                waited += time.perf_counter() - paused
         yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
                        prompt_tokens=len(prompt), cached_tokens=reused,
-                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
+                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1 - waited,
                        stats=engine_stats(engine.model, before))
         if interrupt is not None:
             raise interrupt

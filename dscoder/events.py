@@ -39,6 +39,9 @@ class Finished:
     prefill_seconds: float
     decode_seconds: float
     stats: dict = field(default_factory=dict)  # engine counters (offload hit rate, bytes copied...)
+    # the reply's wall time as the user saw it (set by the CLI; the engine's own seconds above
+    # count only its work, so a slow terminal never reads as a slow model)
+    wall_seconds: float | None = None
     # the count when the ids are not known (a server that sends only text and usage)
     generated_count: int | None = None
 

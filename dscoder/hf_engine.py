@@ -190,6 +190,7 @@ class HFSession:
         t0 = time.perf_counter()
         next_id = int(sampler(self._prefill(prompt[reused:])))
         t1 = time.perf_counter()
+        waited = 0.0  # time suspended in `yield`: the consumer's (rendering), not the engine's
         reason = "length"
         while budget > 0:
             if next_id in stop_ids:
@@ -198,7 +199,9 @@ class HFSession:
             generated.append(next_id)
             text, hit = stops.feed(detok.add(next_id))
             if text:
+                paused = time.perf_counter()
                 yield TextDelta(text, (next_id,))
+                waited += time.perf_counter() - paused
             if hit:
                 reason = "stop"
                 break
@@ -211,10 +214,12 @@ class HFSession:
         if reason != "stop":
             tail = stops.finish(detok.flush(partial=False))  # a cut character is dropped
             if tail:
+                paused = time.perf_counter()
                 yield TextDelta(tail, ())
+                waited += time.perf_counter() - paused
         yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
                        prompt_tokens=len(prompt), cached_tokens=reused,
-                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1 - waited)
 
 
 def crop_cache(cache: Any, n: int) -> bool:

@@ -20,6 +20,11 @@ DEFAULT_MODEL = "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 CODE_PATTERNS = ["*.py"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The released DeepSeek-Coder-V2 models (Lite and full, Base and Instruct, and their -0724
+# updates) share one tokenizer, which dscoder ships (dscoder.tokenizer.load_bundled_tokenizer),
+# and one context window, 163,840 tokens (max_position_embeddings in each config.json).
+_CODER_V2 = re.compile(r"^deepseek-ai/DeepSeek-Coder-V2(-Lite)?-(Base|Instruct)(-0724)?$", re.I)
+CODER_V2_CONTEXT = 163840
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -49,6 +54,38 @@ def is_offline() -> bool:
 def is_hub_id(name: str) -> bool:
     """``owner/name`` with no path syntax (no leading ./, /, ~, no more than one slash)."""
     return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+class NotDownloaded(ModelNotFound):
+    """A hub id that is not in the local cache (the CLI may offer to download it)."""
+
+    def __init__(self, repo_id: str) -> None:
+        super().__init__(f"{repo_id} is not in the Hugging Face cache ({hub_cache_dir()}); run "
+                         f"`dscoder pull {repo_id}` or pass a local directory with --model.")
+        self.repo_id = repo_id
+
+
+def download_size(repo_id: str) -> int:
+    """Bytes that a download of ``repo_id`` fetches (the files ALLOW_PATTERNS selects), from the
+    hub's file list; a failure to ask is one sentence, as for the download itself."""
+    from fnmatch import fnmatch
+
+    if is_offline():
+        raise DscoderError(f"Cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or copy "
+                           "the model here and pass its directory with --model.")
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except Exception as e:  # noqa: BLE001 -- any failure becomes one sentence, no traceback
+        raise _download_error(repo_id, e) from e
+    return sum(f.size or 0 for f in info.siblings or ()
+               if any(fnmatch(f.rfilename, p) for p in ALLOW_PATTERNS))
+
+
+def is_coder_v2(name: str) -> bool:
+    """A hub id of a released DeepSeek-Coder-V2 model."""
+    return bool(_CODER_V2.match(name))
 
 
 def _local_model(path: Path) -> Path:
@@ -83,8 +120,7 @@ def resolve_model(name: str | Path, *, download: bool = False, progress: bool = 
     if cached is not None:
         return cached
     if not download:
-        raise ModelNotFound(f"{name} is not in the Hugging Face cache ({hub_cache_dir()}); run "
-                            f"`dscoder pull {name}` or pass a local directory with --model.")
+        raise NotDownloaded(name)
     return _download(name, progress=progress)
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dscoder.errors import UsageError
 from dscoder.events import GenerationSettings
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -29,6 +33,7 @@ class Settings:
     gpu_memory: str | None = None
     dtype: str | None = None
     context_length: int | None = None
+    threads: int | None = None  # CPU threads for torch; None: default_threads() on a CPU run
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -107,6 +112,7 @@ def _float(value: Any) -> float:
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "model": _str, "device": _str, "gpu_memory": _str, "dtype": _str, "context_length": _int,
+    "threads": _int,
     "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
     "history": _bool, "code_theme": _str, "server": _str, "keep_alive": _str, "api_key": _str,
@@ -117,6 +123,19 @@ _CONVERT.update({  # the engine switches
     "prefetch_depth": _int, "routing_trace": _str,
 })
 assert set(_CONVERT) == {f.name for f in fields(Settings)}
+
+
+def default_threads(cpus: int | None = None) -> int:
+    """Torch's CPU threads when --threads is not given: every core this process may use but
+    one, at most 8. Torch's own default (all physical cores) makes every thread wait for the
+    slowest, so one other busy process can make a reply several times slower; beyond 8 threads
+    a batch-1 decode gains little."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            cpus = os.cpu_count() or 1
+    return max(1, min(cpus - 1, 8))
 
 
 def env_name(key: str) -> str:
@@ -207,7 +226,7 @@ def validate(s: Settings) -> Settings:
     if s.gpu_memory is not None and not _gpu_memory_ok(s.gpu_memory):
         raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; "
                   "write it like 12GiB, 24GB, 512MiB or auto.")
-    for key in ("max_tokens", "context_length"):
+    for key in ("max_tokens", "context_length", "threads"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise bad(f"{key.replace('_', '-')} must be at least 1.")
     if s.temperature is not None and not math.isfinite(s.temperature):

@@ -191,8 +191,34 @@ def load_tokenizer(model_dir: Path, cls: type[Tokenizer] = Tokenizer) -> Tokeniz
     data = _read_json(model_dir / "tokenizer.json")
     config_path = model_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.exists() else {}
+    return tokenizer_from_json(data, config, model_dir / "tokenizer.json", cls)
+
+
+# The DeepSeek-Coder-V2 tokenizer (the same for Lite and the 236B model, Base and Instruct: the
+# DeepSeek-V2 BPE plus the FIM tokens at 100002-100004), shipped with dscoder so that prompts
+# can be built (--show-prompt, a remote engine) without the model on this machine.
+BUNDLED_TOKENIZER = "deepseek-coder-v2-tokenizer.json.xz"
+
+
+def load_bundled_tokenizer() -> Tokenizer:
+    import lzma
+    from importlib.resources import files
+
+    resource = files("dscoder") / "data" / BUNDLED_TOKENIZER
+    try:
+        data = json.loads(lzma.decompress(resource.read_bytes()))
+    except (OSError, lzma.LZMAError, ValueError) as e:
+        raise DscoderError(f"The tokenizer shipped with dscoder cannot be read ({e}); "
+                           "reinstall dscoder.") from None
+    return tokenizer_from_json(data, {}, Path(str(resource)))
+
+
+def tokenizer_from_json(data: Any, config: Any, where: Path,
+                        cls: type[Tokenizer] = Tokenizer) -> Tokenizer:
+    """A Tokenizer (or `cls`) from the parsed tokenizer.json and tokenizer_config.json (read
+    from `where`)."""
     if not isinstance(data, dict) or not isinstance(config, dict):
-        raise DscoderError(f"The tokenizer files in {model_dir} are not valid; "
+        raise DscoderError(f"The tokenizer files in {where.parent} are not valid; "
                            "download the model again.")
     try:
         added = {int(t["id"]): (str(t["content"]), bool(t.get("special", False)))
@@ -200,8 +226,8 @@ def load_tokenizer(model_dir: Path, cls: type[Tokenizer] = Tokenizer) -> Tokeniz
         data["added_tokens"] = []  # so that no text can ever become a special id
         text_tokenizer = _HFTokenizer.from_str(json.dumps(data))
     except Exception as e:  # bad JSON shapes, and the Rust side raises plain Exception
-        raise DscoderError(f"{model_dir / 'tokenizer.json'} is not a valid tokenizer ({e}); "
+        raise DscoderError(f"{where} is not a valid tokenizer ({e}); "
                            "download the model again.") from None
     return cls(text_tokenizer, added,
-                     bos_token=_token_name(config, "bos_token", BOS_TOKEN),
-                     eos_token=_token_name(config, "eos_token", EOS_TOKEN))
+               bos_token=_token_name(config, "bos_token", BOS_TOKEN),
+               eos_token=_token_name(config, "eos_token", EOS_TOKEN))

@@ -4,7 +4,8 @@ In process:    monkeypatch.setattr(dscoder.cli.backend, "BACKEND", FakeBackend(r
 In a subprocess or a pseudo-terminal:  python tests/fakes.py [dscoder args...]
     which installs FakeBackend.from_env() and runs the real CLI entry point. The reply and its
     pace come from DSCODER_FAKE_REPLY (\\n understood), DSCODER_FAKE_DELAY (seconds per chunk) and
-    DSCODER_FAKE_CHUNK (characters per chunk). Only this test file reads those variables.
+    DSCODER_FAKE_CHUNK (characters per chunk); DSCODER_FAKE_LOAD_DELAY makes loading take that
+    many seconds (and say "fake: loading" on stderr first). Only this test file reads them.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ class FakeBackend:
     delay: float = 0.0
     chunk: int = 3
     fail: Exception | None = None  # raised by load_engine
+    load_delay: float = 0.0
     engine: FakeEngine | None = None
     loads: int = 0
 
@@ -126,7 +128,8 @@ class FakeBackend:
 
         return cls(reply=unescape(os.environ.get("DSCODER_FAKE_REPLY", DEFAULT_REPLY)),
                    delay=float(os.environ.get("DSCODER_FAKE_DELAY", "0")),
-                   chunk=int(os.environ.get("DSCODER_FAKE_CHUNK", "3")))
+                   chunk=int(os.environ.get("DSCODER_FAKE_CHUNK", "3")),
+                   load_delay=float(os.environ.get("DSCODER_FAKE_LOAD_DELAY", "0")))
 
     def model_name(self, settings) -> str:
         return settings.model or "fake/model"
@@ -139,6 +142,9 @@ class FakeBackend:
 
     def load_engine(self, settings, warn, info=None, progress=None) -> FakeEngine:
         self.loads += 1
+        if self.load_delay:
+            print("fake: loading", file=sys.stderr, flush=True)
+            time.sleep(self.load_delay)
         if self.fail is not None:
             raise self.fail
         if settings.context_length:

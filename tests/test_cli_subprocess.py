@@ -112,3 +112,51 @@ def test_e2e_chat_complete_insert(tiny_checkpoint, tmp_path):
     r = _e2e(tiny_checkpoint, "insert", str(src), "--line", "2", "--dry-run")
     assert r.returncode in (0, 1), r.stderr  # random weights may produce nothing useful (exit 1)
     assert src.read_bytes() == b"def add(a, b):\n\nprint(add(1, 2))\n"
+
+
+def test_python_dash_m_dscoder_runs_the_cli():
+    r = _run(["-m", "dscoder", "--version"])
+    from dscoder import __version__
+
+    assert (r.returncode, r.stdout.strip()) == (0, f"dscoder {__version__}")
+
+
+TEXTS = ["def f(x):\n    return x + 1\n", "User: write\n\nAssistant:", "héllo 世界 🚀 \t\r\n",
+         "<｜end▁of▁sentence｜> <｜fim▁hole｜> stays text", "    indented\n\n\n  x = [1,2,3]"]
+
+
+def test_bundled_tokenizer_on_a_fresh_machine(tmp_path, tokenizer_dir):
+    """No model in the Hugging Face cache: a DeepSeek-Coder-V2 model name still gets its tokenizer
+    (shipped with dscoder), with the same ids as the model's own tokenizer.json."""
+    import json
+
+    from dscoder.tokenizer import load_tokenizer
+
+    env = {"HF_HOME": str(tmp_path / "empty-hf"), "HF_HUB_OFFLINE": "1"}
+    code = ("import json, sys; from dscoder.cli.backend import RealBackend; "
+            "from dscoder.settings import Settings; "
+            f"tok = RealBackend().load_tokenizer(Settings(model={'deepseek-ai/DeepSeek-Coder-V2-Lite-Base'!r})); "
+            f"print(json.dumps([tok.encode(t) for t in {TEXTS!r}] + [[tok.bos_id, tok.eos_id, "
+            "tok.fim_hole_id, tok.fim_begin_id, tok.fim_end_id]]))")
+    r = _run(["-c", code], **env)
+    assert r.returncode == 0, r.stderr
+    references = [tokenizer_dir]
+    shared = Path("/work/shared/reference/deepseek-coder-v2-lite/lite-instruct")
+    if (shared / "tokenizer.json").is_file():
+        references.append(shared)
+    for ref_dir in references:
+        ref = load_tokenizer(ref_dir)
+        expected = [ref.encode(t) for t in TEXTS] + [[ref.bos_id, ref.eos_id, ref.fim_hole_id,
+                                                      ref.fim_begin_id, ref.fim_end_id]]
+        assert json.loads(r.stdout) == expected
+    assert expected[-1] == [100000, 100001, 100002, 100003, 100004]
+    # and through the CLI: --show-prompt works, without torch, for the default model
+    show = _run(["-c", "import sys; from dscoder.cli.app import run; rc = run(['chat', "
+                 "'--show-prompt', 'hi']); print('TORCH' if 'torch' in sys.modules else "
+                 "'NO-TORCH', file=sys.stderr); sys.exit(rc)"], **env)
+    assert (show.returncode, show.stdout) == (0, "<｜begin▁of▁sentence｜>User: hi\n\nAssistant:")
+    assert show.stderr.split() == ["[8", "tokens]", "NO-TORCH"]
+    # any other model still needs its files
+    other = _run(["-m", "dscoder", "--model", "someone/other-model", "chat", "--show-prompt", "hi"],
+                 **env)
+    assert other.returncode == 2 and "not in the Hugging Face cache" in other.stderr

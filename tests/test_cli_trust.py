@@ -468,7 +468,7 @@ class _Script:
         self.history = history
         _Script.made.append(self)
 
-    def read(self):
+    def read(self, typed_ahead: str = ""):  # as LineReader.read
         from dscoder.ui.repl import Entry
 
         return Entry(_Script.lines.pop(0), pasted=False) if _Script.lines else None

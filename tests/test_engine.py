@@ -134,3 +134,24 @@ def test_sampling_defaults_come_from_generation_config(tiny_engine, tmp_path):
     assert (d.temperature, d.top_p, d.top_k) == pytest.approx((0.7, 0.8, 20))
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     assert generation_defaults(tmp_path).temperature == 0
+
+
+def test_decode_seconds_count_only_the_engines_work(tiny_engine, monkeypatch):
+    """A slow consumer (a terminal rendering Markdown) must not show up as a slow model: the
+    time the generator is suspended in `yield` is not decode time."""
+    import time as real_time
+    import types
+
+    import dscoder.engine as engine_mod
+
+    clock = {"skew": 0.0}  # a clock that the consumer moves forward by 1000 s per token
+    fake_time = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + clock["skew"])
+    monkeypatch.setattr(engine_mod, "time", fake_time)
+    events = []
+    for event in tiny_engine.new_session().generate(prompt_ids(tiny_engine, "slow reader"), GREEDY,
+                                                    stop_ids=()):
+        events.append(event)
+        clock["skew"] += 1000.0  # "rendering" this token took 1000 s
+    final = events[-1]
+    assert isinstance(final, Finished) and len(final.token_ids) >= 2
+    assert final.decode_seconds < 1000.0

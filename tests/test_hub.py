@@ -191,3 +191,30 @@ def test_pull_rejects_paths() -> None:
 ])
 def test_is_hub_id(name: str, ok: bool) -> None:
     assert hub.is_hub_id(name) is ok
+
+
+def test_download_size_counts_only_what_a_download_fetches(monkeypatch, cache) -> None:
+    from types import SimpleNamespace
+
+    files = {"config.json": 1_000, "model-00001.safetensors": 9_000_000_000,
+             "model.safetensors.index.json": 20_000, "pytorch_model.bin": 5_000_000_000,
+             "modeling_deepseek.py": 70_000, "README.md": 9_000}
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **kw: SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename=n, size=s) for n, s in files.items()]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert hub.download_size("owner/name") == 1_000 + 9_000_000_000 + 20_000
+
+
+def test_download_size_unreachable_hub_is_one_sentence(monkeypatch, cache) -> None:
+    def unreachable(self, repo_id, **kw):
+        import httpx2
+
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(DscoderError, match="could not be reached"):
+        hub.download_size("owner/name")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DscoderError, match="HF_HUB_OFFLINE is set"):
+        hub.download_size("owner/name")

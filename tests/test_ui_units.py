@@ -171,7 +171,7 @@ def test_markdown_stream_settles_lines_and_shows_everything_once():
 
 # --- typing while a reply streams ------------------------------------------------------------------
 
-def test_muted_input_hides_and_discards_typeahead_and_restores_on_ctrl_c():
+def test_muted_input_hides_and_keeps_typeahead_and_restores_on_ctrl_c():
     import os
     import select
     import time
@@ -183,15 +183,16 @@ def test_muted_input_hides_and_discards_typeahead_and_restores_on_ctrl_c():
         before = termios.tcgetattr(slave)
         assert before[3] & termios.ECHO
         with pytest.raises(KeyboardInterrupt):
-            with muted_input(stream):
+            with muted_input(stream) as typed:
                 assert not termios.tcgetattr(slave)[3] & termios.ECHO
                 assert termios.tcgetattr(slave)[3] & termios.ISIG  # Ctrl-C still interrupts
-                os.write(master, b"typed ahead\n")
+                os.write(master, b"typed ahead\rand half a li")  # Enter, then no Enter yet
                 time.sleep(0.1)
                 raise KeyboardInterrupt
         assert termios.tcgetattr(slave) == before  # echo is back
         assert select.select([master], [], [], 0.1)[0] == []  # nothing was echoed to the screen
-        assert select.select([slave], [], [], 0.1)[0] == []  # and the typed line is gone
+        assert typed.text == "typed ahead\nand half a li"  # kept, for the next prompt
+        assert select.select([slave], [], [], 0.1)[0] == []  # and not left to be read twice
         os.write(master, b"x\n")  # afterwards the terminal echoes again
         assert select.select([master], [], [], 2)[0] and b"x" in os.read(master, 100)
     finally:
@@ -199,8 +200,84 @@ def test_muted_input_hides_and_discards_typeahead_and_restores_on_ctrl_c():
         os.close(slave)
 
 
+def test_typed_text_drops_control_keys_and_never_ends_in_enter():
+    from dscoder.ui.console import typed_text
+
+    assert typed_text(b"fix \x1b[Athe bug\x1b[D\r") == "fix the bug"
+    assert typed_text(b"two\r\nlines\n\n") == "two\nlines"
+    assert typed_text("caf\u00e9\t\x07ok".encode()) == "caf\u00e9\tok"
+
+
 def test_muted_input_leaves_non_terminals_alone():
     with muted_input(io.StringIO("abc")):
         pass
     with muted_input(sys.stdin if not sys.stdin.isatty() else io.StringIO()):
         pass
+
+
+def test_show_system_set_and_read_speak_plainly(tmp_path):
+    t = term()
+    state = ChatState(Conversation(), Settings(), "m")
+    run_command("/show", state, t)
+    run_command("/system", state, t)
+    run_command("/system be brief", state, t)
+    run_command("/system", state, t)
+    run_command("/set stop \\n\\n", state, t)
+    run_command("/set verbose on", state, t)
+    run_command("/set temperature 0.5", state, t)
+    run_command("/show", state, t)
+    (tmp_path / "three.py").write_text("a = 1\nb = 2\nc = 3\n")
+    run_command(f"/read {tmp_path / 'three.py'}", state, t)
+    (tmp_path / "one.txt").write_text("no newline at the end")
+    run_command(f"/read {tmp_path / 'one.txt'}", state, t)
+    said = t.stderr.getvalue()
+    for python_value in ("None", "()", "'be brief'", "True"):
+        assert python_value not in said
+    assert "system: none" in said and "System message: be brief" in said
+    assert 'stop: "\\n\\n"' in said and "verbose: on" in said and "temperature: 0.5" in said
+    assert "top_p: model default" in said
+    assert "(3 lines)" in said and "(1 line)" in said
+
+
+def test_settings_fall_back_to_tomli_without_tomllib(tmp_path):
+    """Python 3.10 has no tomllib: settings then read the config file with tomli (same API).
+    Run in a fresh interpreter where `import tomllib` fails and `tomli` is a stand-in."""
+    import subprocess
+
+    if sys.version_info < (3, 11):  # here it is the real thing
+        import dscoder.settings
+
+        assert dscoder.settings.tomllib.__name__ == "tomli"
+        return
+    (tmp_path / "c.toml").write_text("temperature = 0.25\n")
+    code = (
+        "import sys, types, tomllib\n"
+        "fake = types.ModuleType('tomli'); fake.loads = tomllib.loads\n"
+        "fake.TOMLDecodeError = tomllib.TOMLDecodeError\n"
+        "sys.modules['tomllib'] = None; sys.modules['tomli'] = fake\n"
+        "import dscoder.settings as s\n"
+        "assert s.tomllib is fake\n"
+        f"print(s.load_settings({{}}, {{'DSCODER_CONFIG': {str(tmp_path / 'c.toml')!r}}}).temperature)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert (r.returncode, r.stdout.strip()) == (0, "0.25"), r.stderr
+
+
+def test_threads_setting_default_and_torch(monkeypatch):
+    from dscoder.cli import backend
+    from dscoder.settings import default_threads
+
+    assert [default_threads(n) for n in (1, 2, 4, 9, 64)] == [1, 1, 3, 8, 8]
+    assert load_settings({}, {"DSCODER_THREADS": "2"}).threads == 2
+    assert load_settings({"threads": 3}, {"DSCODER_THREADS": "2"}).threads == 3
+    with pytest.raises(UsageError, match="threads must be at least 1"):
+        load_settings({"threads": 0}, {})
+    torch = pytest.importorskip("torch")
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend.set_cpu_threads(Settings(device="cpu")) == default_threads()
+    assert backend.set_cpu_threads(Settings(device="auto", threads=5)) == 5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend.set_cpu_threads(Settings(device="auto")) is None  # a GPU run: torch's default
+    assert calls == [default_threads(), 5]

@@ -101,6 +101,24 @@ def test_config_reads_the_lite_values():
     assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.0707 * 3.6888794541139363 + 1) ** 2)
 
 
+def test_load_progress_counts_bytes_up_to_the_total(tiny_checkpoint):
+    """The loading bar's numbers: bytes read so far (never back, never past the total), ending
+    at the total, so the bar fills as the weights are read (the reader reports every 0.2 s)."""
+    import torch
+
+    from dscoder.config import ModelConfig
+    from dscoder.weights import load_model
+
+    calls: list[tuple[int, int]] = []
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32,
+               progress=lambda done, total: calls.append((done, total)))
+    total = calls[-1][1]
+    assert total > 0 and calls[-1] == (total, total)
+    assert all(0 < d <= t == total for d, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # never goes back
+
+
 def unprivileged(fn) -> str:
     """Run fn as the `nobody` user in a forked child when we are root (root ignores mode bits);
     return "" or "ExcName: message" of what it raised."""

@@ -55,6 +55,7 @@ def main_options(
     gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
     context_length: Annotated[Optional[int], typer.Option("--context-length", metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for the model when it runs on the CPU; default: the cores less one, at most 8. [env DSCODER_THREADS]")] = None,
     engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE", help="auto (native for DeepSeek-Coder-V2, transformers for other models), native or transformers. [env DSCODER_ENGINE; default auto]")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Let the transformers engine run Python code that ships with the model. [env DSCODER_TRUST_REMOTE_CODE]", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", metavar="N", help="Most tokens to generate. [env DSCODER_MAX_TOKENS]", rich_help_panel=GEN)] = None,
@@ -274,9 +275,10 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     from dscoder import signals
+    from dscoder.cli.messages import tidy_arguments, usage_message, wants_help
 
     _STATE["debug"] = False  # this run's settings decide (an earlier run in this process may not)
-    command = typer.main.get_command(app)
+    command = tidy_arguments(typer.main.get_command(app))
     try:
         rv = command.main(args=args, prog_name="dscoder", standalone_mode=False)
         if rv == ExitCode.INTERRUPTED:  # typer turns a KeyboardInterrupt into 130, SIGTERM too
@@ -285,9 +287,11 @@ def _run(args: list[str]) -> int:
     except typer.Exit as e:
         return e.exit_code
     except typer.TyperException as e:  # typer's own click: bad flags, unknown commands
-        show = getattr(e, "show", None)
-        show() if show else _report(e.format_message(), args)
-        return ExitCode.USAGE if e.exit_code == 2 else e.exit_code
+        if wants_help(e):  # `dscoder` alone: the help
+            e.show()
+            return ExitCode.USAGE
+        _report(usage_message(e), args)
+        return ExitCode.USAGE
     except typer.Abort as e:
         return signals.exit_code(e)
     except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143): nothing more to say

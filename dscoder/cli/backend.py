@@ -40,9 +40,21 @@ class RealBackend:
 
         return Path(hub.resolve_model(self.model_name(settings)))
 
+    def _known_model_missing(self, settings: Settings) -> bool:
+        """A DeepSeek-Coder-V2 hub id that is not in the local cache: its tokenizer and context
+        window are known without it (for --show-prompt and for a remote engine)."""
+        from dscoder import hub
+
+        name = self.model_name(settings)
+        return hub.is_coder_v2(name) and not Path(name).exists() and hub.cached_model(name) is None
+
     def load_tokenizer(self, settings: Settings) -> Any:
         from dscoder.engines import choose_engine, load_tokenizer_for
 
+        if self._known_model_missing(settings):
+            from dscoder.tokenizer import load_bundled_tokenizer
+
+            return load_bundled_tokenizer()
         model_dir = self._model_dir(settings)
         choose_engine(model_dir, settings.engine)  # --engine native on another model: say so now
         return load_tokenizer_for(model_dir)
@@ -51,6 +63,10 @@ class RealBackend:
         """The window --show-prompt trims to without loading weights: the flag, else the config's."""
         if settings.context_length:
             return settings.context_length
+        if self._known_model_missing(settings):
+            from dscoder.hub import CODER_V2_CONTEXT
+
+            return CODER_V2_CONTEXT
         try:
             config = json.loads((self._model_dir(settings) / "config.json").read_text(encoding="utf-8"))
             return int(config["max_position_embeddings"])
@@ -73,6 +89,9 @@ class RealBackend:
                 from dscoder.engine import load_engine
             signals.check()
             check_device(settings.device, warn)
+        threads = set_cpu_threads(settings)
+        if threads and settings.verbose and info:
+            info(f"CPU threads: {threads}")
 
         return load_engine(model_dir, device=settings.device, profile=profile,
                            gpu_memory=settings.gpu_memory,
@@ -91,6 +110,11 @@ class RealBackend:
 
         return Path(hub.pull(name, code=code))
 
+    def download_size(self, name: str) -> int | None:
+        from dscoder import hub
+
+        return hub.download_size(name)
+
 
 def check_device(device: str, warn: Warn) -> None:
     """Say early and plainly what the GPU situation means for the user."""
@@ -104,6 +128,20 @@ def check_device(device: str, warn: Warn) -> None:
     if device == "auto":
         warn("No CUDA GPU found, so the model runs on the CPU: expect a long load and a few "
              "tokens per second at best (use --device cpu to silence this).")
+
+
+def set_cpu_threads(settings: Settings) -> int | None:
+    """torch's CPU thread count: --threads if given, else default_threads() when the model runs
+    on the CPU (a GPU run leaves torch's default alone). The count set, or None."""
+    import torch
+
+    from dscoder.settings import default_threads
+
+    on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
+    threads = settings.threads or (default_threads() if on_cpu else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 BACKEND: Backend = RealBackend()

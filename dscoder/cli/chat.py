@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from dscoder.errors import DscoderError, UsageError
 from dscoder.events import Finished
 from dscoder.prompts import Prompt, chat_prompt
 from dscoder.settings import state_dir
-from dscoder.ui.render import answer_stream
+from dscoder.ui.render import answer_stream, warmed
 from dscoder.visible import EscapingStream
 
 
@@ -69,7 +70,8 @@ def chat(rt: Runtime, message: str | None, *, system: str | None, json_out: bool
     content = with_context(message, piped) if message is not None else piped
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": content}]
-    prompt = rt.prompt_to_run(lambda: build_prompt(rt, messages), show_prompt)
+    with warmed(rt.term, rt.settings.code_theme) if not (show_prompt or json_out) else nullcontext():
+        prompt = rt.prompt_to_run(lambda: build_prompt(rt, messages), show_prompt)
     if prompt is None:
         return
     stream = (_Silent() if json_out
@@ -115,7 +117,9 @@ def repl(rt: Runtime, system: str | None) -> None:
     from dscoder.ui.repl import LineReader  # prompt_toolkit only for the interactive path
 
     history = history_file(rt)
-    engine = rt.engine()
+    # keys typed while the model loads wait for the prompt
+    with rt.term.input_muted() as typed, warmed(rt.term, rt.settings.code_theme):
+        engine = rt.engine()
     session = engine.new_session()
     state = ChatState(Conversation(system=system), rt.settings, rt.model_name)
     try:
@@ -124,7 +128,9 @@ def repl(rt: Runtime, system: str | None) -> None:
         rt.term.warn(f"Cannot keep the input history ({e.strerror or e}); it stays in memory.")
         reader = LineReader(None, commands=COMMANDS, on_hint=rt.term.hint)
     rt.term.hint(f"dscoder chat with {rt.model_name}. /help for commands, Ctrl-D to leave.")
-    while (entry := reader.read()) is not None:
+    pending = typed.text
+    while (entry := reader.read(pending)) is not None:
+        pending = ""
         try:
             if not entry.pasted and is_command(entry.text):
                 action = run_command(entry.text, state, rt.term)
@@ -137,7 +143,7 @@ def repl(rt: Runtime, system: str | None) -> None:
             else:
                 state.conversation.add_user(entry.text)
             rt.settings = state.settings
-            reply(rt, session, state.conversation)
+            pending = reply(rt, session, state.conversation)
         except DscoderError as e:
             rt.term.error(e.message)
         except Exception as e:  # noqa: BLE001  (the session is worth more than the failed turn)
@@ -154,9 +160,10 @@ def turn_failed(error: Exception) -> str:
             "(run with --debug and please report errors that are not yours).")
 
 
-def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
+def reply(rt: Runtime, session: Any, convo: Conversation) -> str:
     """One answer in the REPL; Ctrl-C keeps the partial answer, marked, and returns to the prompt.
-    If the turn fails, the unanswered message is taken back so the conversation stays whole."""
+    If the turn fails, the unanswered message is taken back so the conversation stays whole.
+    Returns what the user typed meanwhile (not echoed), for the next prompt to start with."""
     asked = len(convo.messages)
     try:
         prompt = build_prompt(rt, convo)
@@ -165,7 +172,7 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
         raise
     stream = _shown(rt, answer_stream(rt.term, code_theme=rt.settings.code_theme))
     try:
-        with rt.term.input_muted():  # keys typed meanwhile would land in the live window
+        with rt.term.input_muted() as typed:  # keys typed meanwhile would land in the live window
             cancel = threading.Event()
             finished = stream_reply(session.generate(prompt.ids, rt.generation(), cancel=cancel),
                                     stream, prompt_tokens=len(prompt.ids), cancel=cancel)
@@ -181,6 +188,7 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> None:
         raise
     convo.add_assistant(finished.text, interrupted=finished.reason == "cancelled")
     rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)
+    return typed.text
 
 
 def _shown(rt: Runtime, stream: Any) -> Any:

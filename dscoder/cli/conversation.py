@@ -112,7 +112,8 @@ HELP = """\
 
 Keys: Enter sends; Alt+Enter, Esc Enter or Ctrl-J add a newline; start with \"\"\" to write
 several lines until a closing \"\"\"; a paste is one message. Up/Down and Ctrl-R search the
-history. Ctrl-C stops a reply (what was written stays, marked interrupted) or clears the line."""
+history (Enter sends the line found, Escape edits it, Ctrl-C gives up). Ctrl-C stops a reply
+(what was written stays, marked interrupted) or clears the line."""
 
 COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/system", "/set", "/show",
             "/regen", "/read", "/save", "/load")
@@ -160,7 +161,7 @@ def _clear(rest: str, state: ChatState, term: Terminal) -> None:
 def _system(rest: str, state: ChatState, term: Terminal) -> None:
     convo = state.conversation
     if not rest:
-        term.hint(f"System message: {convo.system!r}" if convo.system else "No system message.")
+        term.hint(f"System message: {convo.system}" if convo.system else "No system message.")
     elif rest.lower() in ("off", "none", "clear"):
         convo.system = None
         term.hint("System message removed.")
@@ -174,15 +175,28 @@ def _set(rest: str, state: ChatState, term: Terminal) -> None:
     if not key:
         raise UsageError("Usage: /set KEY VALUE (see /help).")
     state.settings = set_setting(state.settings, key, value.strip())
-    term.hint(f"{key} = {getattr(state.settings, key.replace('-', '_'))!r}")
+    term.hint(f"{key}: {show_value(getattr(state.settings, key.replace('-', '_')))}")
+
+
+def show_value(value: object) -> str:
+    """A setting as a person reads it (and as /set takes it): no Python reprs."""
+    if value is None:
+        return "model default"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ", ".join(show_value(v) for v in value) if value else "none"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # quoted, with \n and \t as /set takes them
+    return str(value)
 
 
 def _show(rest: str, state: ChatState, term: Terminal) -> None:
     s = state.settings
     shown = {f.name: getattr(s, f.name) for f in fields(s) if f.name in SETTABLE}
     lines = [f"model: {state.model_name}",
-             f"system: {state.conversation.system!r}",
-             *(f"{k}: {'model default' if v is None else repr(v)}" for k, v in shown.items()),
+             f"system: {state.conversation.system or 'none'}",
+             *(f"{k}: {show_value(v)}" for k, v in shown.items()),
              f"messages: {len(state.conversation.messages)}"]
     term.hint("\n".join(lines))
 
@@ -207,7 +221,9 @@ def _read(rest: str, state: ChatState, term: Terminal) -> None:
     path = _path(rest, "/read")
     text = read_text_file(path).text
     state.conversation.attachments.append(with_context(None, text, label=f"{path}:"))
-    term.hint(f"Attached {path} ({text.count(chr(10)) + 1} lines); it goes with your next message.")
+    lines = len(text.splitlines())
+    term.hint(f"Attached {path} ({lines} line{'' if lines == 1 else 's'}); it goes with your next "
+              "message.")
 
 
 def _save(rest: str, state: ChatState, term: Terminal) -> None:

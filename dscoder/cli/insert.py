@@ -49,7 +49,9 @@ def insert(rt: Runtime, file: Path, *, line: int, dry_run: bool, print_only: boo
     cancel = threading.Event()
     events = rt.engine().generate(prompt.ids, rt.generation(), stop_ids=rt.fim_stop_ids(),
                                   cancel=cancel)
-    finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids), cancel=cancel)
+    with rt.term.working(f"filling the gap before line {line}") as progress:
+        finished = stream_reply(events, _Collect(), prompt_tokens=len(prompt.ids), cancel=cancel,
+                                on_tokens=progress)
     rt.report(finished)
     text = clean_insertion(finished.text, prefix, suffix)
     if not text:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 from dscoder.cli import backend
 from dscoder.errors import UsageError
 from dscoder.events import Finished, GenerationSettings, TextDelta
+from dscoder.hub import NotDownloaded
 from dscoder.settings import Settings
 from dscoder.ui.console import Terminal
 from dscoder.ui.render import Stream
@@ -44,10 +45,13 @@ class Runtime:
                     tokenizer=lambda: self.backend.load_tokenizer(self.settings))
                 self._tokenizer = self._engine.tokenizer
             else:
-                with self.term.load_progress() as progress:
-                    self._engine = self.backend.load_engine(self.settings, self.term.warn,
-                                                            self.term.info, progress)
-                self._tokenizer = self._engine.tokenizer
+                try:
+                    self._load()
+                except NotDownloaded as e:
+                    if not self._download(e):
+                        raise
+                    start = time.monotonic()  # the load, not the download
+                    self._load()
             self.load_seconds = time.monotonic() - start
             profile = getattr(self._engine, "startup_profile", None)
             if self.settings.verbose and profile is not None:
@@ -87,6 +91,26 @@ class Runtime:
                  "--dtype": s.dtype, "--context-length": s.context_length}
         return [a for k, v in given.items() if v is not None for a in (k, str(v))]
 
+    def _load(self) -> None:
+        with self.term.load_progress() as progress:
+            self._engine = self.backend.load_engine(self.settings, self.term.warn, self.term.info,
+                                                    progress)
+        self._tokenizer = self._engine.tokenizer
+
+    def _download(self, missing: NotDownloaded) -> bool:
+        """On a terminal, offer to download a model that is not in the cache (as ollama does):
+        its size, one confirmation, then the hub's own progress bars (an interrupted download
+        resumes next time). True once it is there; False in a script or if the answer is no."""
+        term, name = self.term, missing.repo_id
+        if not (term.stdin_is_tty and term.stderr_is_tty):
+            return False
+        size = getattr(self.backend, "download_size", lambda name: None)(name)
+        weight = f" ({size / 1e9:.1f} GB)" if size else ""
+        if not term.confirm(f"{name} is not downloaded yet. Download it now{weight}? [Y/n] "):
+            return False
+        self.backend.pull(name)
+        return True
+
     def tokenizer(self) -> Any:
         """The engine's tokenizer, or the tokenizer alone (for --show-prompt: no weights, no torch)."""
         if self._tokenizer is None:
@@ -121,7 +145,7 @@ class Runtime:
     def report(self, finished: Finished) -> None:
         """The stats line after a one-shot reply: on a terminal or with --verbose only, so that
         the logs of scripts stay clean."""
-        if self.settings.verbose or self.term.err_color:
+        if self.settings.verbose or self.term.stderr_is_tty:
             self.term.stats(finished, verbose=self.settings.verbose, load_seconds=self.load_seconds)
 
     def fim_stop_ids(self) -> set[int]:
@@ -142,7 +166,8 @@ class Interrupted(KeyboardInterrupt):
 
 def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
                  max_lines: int | None = None, on_text: Callable[[str], None] | None = None,
-                 cancel: threading.Event | None = None) -> Finished:
+                 cancel: threading.Event | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> Finished:
     """Drive one generation into `stream` and return the engine's Finished event.
 
     Stopping early goes through the engine, so that the Finished it yields (cached tokens,
@@ -151,7 +176,8 @@ def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
     and the text is cut at the line; a Ctrl-C inside the engine's step makes it yield a
     "cancelled" Finished, and one that lands here (while drawing) sets `cancel`. An interrupted
     reply raises `Interrupted` with that Finished. Only an engine without `cancel`, or one whose
-    generator died of the interrupt, gets a Finished made here from what was streamed."""
+    generator died of the interrupt, gets a Finished made here from what was streamed.
+    `on_tokens` hears the number of tokens generated so far (for a progress display)."""
     acc = _Accumulator(prompt_tokens)
     interrupted = False
     it = iter(events)
@@ -174,6 +200,8 @@ def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
             stream.feed(text)
             if on_text:
                 on_text(text)
+            if on_tokens:
+                on_tokens(len(acc.ids))
             if acc.full:
                 if cancel is None:
                     break
@@ -193,7 +221,9 @@ def stream_reply(events: Iterator[Any], stream: Stream, *, prompt_tokens: int,
 
 
 def _final(event: Finished, acc: "_Accumulator", interrupted: bool) -> Finished:
-    """The engine's Finished as the CLI reports it: cut at --max-lines, or raised if interrupted."""
+    """The engine's Finished as the CLI reports it: cut at --max-lines, or raised if interrupted,
+    with the reply's wall time beside the engine's own seconds."""
+    event = replace(event, wall_seconds=time.monotonic() - acc.start)
     if acc.full:  # our cancel for --max-lines: the text ends at the line, the numbers are real
         return replace(event, text=acc.text, reason="stop")
     if interrupted or event.reason == "cancelled":
@@ -244,7 +274,8 @@ class _Accumulator:
         first = self.first or now
         return Finished(reason=reason, text=self.text, token_ids=tuple(self.ids),
                         prompt_tokens=self.prompt_tokens, cached_tokens=0,
-                        prefill_seconds=first - self.start, decode_seconds=now - first)
+                        prefill_seconds=first - self.start, decode_seconds=now - first,
+                        wall_seconds=now - self.start)
 
 
 def require(condition: bool, message: str) -> None:

@@ -7,16 +7,22 @@ set or --no-pretty was given.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator, Mapping, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeRemainingColumn)
 from rich.text import Text
 
 from dscoder.events import Finished
+
+
+LOADING = "reading weights"
+PREPARING = "preparing the model"
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -50,6 +56,12 @@ class Terminal:
     @property
     def stdout_is_tty(self) -> bool:
         return _isatty(self.stdout)
+
+    @property
+    def stderr_is_tty(self) -> bool:
+        """Statistics and progress are for a person at a terminal, coloured or not (NO_COLOR
+        and --no-pretty take the colour away, not the information)."""
+        return _isatty(self.stderr)
 
     @property
     def out(self) -> Console:
@@ -105,13 +117,45 @@ class Terminal:
         if not self.err_color:
             yield lambda done, total: None
             return
-        with Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(),
-                      TimeRemainingColumn(), console=self.err, transient=True) as bar:
-            task = bar.add_task("load", total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      DownloadColumn(), TimeRemainingColumn(), console=self.err,
+                      transient=True) as bar:
+            task = bar.add_task(LOADING, total=None)
 
-    def input_muted(self) -> AbstractContextManager[None]:
-        """While a reply streams: keys typed are not echoed into it (see `muted_input`)."""
+            def update(done: int, total: int) -> None:
+                # once every byte is read, what is left (page-locking host memory, copies to
+                # the GPU, building the decode step) can take a while too: say so
+                bar.update(task, completed=done, total=total,
+                           description=PREPARING if total and done >= total else LOADING)
+
+            yield update
+
+    def confirm(self, question: str) -> bool:
+        """Ask on stderr, read one line from stdin: Enter or y/yes says yes (end of input: no)."""
+        self.stderr.write(question)
+        self.stderr.flush()
+        answer = self.stdin.readline()
+        if not answer:  # Ctrl-D
+            self.stderr.write("\n")
+            return False
+        return answer.strip().lower() in ("", "y", "yes")
+
+    @contextmanager
+    def working(self, what: str) -> Iterator[Callable[[int], None]]:
+        """A spinner with a token count on stderr while the model writes something that is not
+        shown as it comes (insert), erased when done; a (tokens so far) callback. On a terminal
+        only, like the loading bar."""
+        if not self.err_color:
+            yield lambda tokens: None
+            return
+        with Progress(SpinnerColumn(), TextColumn(what), TextColumn("{task.completed} tokens"),
+                      console=self.err, transient=True) as bar:
+            task = bar.add_task(what, total=None)
+            yield lambda tokens: bar.update(task, completed=tokens)
+
+    def input_muted(self) -> AbstractContextManager[TypeAhead]:
+        """While a reply streams or the model loads: keys typed are not echoed, and are kept for
+        the next prompt (see `muted_input`)."""
         return muted_input(self.stdin)
 
     def show_prompt(self, text: str, tokens: int) -> None:
@@ -120,16 +164,37 @@ class Terminal:
         self.info(f"[{tokens} tokens]")
 
 
-@contextmanager
-def muted_input(stream: TextIO) -> Iterator[None]:
-    """Terminal echo off while the body runs, and what was typed meanwhile thrown away after it.
+@dataclass
+class TypeAhead:
+    """What was typed while the input was muted, as text for the next prompt (no Enter acts)."""
 
-    While a reply streams, the terminal would echo keys typed into rich's live window and garble
-    it. Only ECHO goes off: ICANON and ISIG stay, so Ctrl-C still interrupts the reply. The
-    keys typed during the reply are discarded (TCIFLUSH) rather than kept for the next prompt:
-    the user never saw them (no echo), and a stray Enter among them would send a message that
-    nobody read over. The settings come back in any case: normal end, Ctrl-C or an exception.
-    Anything but a terminal (a pipe, a file, no termios on this platform) is left alone."""
+    text: str = ""
+
+
+_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?", re.S)  # arrow keys and the like
+
+
+def typed_text(data: bytes) -> str:
+    """Keys typed ahead as plain text: Enter becomes a newline (never a send), escape sequences
+    and other control keys are dropped, and the text is trimmed of trailing newlines."""
+    text = _ESCAPE.sub("", data.decode("utf-8", errors="ignore")).replace("\r\n", "\n")
+    text = text.replace("\r", "\n")
+    return "".join(c for c in text if c in "\n\t" or c >= " ").rstrip("\n")
+
+
+@contextmanager
+def muted_input(stream: TextIO) -> Iterator[TypeAhead]:
+    """Terminal echo off while the body runs (a reply streams, the model loads); what was typed
+    meanwhile is kept, as text for the next prompt.
+
+    The terminal would echo keys typed into rich's live window and garble it, so ECHO goes off,
+    and so does line buffering (ICANON), so that half a line typed can be read back at the end.
+    ISIG stays, so Ctrl-C still interrupts. The keys typed come back as `TypeAhead.text` for the
+    next prompt to start with: the user sees them there, and an Enter among them is a newline,
+    so nothing is sent that nobody read over. The settings come back in any case: normal end,
+    Ctrl-C or an exception. Anything but a terminal (a pipe, a file, no termios on this
+    platform) is left alone."""
+    typed = TypeAhead()
     try:
         import termios
 
@@ -138,23 +203,33 @@ def muted_input(stream: TextIO) -> Iterator[None]:
     except (ImportError, AttributeError, ValueError, OSError):
         saved = None
     if saved is None:
-        yield
+        yield typed
         return
     muted = list(saved)
-    muted[3] &= ~(termios.ECHO | termios.ECHONL)  # lflag
+    muted[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON)  # lflag
+    muted[6] = list(saved[6])
+    muted[6][termios.VMIN], muted[6][termios.VTIME] = 0, 0  # reads return what is there
     try:
         termios.tcsetattr(fd, termios.TCSANOW, muted)
     except termios.error:  # e.g. a background process group: leave the terminal alone
-        yield
+        yield typed
         return
     try:
-        yield
+        yield typed
     finally:
         try:
-            termios.tcflush(fd, termios.TCIFLUSH)
+            typed.text = typed_text(_drain(fd))
             termios.tcsetattr(fd, termios.TCSANOW, saved)
-        except termios.error:
+        except (termios.error, OSError):
             pass
+
+
+def _drain(fd: int) -> bytes:
+    """Everything waiting to be read on a terminal in non-canonical mode with VMIN 0."""
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    return data
 
 
 def _console(stream: TextIO, color: bool) -> Console:
@@ -171,6 +246,8 @@ def stats_line(f: Finished, *, verbose: bool = False, load_seconds: float | None
     cached = f" ({f.cached_tokens} cached)" if f.cached_tokens else ""
     line = (f"[prompt {f.prompt_tokens} tokens{cached}, {f.prefill_tokens_per_second:.1f} tok/s"
             f" | reply {f.generated_tokens} tokens, {f.decode_tokens_per_second:.1f} tok/s")
+    if f.wall_seconds is not None:
+        line += f" | {f.wall_seconds:.1f} s"
     if f.reason in _REASONS:
         line += f" | {_REASONS[f.reason]}"
     if verbose:

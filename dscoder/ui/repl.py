@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Iterable
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
 from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.filters import is_searching
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit import search
 from prompt_toolkit.keys import Keys
 
 from dscoder.signals import Terminated
@@ -80,6 +83,16 @@ def unquote(text: str) -> str:
     return text
 
 
+PLACEHOLDER = FormattedText([("fg:ansibrightblack", "Send a message (/? for help)")])
+
+
+def _placeholder() -> FormattedText:
+    """The hint in an empty prompt; not while a Ctrl-R search shows its match there, and not in
+    the prompt's last drawing, which stays in the scrollback when the chat ends."""
+    app = get_app()
+    return FormattedText([]) if app.is_done or app.layout.is_searching else PLACEHOLDER
+
+
 class LineReader:
     """One prompt_toolkit session for the whole chat. `read()` gives an Entry, or None to leave."""
 
@@ -91,13 +104,20 @@ class LineReader:
         self.session: PromptSession = PromptSession(
             history=history, multiline=True, key_bindings=self._bindings(),
             prompt_continuation="", completer=_SlashCompleter(commands), complete_while_typing=True,
-            placeholder=FormattedText([("fg:ansibrightblack", "Send a message (/? for help)")]),
+            placeholder=_placeholder,
             enable_history_search=False, mouse_support=False)
 
     def _bindings(self) -> KeyBindings:
         kb = KeyBindings()
 
-        @kb.add("enter")
+        @kb.add("enter", filter=is_searching)
+        def _send_match(event: KeyPressEvent) -> None:
+            # Enter in a Ctrl-R search sends the line found, as in bash (Escape keeps it on the
+            # line to edit, Ctrl-C or Ctrl-G gives the search up: prompt_toolkit's own keys)
+            search.accept_search()
+            event.app.current_buffer.validate_and_handle()
+
+        @kb.add("enter", filter=~is_searching)
         def _enter(event: KeyPressEvent) -> None:
             buf = event.current_buffer
             if buf.complete_state and buf.complete_state.current_completion:
@@ -118,7 +138,7 @@ class LineReader:
             self._pasted = True
             event.current_buffer.insert_text(event.data.replace("\r\n", "\n").replace("\r", "\n"))
 
-        @kb.add("c-c")
+        @kb.add("c-c", filter=~is_searching)  # while searching, Ctrl-C leaves the search
         def _ctrl_c(event: KeyPressEvent) -> None:
             if event.current_buffer.text:
                 event.current_buffer.reset()
@@ -127,17 +147,20 @@ class LineReader:
 
         return kb
 
-    def read(self) -> Entry | None:
+    def read(self, typed_ahead: str = "") -> Entry | None:
+        """The next message; `typed_ahead` (keys typed while a reply streamed) starts the line."""
         last_was_ctrl_c = False
         while True:
             self._pasted = False
             try:
-                text = self.session.prompt(FormattedText([("bold", ">>> ")]))
+                text = self.session.prompt(FormattedText([("bold", ">>> ")]), default=typed_ahead)
+                typed_ahead = ""
             except EOFError:  # Ctrl-D on an empty line
                 return None
             except Terminated:  # SIGTERM: leave, whatever the line holds
                 raise
             except KeyboardInterrupt:  # Ctrl-C on an empty line
+                typed_ahead = ""
                 if last_was_ctrl_c:
                     return None
                 last_was_ctrl_c = True
