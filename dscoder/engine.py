@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from dscoder import shapes
 from dscoder.config import ModelConfig
 from dscoder.errors import PromptTooLong, UsageError
 from dscoder.events import Event, Finished, GenerationSettings, TextDelta
-from dscoder.graphs import GraphedDecoder, bucket_rows
+from dscoder.graphs import GraphedDecoder
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile
@@ -26,11 +27,6 @@ from dscoder.sampling import Sampler
 from dscoder.stops import StopMatcher
 from dscoder.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
-# offloaded models prefill this many tokens layer by layer (bounds the extra activations: the
-# hidden states of these tokens, about 0.3 GB for Lite, on top of one chunk's work)
-LAYER_MAJOR_TOKENS = 16384
-FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversation grows
 
 
 @dataclass
@@ -161,7 +157,7 @@ class Session:
     def _ensure_capacity(self, n: int) -> LatentKVCache:
         cache = self._cache
         if cache is None or cache.capacity < n:
-            size = max(FIRST_CAPACITY, cache.capacity * 2 if cache else 0)
+            size = max(shapes.FIRST_CAPACITY, cache.capacity * 2 if cache else 0)
             while size < n:
                 size *= 2
             size = min(size, self.engine.context_length)
@@ -177,7 +173,7 @@ class Session:
         on the background thread while the prompt is prefilled."""
         self._ensure_capacity(pos + 1)
         if self._graphs is not None:
-            visible = bucket_rows(pos, self._graphs.cache.capacity)
+            visible = shapes.bucket_rows(pos, self._graphs.cache.capacity)
             self._graphs.capture(visible) if wait else self._graphs.capture_ahead([visible])
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
@@ -194,25 +190,26 @@ class Session:
         return logits
 
     def _prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        if self.engine.model.offload is not None and len(ids) > PREFILL_CHUNK:
+        if self.engine.model.offload is not None and len(ids) > shapes.PREFILL_CHUNK:
             return self._prefill_by_layer(ids)
         logits = None
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            logits = self._forward(ids[i:i + PREFILL_CHUNK])
+        chunk = shapes.PREFILL_CHUNK
+        for i in range(0, len(ids), chunk):
+            logits = self._forward(ids[i:i + chunk])
         assert logits is not None
         return logits
 
     def _prefill_by_layer(self, ids: Sequence[int]) -> torch.Tensor:
         # Offloaded experts cross PCIe once per layer per call: a long prompt goes layer by layer
         # over up to LAYER_MAJOR_TOKENS tokens at a time, not one pass over the experts per chunk.
-        logits = None
-        for i in range(0, len(ids), LAYER_MAJOR_TOKENS):
-            part = ids[i:i + LAYER_MAJOR_TOKENS]
+        logits, span = None, shapes.LAYER_MAJOR_TOKENS
+        for i in range(0, len(ids), span):
+            part = ids[i:i + span]
             start = len(self.tokens)
             cache = self._ensure_capacity(start + len(part))
             x = torch.tensor(part, dtype=torch.long, device=self.engine.device)
             with torch.inference_mode():
-                logits = self.engine.model.prefill_by_layer(x, cache, start, PREFILL_CHUNK)
+                logits = self.engine.model.prefill_by_layer(x, cache, start, shapes.PREFILL_CHUNK)
             self.tokens.extend(part)
         assert logits is not None
         return logits

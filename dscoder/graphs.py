@@ -16,7 +16,6 @@ no decode step has reached yet.
 from __future__ import annotations
 
 import atexit
-import math
 import queue
 import threading
 import time
@@ -26,17 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dscoder import shapes
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 
-BUCKET = 1024  # cache rows per bucket: at most this many rows read beyond the context per step
 AHEAD_ROWS = 256  # start capturing bucket b+1 when decoding is this close to the end of bucket b
 Report = Callable[[float, bool], None]  # (seconds, on the background thread): the profile listens
-
-
-def bucket_rows(pos: int, capacity: int) -> int:
-    """The cache rows a decode step at `pos` reads: pos + 1 rounded up to a bucket."""
-    return min(math.ceil((pos + 1) / BUCKET) * BUCKET, capacity)
 
 
 @dataclass
@@ -60,13 +54,14 @@ class GraphedDecoder:
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         """Logits (1, V) for `token` at `pos`; the tensor is reused by the next call."""
-        visible = bucket_rows(pos, self.cache.capacity)
+        visible = shapes.bucket_rows(pos, self.cache.capacity)
         g = self.graph(visible)
         g.ids.fill_(token)
         g.pos.fill_(pos)
         g.graph.replay()
-        if self.ahead and pos % BUCKET >= BUCKET - AHEAD_ROWS:
-            self.capture_ahead([bucket_rows(pos + BUCKET, self.cache.capacity)])
+        bucket = shapes.BUCKET
+        if self.ahead and pos % bucket >= bucket - AHEAD_ROWS:
+            self.capture_ahead([shapes.bucket_rows(pos + bucket, self.cache.capacity)])
         return g.out
 
     def graph(self, visible: int) -> _Graph:

@@ -191,7 +191,7 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
 
 def _start_precompile(cfg: ModelConfig, dev: torch.device, dt: torch.dtype,
                       profile: StartupProfile) -> Precompile:
-    from dscoder.graphs import BUCKET
+    from dscoder.shapes import BUCKET
 
     enable_compile_caches()
     return Precompile(cfg, dev, dt, BUCKET, profile)

@@ -106,7 +106,7 @@ def _stand_in(cfg: ModelConfig, i: int, device: torch.device, dtype: torch.dtype
 def warm_up(engine, profile: StartupProfile) -> None:
     """Compile the decode step (unless a Precompile did) and capture the first bucket's graph
     now rather than inside the first reply. Later buckets are captured ahead (dscoder.graphs)."""
-    from dscoder.graphs import BUCKET
+    from dscoder.shapes import BUCKET
 
     net = engine.model
     if net._compiled_layer is not None:

@@ -98,15 +98,20 @@ def test_kv_peak_counts_the_last_growth_step():
     assert kv_peak_bytes(s, 40000) == 40000 + 32768  # 4K, 8K, 16K, 32K, then 40000
 
 
-def test_planner_shapes_match_the_engine():
+def test_planner_shapes_are_the_engines():
+    # one definition (dscoder.shapes): the engine and the decoders hold no copy of their own
     import dscoder.engine as engine
     import dscoder.graphs as graphs
+    import dscoder.offload.decoder as decoder
     import dscoder.offload.planner as planner
+    from dscoder import shapes
 
-    assert planner.PREFILL_CHUNK == engine.PREFILL_CHUNK
-    assert planner.LAYER_MAJOR_TOKENS == engine.LAYER_MAJOR_TOKENS
-    assert planner.FIRST_CAPACITY == engine.FIRST_CAPACITY
-    assert planner.WINDOW_STEP == graphs.BUCKET
+    assert planner.PREFILL_CHUNK == shapes.PREFILL_CHUNK
+    assert planner.LAYER_MAJOR_TOKENS == shapes.LAYER_MAJOR_TOKENS
+    assert planner.FIRST_CAPACITY == shapes.FIRST_CAPACITY
+    assert planner.WINDOW_STEP == shapes.BUCKET
+    for module in (engine, graphs, decoder):
+        assert not {"PREFILL_CHUNK", "LAYER_MAJOR_TOKENS", "FIRST_CAPACITY", "BUCKET"} & set(vars(module))
 
 
 @pytest.mark.parametrize("cuda", [False, True])

@@ -166,11 +166,11 @@ def test_long_prefill_by_layer_streams_each_expert_once(tiny_checkpoint, residen
 
 
 def test_engine_prefills_long_prompts_by_layer_when_offloaded(tiny_checkpoint, tiny_engine, monkeypatch):
-    import dscoder.engine as engine_mod
+    from dscoder import shapes
     from dscoder.engine import load_engine
 
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 16)
-    monkeypatch.setattr(engine_mod, "LAYER_MAJOR_TOKENS", 64)  # two layer-major passes
+    monkeypatch.setattr(shapes, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(shapes, "LAYER_MAJOR_TOKENS", 64)  # two layer-major passes
     engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,
                          gpu_memory=budget_for(tiny_checkpoint, 7))
     ids = [100000] + prompt(100, seed=6).tolist()

@@ -221,7 +221,8 @@ def test_loading_leaves_no_file_open(tiny_checkpoint):
 
 def test_capture_worker_runs_in_order_and_a_stopped_one_cancels():
     """What waits on a capture (a decode step, Engine.close) hears back even after exit began."""
-    from dscoder.graphs import _failed, _Worker, bucket_rows
+    from dscoder.graphs import _failed, _Worker
+    from dscoder.shapes import bucket_rows
 
     worker, order = _Worker(), []
     futures = [worker.submit(order.append, i) for i in range(3)]

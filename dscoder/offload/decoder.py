@@ -13,15 +13,12 @@ the same segments run eagerly.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from dscoder import shapes
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.step import Step
-
-BUCKET = 1024  # cache rows per attention bucket (as dscoder.graphs)
 
 
 class OffloadedDecoder:
@@ -107,7 +104,7 @@ class OffloadedDecoder:
     # --- the host loop --------------------------------------------------------------------------
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
-        visible = min(math.ceil((pos + 1) / BUCKET) * BUCKET, self.cache.capacity)
+        visible = shapes.bucket_rows(pos, self.cache.capacity)
         self.ids.fill_(token)
         self.pos.fill_(pos)
         run = self._runner(visible)

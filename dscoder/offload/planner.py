@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dscoder.errors import OutOfMemory, UsageError
+# the engine's work shapes: the plan sizes its buffers for exactly these
+from dscoder.shapes import FIRST_CAPACITY, LAYER_MAJOR_TOKENS, PREFILL_CHUNK
+from dscoder.shapes import BUCKET as WINDOW_STEP  # planned windows are whole decode buckets
 from dscoder.offload.sizes import format_size
 
 MiB = 1 << 20
@@ -28,11 +31,6 @@ DEFAULT_OFFLOAD_CONTEXT = 8192
 # window takes slots (speed) from every reply, short ones included; --context-length overrides.
 CONTEXT_SHARE = 0.2
 STREAM_CHUNK = 4  # experts per prefill staging buffer (two buffers: one copying, one computing)
-# the engine's prefill shapes (dscoder.engine; a test checks that they agree)
-PREFILL_CHUNK = 4096  # tokens per prefill forward
-LAYER_MAJOR_TOKENS = 16384  # tokens an offloaded prefill carries through one layer at a time
-FIRST_CAPACITY = 4096  # the engine's first KV cache size; it doubles up to the context
-WINDOW_STEP = 1024  # planned windows are multiples of this (the decode graphs' bucket)
 
 
 @dataclass(frozen=True)

@@ -68,13 +68,12 @@ def test_cuda_graph_decode_gives_the_same_ids(tiny_checkpoint, monkeypatch):
 
 
 def test_cuda_graph_decode_across_buckets_and_cache_growth(tiny_checkpoint, monkeypatch):
-    import dscoder.engine as engine_mod
-    import dscoder.graphs as graphs_mod
+    from dscoder import shapes
     from dscoder.engine import load_engine
 
     # small buckets and a small first cache, so that one generation crosses both boundaries
-    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
-    monkeypatch.setattr(engine_mod, "FIRST_CAPACITY", 32)
+    monkeypatch.setattr(shapes, "BUCKET", 16)
+    monkeypatch.setattr(shapes, "FIRST_CAPACITY", 32)
     graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
     eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32", cuda_graphs=False)
     assert greedy_ids(graphed, "x = 1", n=80) == greedy_ids(eager, "x = 1", n=80)

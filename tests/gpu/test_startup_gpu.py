@@ -20,7 +20,7 @@ def greedy(engine, ids: list[int], n: int) -> tuple[int, ...]:
 
 def test_load_compiles_and_captures_the_first_graph(tiny_checkpoint):
     from dscoder.engine import load_engine
-    from dscoder.graphs import BUCKET
+    from dscoder.shapes import BUCKET
     from dscoder.warmup import compile_count
 
     engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
@@ -35,14 +35,14 @@ def test_load_compiles_and_captures_the_first_graph(tiny_checkpoint):
 
 
 def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypatch):
-    import dscoder.engine as engine_mod
     import dscoder.graphs as graphs_mod
+    from dscoder import shapes
     from dscoder.engine import load_engine
     from dscoder.warmup import compile_count
 
-    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    monkeypatch.setattr(shapes, "BUCKET", 16)
     monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
-    monkeypatch.setattr(engine_mod, "FIRST_CAPACITY", 32)
+    monkeypatch.setattr(shapes, "FIRST_CAPACITY", 32)
     graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
     before = compile_count()
     got = [greedy(graphed, [1, 5, 9], 100), greedy(graphed, list(range(1, 70)), 40)]
@@ -53,10 +53,10 @@ def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypat
 
 
 def test_capture_ahead_off_captures_on_need_with_the_same_ids(tiny_checkpoint, monkeypatch):
-    import dscoder.graphs as graphs_mod
+    from dscoder import shapes
     from dscoder.engine import load_engine
 
-    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    monkeypatch.setattr(shapes, "BUCKET", 16)
     ahead = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
     on_need = load_engine(tiny_checkpoint, device="cuda", dtype="float32", capture_ahead=False)
     assert greedy(ahead, [1, 2], 60) == greedy(on_need, [1, 2], 60)
@@ -81,9 +81,10 @@ def test_close_after_captures_ahead_frees_the_gpu(tiny_checkpoint, monkeypatch):
     import gc
 
     import dscoder.graphs as graphs_mod
+    from dscoder import shapes
     from dscoder.engine import load_engine
 
-    monkeypatch.setattr(graphs_mod, "BUCKET", 16)
+    monkeypatch.setattr(shapes, "BUCKET", 16)
     monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
     gc.collect()
     torch.cuda.empty_cache()

@@ -1,0 +1,24 @@
+"""The engine's work shapes, in one place: the prefill chunk, the layer-major prefill span, the
+KV cache's first size and the decode graphs' length bucket.
+
+The engine works with these shapes and the --gpu-memory planner sizes its buffers for them, so
+both read them from here. Pure Python (no torch): the planner imports it without a GPU stack.
+Code that must see a test's monkeypatch reads them as `shapes.NAME` at call time.
+"""
+from __future__ import annotations
+
+import math
+
+PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
+# offloaded models prefill this many tokens layer by layer (bounds the extra activations: the
+# hidden states of these tokens, about 0.3 GB for Lite, on top of one chunk's work)
+LAYER_MAJOR_TOKENS = 16384
+FIRST_CAPACITY = 4096  # the KV cache starts this long and doubles as a conversation grows
+# cache rows per decode bucket: a decode step reads its context rounded up to this, so its
+# graph's shapes stay fixed for BUCKET steps (planned context windows are multiples of it too)
+BUCKET = 1024
+
+
+def bucket_rows(pos: int, capacity: int) -> int:
+    """The cache rows a decode step at `pos` reads: pos + 1 rounded up to a bucket."""
+    return min(math.ceil((pos + 1) / BUCKET) * BUCKET, capacity)
