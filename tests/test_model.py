@@ -101,3 +101,26 @@ def test_grouped_and_per_expert_prefill_agree(pair, monkeypatch):
     monkeypatch.setattr(moe, "grouped_mm_supported", lambda x: False)
     looped = ours(ids, ours.new_cache(128), 0, all_logits=True)
     assert rel_err(grouped, looped) < 1e-5
+
+
+def test_routed_experts_by_slot_equal_by_id():
+    # an expert provider only changes which stack and which index: the same arithmetic, bit for bit
+    from dscoder.model.moe import ExpertGroups, gathered_experts
+
+    g = torch.Generator().manual_seed(0)
+    e, h, i, t, k = 8, 16, 12, 3, 2
+    w13, w2 = torch.randn(e, 2 * i, h, generator=g), torch.randn(e, h, i, generator=g)
+    x, w = torch.randn(t, h, generator=g), torch.rand(t, k, generator=g)
+    ids = torch.tensor([[1, 6], [6, 3], [0, 1]])
+    slot_of = torch.tensor([5, 2, 7, 0, 4, 1, 6, 3])  # expert e sits in slot slot_of[e]
+    pool13, pool2 = torch.empty_like(w13), torch.empty_like(w2)
+    pool13[slot_of], pool2[slot_of] = w13, w2
+    want = gathered_experts(x, ids, w, w13, w2)
+    assert torch.equal(gathered_experts(x, slot_of[ids], w, pool13, pool2), want)
+    by_id, by_slot = (ExpertGroups(x, ids, w, ids.reshape(-1).tolist()) for _ in range(2))
+    for ex in by_id.experts:
+        by_id.apply(ex, w13[ex], w2[ex])
+    for ex in reversed(by_slot.experts):  # another order (hits first): two addends, same sum
+        by_slot.apply(ex, pool13[slot_of[ex]], pool2[slot_of[ex]])
+    assert torch.equal(by_slot.result(), by_id.result())
+    assert (by_id.result() - want).abs().max() < 1e-4  # gathered vs grouped: same sums, other order

@@ -258,3 +258,38 @@ def test_budget_sets_the_longest_window_and_says_so(tiny_checkpoint, tmp_path):
     fixed = load_engine(ckpt, device="cpu", dtype="float32", gpu_memory=str(budget),
                         context_length=4096, notice=notices.append)
     assert fixed.context_length == 4096 and len(notices) == 1  # the user chose: nothing to say
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_offloaded_logits_equal_resident_to_the_bit(tiny_checkpoint, dtype):
+    """Routed experts have one arithmetic (dscoder.model.moe): the offloaded paths only index
+    other stacks (cache slots, staging buffers), so on the CPU their logits are the resident
+    model's exactly: streamed prefill, cached small calls, and the decoder's segments."""
+    from dscoder.offload.decoder import OffloadedDecoder
+
+    def model(slots: int | None):
+        m = load_model(tiny_checkpoint, ModelConfig.from_file(tiny_checkpoint / "config.json"),
+                       device=CPU, dtype=dtype)
+        if slots is not None:
+            from dscoder.offload.setup import install_offload
+
+            install_offload(m, slots, CPU)
+        m.set_context(512)
+        return m
+
+    def run(m) -> list[torch.Tensor]:
+        cache = m.new_cache(512)
+        out = [m(ids, m.new_cache(512), 0, all_logits=True), m(ids[:40], cache, 0, all_logits=True)]
+        out += [m(ids[i:i + 6], cache, i, all_logits=True) for i in range(40, 52, 6)]  # grouped
+        out += [m(ids[i:i + 1], cache, i) for i in range(52, 56)]  # gathered: expert ids vs slots
+        if m.offload is None:
+            pos = torch.zeros(1, dtype=torch.long)
+            return out + [m.decode_at(ids[i:i + 1], pos.fill_(i), cache, 512) for i in range(56, 64)]
+        decoder = OffloadedDecoder(m, m.offload, cache, ahead=1, graphs=False)
+        return out + [decoder(int(ids[i]), i).clone() for i in range(56, 64)]
+
+    ids = prompt(64, seed=8)
+    want = run(model(None))
+    got = run(model(6))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

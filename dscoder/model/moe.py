@@ -6,6 +6,8 @@ offloading cache can swap whole experts as single flat buffers.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,8 +50,12 @@ class Router(nn.Module):
         return grouped.masked_fill(~keep[..., None], 0.0).view(t, e)
 
 
+GATHER_PAIRS = 16  # up to this many (token, expert) pairs, gather the chosen weights by index
+
+
 class RoutedExperts(nn.Module):
-    """All routed experts of one layer, resident in one device's memory."""
+    """All routed experts of one layer, resident in one device's memory: the expert provider
+    whose stacks are indexed by expert id (an offloaded layer indexes a cache by slot instead)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -58,48 +64,79 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] * ids.shape[1] <= 16:
-            return self._gathered(x, ids, weights)
+        if x.shape[0] * ids.shape[1] <= GATHER_PAIRS:
+            return gathered_experts(x, ids, weights, self.w13, self.w2)
         return self._grouped(x, ids, weights)
-
-    def _gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # few tokens: pick the chosen experts by index on the device (no host synchronisation)
-        if moe_kernels.available(x):
-            return moe_kernels.routed_experts_decode(x, ids, weights, self.w13, self.w2)
-        t, k = ids.shape
-        flat = ids.reshape(-1)
-        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (T*k, H, 1)
-        gu = torch.bmm(self.w13[flat], xs).squeeze(-1)  # (T*k, 2I)
-        g, u = gu.chunk(2, dim=-1)
-        y = torch.bmm(self.w2[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)  # (T*k, H)
-        y = y.float() * weights.reshape(-1, 1)
-        return y.view(t, k, -1).sum(dim=1).to(x.dtype)
 
     def _grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # many tokens: sort the (token, expert) pairs by expert, then one grouped matrix product
+        if not grouped_mm_supported(x):
+            # the portable path: one product per expert (the ids come to the host once a layer)
+            groups = ExpertGroups(x, ids, weights, ids.reshape(-1).tolist())
+            for e in groups.experts:
+                groups.apply(e, self.w13[e], self.w2[e])
+            return groups.result()
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tokens = order // k
         counts = torch.bincount(flat, minlength=self.w13.shape[0])
-        xs = x[tokens]
-        if grouped_mm_supported(x):
-            y = grouped_expert_mlp(xs, self.w13, self.w2, counts)
-        else:
-            y = self._per_expert(xs, counts)
+        y = grouped_expert_mlp(x[tokens], self.w13, self.w2, counts)
         y = y.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, tokens, y).to(x.dtype)
 
-    def _per_expert(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # the portable path: one product per expert (the counts come to the host once a layer)
-        y = torch.empty_like(xs)
+
+def gathered_experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                     w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The routed experts of a few tokens, picked by index on the device (no host sync): token
+    t's j-th expert is w13[index[t, j]], w2[index[t, j]], weighted by weights[t, j]. index is
+    the expert ids for a resident layer, cache slots for an offloaded one."""
+    if moe_kernels.available(x):
+        return moe_kernels.routed_experts_decode(x, index, weights, w13, w2)
+    t, k = index.shape
+    flat = index.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (T*k, H, 1)
+    gu = torch.bmm(w13[flat], xs).squeeze(-1)  # (T*k, 2I)
+    g, u = gu.chunk(2, dim=-1)
+    y = torch.bmm(w2[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)  # (T*k, H)
+    y = y.float() * weights.reshape(-1, 1)
+    return y.view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+class ExpertGroups:
+    """Routed experts one expert at a time, for weights that are not in one stack (an offload
+    cache's slots, staging buffers) or without a grouped product: the (token, expert) pairs
+    sorted by expert as in RoutedExperts._grouped, each expert's rows then computed by
+    apply(e, w13[e], w2[e]) in any order and summed in fp32."""
+
+    def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int]) -> None:
+        k = ids.shape[1]
+        order = torch.argsort(ids.reshape(-1), stable=True)
+        self.x = x
+        self.tokens = order // k
+        self.pair_w = weights.reshape(-1)[order]
+        counts = Counter(flat)
+        self.span: dict[int, tuple[int, int]] = {}
         start = 0
-        for expert, n in enumerate(counts.tolist()):
-            if n:
-                y[start:start + n] = expert_mlp(xs[start:start + n], self.w13[expert], self.w2[expert])
-                start += n
-        return y
+        for e in sorted(counts):
+            self.span[e] = (start, start + counts[e])
+            start += counts[e]
+        self.out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+    @property
+    def experts(self) -> list[int]:
+        """The experts some token chose, in increasing order."""
+        return list(self.span)
+
+    def apply(self, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        a, b = self.span[e]
+        sel = self.tokens[a:b]
+        y = expert_mlp(self.x[sel], w13, w2)
+        self.out.index_add_(0, sel, y.float() * self.pair_w[a:b, None])
+
+    def result(self) -> torch.Tensor:
+        return self.out.to(self.x.dtype)
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:

@@ -14,10 +14,10 @@ the same segments run eagerly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dscoder import shapes
 from dscoder.kv_cache import LatentKVCache
+from dscoder.model.moe import gathered_experts
 from dscoder.model.step import Step
 
 
@@ -84,19 +84,10 @@ class OffloadedDecoder:
         self.ids_host[n, : row.numel()].copy_(row, non_blocking=True)
 
     def _experts(self, n: int) -> None:
-        from dscoder.model import moe_kernels
-
         mlp = self.model.model.layers[self.moe[n]].mlp
         h, pool = self.moe_in, self.rt.cache
         sl, w = self.slot_ids[n].view(1, -1), self.route_w[n].view(1, -1)
-        if moe_kernels.available(h):
-            out = moe_kernels.routed_experts_decode(h, sl, w, pool.w13, pool.w2)
-        else:  # the same arithmetic as RoutedExperts._gathered
-            flat = sl.reshape(-1)
-            xs = h.repeat_interleave(self.k, dim=0).unsqueeze(-1)
-            g, u = torch.bmm(pool.w13[flat], xs).squeeze(-1).chunk(2, dim=-1)
-            y = torch.bmm(pool.w2[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
-            out = (y.float() * w.reshape(-1, 1)).view(1, self.k, -1).sum(dim=1).to(h.dtype)
+        out = gathered_experts(h, sl, w, pool.w13, pool.w2)  # the cache's stacks, by slot
         if mlp.shared_experts is not None:
             out = out + mlp.shared_experts(h)
         self.h.copy_(self.h + out)

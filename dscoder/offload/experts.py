@@ -7,15 +7,13 @@ experts through two staging buffers, so a long prompt costs one pass over the ex
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dscoder.model.moe import expert_mlp
+from dscoder.model.moe import GATHER_PAIRS, ExpertGroups, gathered_experts
 from dscoder.offload.decoder import OffloadedDecoder
 from dscoder.offload.device_cache import CopyEngine, ExpertCache
 from dscoder.offload.host_store import HostExpertStore
@@ -23,7 +21,6 @@ from dscoder.offload.policy import should_stream
 from dscoder.offload.stats import OffloadStats
 
 PREDICT_TOKENS = 4  # predict the next layer's experts only for decode-sized calls
-GATHER_PAIRS = 16  # as RoutedExperts: up to this many (token, expert) pairs, gather weights by index
 
 
 @dataclass
@@ -97,15 +94,10 @@ class OffloadedExperts(nn.Module):
                 slot_of: dict[int, int]) -> torch.Tensor:
         cache = self.runtime.cache
         t, k = ids.shape
-        if t * k <= GATHER_PAIRS:
-            # the same arithmetic as RoutedExperts._gathered, with slot indices for expert ids
+        if t * k <= GATHER_PAIRS:  # the cache's stacks, indexed by slot instead of expert id
             sl = torch.tensor([slot_of[e] for e in flat], dtype=torch.long).to(x.device, non_blocking=True)
-            xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)
-            g, u = torch.bmm(cache.w13[sl], xs).squeeze(-1).chunk(2, dim=-1)
-            y = torch.bmm(cache.w2[sl], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
-            y = y.float() * weights.reshape(-1, 1)
-            return y.view(t, k, -1).sum(dim=1).to(x.dtype)
-        groups = _Groups(x, ids, weights, flat)
+            return gathered_experts(x, sl.view(t, k), weights, cache.w13, cache.w2)
+        groups = ExpertGroups(x, ids, weights, flat)
         for e in sorted(slot_of):
             s = slot_of[e]
             groups.apply(e, cache.w13[s], cache.w2[s])
@@ -114,7 +106,7 @@ class OffloadedExperts(nn.Module):
     def _streamed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int],
                   needed: list[int]) -> torch.Tensor:
         rt, cache = self.runtime, self.runtime.cache
-        groups = _Groups(x, ids, weights, flat)
+        groups = ExpertGroups(x, ids, weights, flat)
         hits = [e for e in needed if (self.layer, e) in cache]
         misses = [e for e in needed if (self.layer, e) not in cache]
         rt.stats.hits += len(hits)
@@ -148,29 +140,3 @@ class OffloadedExperts(nn.Module):
                       (rt.staging_w2[buf, n], store.w2[self.layer][e])]
         rt.staging_ready[buf] = rt.copier.copy(pairs, after=[rt.staging_free[buf]])
 
-
-class _Groups:
-    """Token groups per expert, as RoutedExperts._grouped forms them; results summed in fp32."""
-
-    def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int]) -> None:
-        k = ids.shape[1]
-        order = torch.argsort(ids.reshape(-1), stable=True)
-        self.x = x
-        self.tokens = order // k
-        self.pair_w = weights.reshape(-1)[order]
-        counts = Counter(flat)
-        self.span: dict[int, tuple[int, int]] = {}
-        start = 0
-        for e in sorted(counts):
-            self.span[e] = (start, start + counts[e])
-            start += counts[e]
-        self.out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-
-    def apply(self, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        a, b = self.span[e]
-        sel = self.tokens[a:b]
-        y = expert_mlp(self.x[sel], w13, w2)
-        self.out.index_add_(0, sel, y.float() * self.pair_w[a:b, None])
-
-    def result(self) -> torch.Tensor:
-        return self.out.to(self.x.dtype)
