@@ -160,16 +160,12 @@ def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
 
 
 class MoE(nn.Module):
+    """The router, the routed experts and the shared experts of one layer; DecoderLayer.route
+    and DecoderLayer.feed_forward compose them (the offloaded decoder calls the two apart)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate = Router(cfg)
         self.experts = RoutedExperts(cfg)
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(x)
-        out = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out

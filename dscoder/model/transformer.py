@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,19 @@ from dscoder.model.rope import rope_table
 from dscoder.model.step import Step
 
 
+class Route(NamedTuple):
+    """A feed-forward's input and, in a MoE layer, its routing: what route() decides and
+    feed_forward() computes (the offloaded decoder does the two in different graph segments)."""
+
+    h: torch.Tensor  # the normalised input (T, H)
+    ids: torch.Tensor | None  # (T, k) routed expert ids, or an expert provider's index (slots)
+    weights: torch.Tensor | None  # (T, k) fp32
+
+
 class DecoderLayer(nn.Module):
+    """Attention, then the feed-forward. The parts are public so that layer-by-layer prefill
+    and the offloaded decoder compose them rather than repeat them."""
+
     def __init__(self, cfg: ModelConfig, i: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -25,24 +38,47 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.attend(x, rope, kv, step)
+        return self.feed_forward(x, self.route(x))
 
-    def feed_forward_by_chunks(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        """The feed-forward over many tokens: routed experts see every token in one call (an
-        offloaded layer then streams its experts once), the dense parts go chunk by chunk so
-        their activations stay as small as in chunked prefill."""
+    def attend(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
+        """x plus attention over the cache (which gets this step's rows)."""
+        return x + self.self_attn(self.input_layernorm(x), rope, kv, step)
+
+    def route(self, x: torch.Tensor) -> Route:
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            ids, weights = self.mlp.gate(h)
-            out = self.mlp.experts(h, ids, weights)
+            return Route(h, *self.mlp.gate(h))
+        return Route(h, None, None)
+
+    def feed_forward(self, x: torch.Tensor, route: Route, experts: Callable | None = None,
+                     chunk: int | None = None) -> torch.Tensor:
+        """x plus the feed-forward of route.h. experts(h, index, weights): the routed experts
+        (this layer's own unless given: the offloaded decoder passes its cache, by slot).
+        chunk: the dense parts (shared experts, a dense MLP) go this many tokens at a time, so
+        their activations stay as small as in chunked prefill; routed experts see every token
+        in one call (an offloaded layer then streams its experts once)."""
+        if isinstance(self.mlp, MoE):
+            out = (experts or self.mlp.experts)(route.h, route.ids, route.weights)
             dense = self.mlp.shared_experts
         else:
-            out, dense = torch.zeros_like(h), self.mlp
+            out, dense = None, self.mlp
         if dense is not None:
-            for c0 in range(0, h.shape[0], chunk):
-                out[c0:c0 + chunk] += dense(h[c0:c0 + chunk])
+            out = _plus_dense(out, dense, route.h, chunk)
         return x + out
+
+
+def _plus_dense(out: torch.Tensor | None, dense: nn.Module, h: torch.Tensor,
+                chunk: int | None) -> torch.Tensor:
+    """out + dense(h) (just dense(h) without out), `chunk` tokens at a time when given."""
+    if chunk is None:
+        y = dense(h)
+        return y if out is None else out + y
+    if out is None:
+        out = torch.zeros_like(h)
+    for c0 in range(0, h.shape[0], chunk):
+        out[c0:c0 + chunk] += dense(h[c0:c0 + chunk])
+    return out
 
 
 class Embedding(nn.Module):
@@ -101,9 +137,8 @@ class Transformer(nn.Module):
             for c0 in range(0, t, chunk):
                 c1 = min(c0 + chunk, t)
                 step = Step.at(start + c0, c1 - c0, ids.device, absorbed=False)
-                h = layer.input_layernorm(x[c0:c1])
-                x[c0:c1] += layer.self_attn(h, self.rope[start + c0:start + c1], kv, step)
-            x = layer.feed_forward_by_chunks(x, chunk)
+                x[c0:c1] = layer.attend(x[c0:c1], self.rope[start + c0:start + c1], kv, step)
+            x = layer.feed_forward(x, layer.route(x), chunk=chunk)
         return self.lm_head(self.model.norm(x[-1:])).float()
 
     def decode_at(self, ids: torch.Tensor, pos: torch.Tensor, cache: LatentKVCache,

@@ -13,12 +13,15 @@ the same segments run eagerly.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from dscoder import shapes
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.moe import gathered_experts
 from dscoder.model.step import Step
+from dscoder.model.transformer import Route
 
 
 class OffloadedDecoder:
@@ -70,27 +73,23 @@ class OffloadedDecoder:
             self.logits.copy_(self.model.lm_head(self.model.model.norm(self.h)).float())
 
     def _attend_and_route(self, n: int, rope: torch.Tensor, step: Step) -> None:
-        i = self.moe[n]
-        layer = self.model.model.layers[i]
-        x = self.h + layer.self_attn(layer.input_layernorm(self.h), rope, self.cache.layer(i), step)
-        h = layer.post_attention_layernorm(x)
+        layer = self.model.model.layers[self.moe[n]]
+        x = layer.attend(self.h, rope, self.cache.layer(self.moe[n]), step)
+        route = layer.route(x)
         self.h.copy_(x)
-        self.moe_in.copy_(h)
-        ids, w = layer.mlp.gate(h)
-        self.route_w[n].copy_(w[0])
-        later = [self.model.model.layers[m].mlp.gate(h)[0].reshape(-1)
+        self.moe_in.copy_(route.h)
+        self.route_w[n].copy_(route.weights[0])
+        # the later layers' routers on this layer's input: a guess at their experts, to prefetch
+        later = [self.model.model.layers[m].mlp.gate(route.h)[0].reshape(-1)
                  for m in self.moe[n + 1:n + 1 + self.ahead]]
-        row = torch.cat((ids.reshape(-1), *later))
+        row = torch.cat((route.ids.reshape(-1), *later))
         self.ids_host[n, : row.numel()].copy_(row, non_blocking=True)
 
     def _experts(self, n: int) -> None:
-        mlp = self.model.model.layers[self.moe[n]].mlp
-        h, pool = self.moe_in, self.rt.cache
-        sl, w = self.slot_ids[n].view(1, -1), self.route_w[n].view(1, -1)
-        out = gathered_experts(h, sl, w, pool.w13, pool.w2)  # the cache's stacks, by slot
-        if mlp.shared_experts is not None:
-            out = out + mlp.shared_experts(h)
-        self.h.copy_(self.h + out)
+        layer, pool = self.model.model.layers[self.moe[n]], self.rt.cache
+        route = Route(self.moe_in, self.slot_ids[n].view(1, -1), self.route_w[n].view(1, -1))
+        by_slot = partial(gathered_experts, w13=pool.w13, w2=pool.w2)  # the cache's stacks
+        self.h.copy_(layer.feed_forward(self.h, route, experts=by_slot))
 
     # --- the host loop --------------------------------------------------------------------------
 
