@@ -32,8 +32,8 @@ from common import Sampler, process_mib  # noqa: E402  (beside this script)
 def one(args) -> dict:
     """One budget, in this (fresh) process."""
     import torch
-
     from common import random_prompt
+
     from dscoder.engine import load_engine
     from dscoder.events import GenerationSettings
     from dscoder.offload.sizes import parse_size

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
-from common import (card, emit_json, gpu_memory, lite_checkpoint, log, print_table,  # noqa: E402
-                    random_prompt, timed)
+from common import card, emit_json, gpu_memory, lite_checkpoint, log, print_table, random_prompt, timed  # noqa: E402
 
 from dscoder.events import GenerationSettings  # noqa: E402
 
@@ -83,7 +82,8 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
 
 def profile(engine, args) -> None:
     """Kernel time tables for one prefill and a few eager decode steps, into $OUT."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     out = Path(os.environ.get("OUT", "."))
     use = engine.use_graphs

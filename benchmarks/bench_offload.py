@@ -99,7 +99,7 @@ def run_ours(args, budget: str) -> dict:
 
         s = GenerationSettings(max_tokens=n, temperature=0)
         snap = None
-        for ev in engine.new_session().generate(prompt, s, stop_ids=()):
+        for ev in engine.new_session().generate(prompt, s, stop_ids=()):  # noqa: B007  (ev after the loop: the last event)
             if snap is None:  # the first event comes right after prefill
                 snap = engine_stats(engine.model)
         return ev, engine_stats(engine.model, snap) if snap else {}
@@ -198,7 +198,8 @@ def _summary(r: dict) -> str:
 COLUMNS = [("engine", "engine", "{}"), ("budget", "budget", "{}"), ("load s", "load_s", "{:.1f}"),
            ("TTFT s", "ttft_s", "{:.2f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
            ("decode tok/s", "decode_tok_s", "{:.2f}"), ("hit rate", "decode_hit_rate", "{:.1%}"),
-           ("ready", "decode_ready_rate", "{:.1%}"), ("MB/token", "decode_bytes_per_token", "{:.0f}"), ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
+           ("ready", "decode_ready_rate", "{:.1%}"), ("MB/token", "decode_bytes_per_token", "{:.0f}"),
+           ("peak alloc GiB", "peak_allocated_gib", "{:.2f}"),
            ("peak resv GiB", "peak_reserved_gib", "{:.2f}"),
            ("nvidia-smi GiB", "peak_process_gib", "{:.2f}"), ("host GiB", "host_rss_gib", "{:.1f}")]
 
@@ -213,7 +214,7 @@ def print_table(rows: list[dict]) -> None:
     table = [[h for h, _, _ in COLUMNS]] + [[cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     for row in table:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     for r in rows:
         if "error" in r:
             print(f"{r['engine']} at {r['budget']}: {r['error']}")

@@ -36,7 +36,7 @@ def kernel_bandwidth() -> None:
         out = torch.empty(6, 2 * i, device="cuda", dtype=torch.bfloat16)
         grid = (triton.cdiv(2 * i, bn), 6)
 
-        def run():
+        def run(grid=grid, out=out, bn=bn, bk=bk, warps=warps):  # this iteration's values
             mk._expert_gemv[grid](x, w13, ids, out, 6, w13.stride(0), w13.stride(1), 2 * i, h,
                                   BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
         ms = triton.testing.do_bench(run, warmup=50, rep=200)

@@ -43,7 +43,7 @@ class ChatTemplate:
         """Special ids and text runs of the rendered conversation."""
         nonce = secrets.token_hex(4)
         marks = [f"\ue000{nonce}{i}\ue001" for i in range(len(messages))]
-        masked = [{**m, "content": s} for m, s in zip(messages, marks)]
+        masked = [{**m, "content": s} for m, s in zip(messages, marks, strict=True)]
         rendered = self.render(masked, add_generation_prompt=add_generation_prompt)
         contents = self._contents(messages, marks, rendered, add_generation_prompt)
         parts: list[Part] = []
@@ -62,7 +62,7 @@ class ChatTemplate:
         for shape in (lambda s: s, str.strip):
             contents = [shape(m["content"]) for m in messages]
             filled = rendered
-            for mark, text in zip(marks, contents):
+            for mark, text in zip(marks, contents, strict=True):
                 filled = filled.replace(mark, text)
             if filled == real:
                 return contents

@@ -39,7 +39,7 @@ INERT_FIELDS = frozenset({
     "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
     "num_return_sequences", "diversity_penalty", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "output_attentions",
+    "begin_suppress_tokens", "encoder_no_repeat_ngram_size",
 })
 # keys of a rope_scaling / rope_parameters dict that we implement
 _ROPE_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings",

@@ -28,7 +28,6 @@ from dscoder.stops import StopMatcher
 from dscoder.tokenizer import Tokenizer
 
 
-
 @dataclass
 class Engine:
     model: Transformer

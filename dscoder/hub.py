@@ -137,8 +137,7 @@ def _download(repo_id: str, *, progress: bool, code: bool = False) -> Path:
         raise DscoderError(f"Cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it, or copy "
                            "the model here and pass its directory with --model.")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
-                                       enable_progress_bars)
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     was_disabled = are_progress_bars_disabled()
     if not progress:

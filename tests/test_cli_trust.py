@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,7 @@ from dscoder import signals  # noqa: E402
 from dscoder.cli import backend  # noqa: E402
 from dscoder.cli.runtime import Interrupted, stream_reply  # noqa: E402
 from dscoder.events import Finished, TextDelta  # noqa: E402
-from dscoder.fileedit import (TEMP_SUFFIX, read_text_file, remove_stale_temps,  # noqa: E402
-                              write_atomic)
+from dscoder.fileedit import TEMP_SUFFIX, read_text_file, remove_stale_temps, write_atomic  # noqa: E402
 from dscoder.visible import EscapingStream, escape_controls  # noqa: E402
 
 SRC = b"def add(a, b):\n    pass\n\nprint(add(1, 2))\n"
@@ -588,6 +588,6 @@ def test_repl_after_overflow_reuses_the_prompt_prefix(fake, monkeypatch):
     assert r.code == 0, r.stderr
     prompts = fake.engine.prompts
     assert len(prompts) == 30 and max(len(p) for p in prompts) <= 1100
-    changed = sum(1 for a, b in zip(prompts, prompts[1:]) if b[:len(a) - 1] != a[:len(a) - 1])
+    changed = sum(1 for a, b in pairwise(prompts) if b[:len(a) - 1] != a[:len(a) - 1])
     assert 1 <= changed <= 8, changed  # cuts in batches, not one turn per turn
     assert r.stderr.count("left out of the prompt") == changed

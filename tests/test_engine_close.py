@@ -36,8 +36,9 @@ def held(engine) -> list[weakref.ref]:
 
 @pytest.mark.parametrize("budget", [None, "offloaded"])
 def test_close_frees_everything_while_the_engine_is_still_referenced(tiny_checkpoint, budget):
-    from dscoder.engine import load_engine
     from test_offload_model import budget_for
+
+    from dscoder.engine import load_engine
 
     gpu_memory = budget_for(tiny_checkpoint, 7) if budget else None
     engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,

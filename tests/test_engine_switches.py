@@ -4,8 +4,8 @@ passed to load_engine explicitly."""
 from __future__ import annotations
 
 import pytest
-
 from cli_helpers import invoke, isolated  # noqa: F401  (the fixture isolates the environment)
+
 from dscoder.errors import UsageError
 from dscoder.settings import load_settings
 

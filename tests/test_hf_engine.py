@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import invoke, isolated  # noqa: F401  (isolated: an autouse fixture)
+
 from dscoder.errors import UsageError
 from dscoder.events import Finished, GenerationSettings, TextDelta
 

@@ -7,8 +7,15 @@ import torch
 
 from dscoder.errors import OutOfMemory, UsageError
 from dscoder.offload.planner import (
-    CUDA_CONTEXT_BYTES, DEFAULT_OFFLOAD_CONTEXT, STREAM_CHUNK, budget_for_slots, kv_peak_bytes,
-    plan_for_device, plan_memory, work_bytes)
+    CUDA_CONTEXT_BYTES,
+    DEFAULT_OFFLOAD_CONTEXT,
+    STREAM_CHUNK,
+    budget_for_slots,
+    kv_peak_bytes,
+    plan_for_device,
+    plan_memory,
+    work_bytes,
+)
 from dscoder.offload.policy import LFU, LRU, LayerQuota, NoSlot, SlotTable
 from dscoder.offload.sizes import parse_size
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
 from dscoder.errors import PromptTooLong, UsageError
-from dscoder.prompts import (LOW_WATER, Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head,
-                             keep_tail)
+from dscoder.prompts import LOW_WATER, Prompt, chat_prompt, completion_prompt, fim_prompt, keep_head, keep_tail
 from dscoder.tokenizer import Tokenizer, load_tokenizer
 
 BOS, EOS, HOLE, BEGIN, END = 100000, 100001, 100002, 100003, 100004
@@ -161,7 +161,7 @@ def test_chat_after_overflow_keeps_its_prefix_for_several_turns(tok: Tokenizer) 
         prompts.append(p.ids)
         messages.append(assistant(f"answer {i}: " + "because " * 10))
     assert dropped > 0
-    changed = sum(1 for a, b in zip(prompts, prompts[1:]) if b[:len(a) - 1] != a[:len(a) - 1])
+    changed = sum(1 for a, b in pairwise(prompts) if b[:len(a) - 1] != a[:len(a) - 1])
     # every turn here adds ~50 tokens: a cut to half the window lasts about 4 turns
     assert 1 <= changed <= 40 // 3, changed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import types
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_slow_renders_are_spaced_out(monkeypatch):
     for _ in range(2000):  # a token every millisecond for two seconds
         stream.feed("x")
         clock["now"] += 0.001
-    gaps = [b - a for a, b in zip(renders, renders[1:])]
+    gaps = [b - a for a, b in pairwise(renders)]
     assert min(gaps) >= 0.01 / render.RENDER_SHARE - 1e-9
     assert sum(0.01 for _ in renders) <= render.RENDER_SHARE * (clock["now"] - 100.0) + 0.01
 

@@ -103,12 +103,12 @@ def test_a_new_length_or_cache_size_needs_no_recompile(tiny_model):
 
 def test_parallel_read_fills_converted_and_stacked_tensors(tiny_checkpoint, tmp_path):
     """bf16 from an fp32 checkpoint (a converting read) equals safetensors' own loading."""
+    import sys
+
     from safetensors.torch import load_file
 
     from dscoder.config import ModelConfig
     from dscoder.weights import load_model
-
-    import sys
 
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     seen, switch = [], sys.getswitchinterval()
@@ -184,8 +184,8 @@ def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
     """The step compiled (in the background, while loading) on zero-weight stand-ins of each
     layer kind is the one the loaded model's layers use: nothing compiles again."""
     from dscoder.config import ModelConfig
-    from dscoder.weights import load_model
     from dscoder.warmup import Precompile
+    from dscoder.weights import load_model
 
     graphs = []
 

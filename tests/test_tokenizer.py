@@ -55,7 +55,7 @@ def _vectors() -> list[tuple[str, list[int]]]:
     texts = inputs.split("\n__ggml_vocab_test__\n")
     lines = outputs.split("\n")
     assert len(texts) == len(lines) == 47 and texts[-1] == lines[-1] == ""  # trailing separator
-    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts[:-1], lines[:-1])]
+    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts[:-1], lines[:-1], strict=True)]
 
 
 def test_llama_cpp_vectors(tok: Tokenizer) -> None:

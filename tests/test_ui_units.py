@@ -11,8 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fakes import FakeEngine  # noqa: E402
 
-from dscoder.cli.conversation import (EXIT, REGEN, ChatState, Conversation, fence,  # noqa: E402
-                                      run_command, with_context)
+from dscoder.cli.conversation import EXIT, REGEN, ChatState, Conversation, fence, run_command, with_context  # noqa: E402
 from dscoder.cli.runtime import Interrupted, stream_reply  # noqa: E402
 from dscoder.errors import UsageError  # noqa: E402
 from dscoder.events import GenerationSettings  # noqa: E402

@@ -10,8 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from dscoder import signals
-from dscoder.cli.conversation import (EXIT, REGEN, COMMANDS, ChatState, Conversation, is_command,
-                                      run_command, with_context)
+from dscoder.cli.conversation import (
+    COMMANDS,
+    EXIT,
+    REGEN,
+    ChatState,
+    Conversation,
+    is_command,
+    run_command,
+    with_context,
+)
 from dscoder.cli.runtime import Interrupted, Runtime, stream_reply
 from dscoder.errors import DscoderError, UsageError
 from dscoder.events import Finished

@@ -130,7 +130,8 @@ def bash(root: Cmd, subs: list[Cmd]) -> str:
         f"_{PROG}() {{",
         '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" opts i',
         "    for ((i = 1; i < COMP_CWORD; i++)); do",
-        f'        case "${{COMP_WORDS[i]}}" in {"|".join(c.name for c in subs)}) cmd="${{COMP_WORDS[i]}}"; break ;; esac',
+        f'        case "${{COMP_WORDS[i]}}" in {"|".join(c.name for c in subs)}) '
+        'cmd="${COMP_WORDS[i]}"; break ;; esac',
         "    done",
         '    case "$prev" in',
         *value_cases,

@@ -13,8 +13,16 @@ from dscoder import signals
 from dscoder.cli.complete import build
 from dscoder.cli.runtime import Runtime, stream_reply
 from dscoder.errors import DscoderError, UsageError
-from dscoder.fileedit import (check_backup, check_writable, hard_links, read_text_file,
-                              remove_stale_temps, split_at_line, unified_diff, write_atomic)
+from dscoder.fileedit import (
+    check_backup,
+    check_writable,
+    hard_links,
+    read_text_file,
+    remove_stale_temps,
+    split_at_line,
+    unified_diff,
+    write_atomic,
+)
 from dscoder.fim import clean_insertion
 from dscoder.visible import escape_controls
 

@@ -106,7 +106,7 @@ class OffloadedDecoder:
             flat = row[:k]
             needed = sorted(set(flat))
             slots = cache.acquire(layer, needed)
-            slot_of = dict(zip(needed, slots))
+            slot_of = dict(zip(needed, slots, strict=True))
             self.slot_host[n] = torch.tensor([slot_of[e] for e in flat], dtype=torch.long)
             self.slot_ids[n].copy_(self.slot_host[n], non_blocking=True)
             cache.wait(slots)

@@ -148,7 +148,7 @@ class ExpertCache:
                 loads.append((slot, key))
             self._copy(loads)
         except BaseException:
-            for slot, key in loads:
+            for _, key in loads:
                 self.table.discard(key)
                 self.prefetched.discard(key)
             raise

@@ -67,7 +67,7 @@ class OffloadedExperts(nn.Module):
         cache = rt.cache
         slots = cache.acquire(self.layer, needed)
         cache.wait(slots)
-        out = self._cached(x, ids, weights, flat, dict(zip(needed, slots)))
+        out = self._cached(x, ids, weights, flat, dict(zip(needed, slots, strict=True)))
         cache.release(slots)
         # queue this layer's compute first, then the Python work of prefetching runs beside it
         protected = {(self.layer, e) for e in needed}
@@ -117,7 +117,7 @@ class OffloadedExperts(nn.Module):
             self._stage(j, chunks[j])
         slots = [cache.table.get((self.layer, e)) for e in hits]
         cache.wait(slots)  # type: ignore[arg-type]
-        for e, s in zip(hits, slots):
+        for e, s in zip(hits, slots, strict=True):
             groups.apply(e, cache.w13[s], cache.w2[s])
         cache.release(slots)  # type: ignore[arg-type]
         for j, chunk in enumerate(chunks):

@@ -47,8 +47,8 @@ class HostExpertStore:
         tensors = [t for t in self.tensors() if not t.is_pinned()]
         with ThreadPoolExecutor(PIN_THREADS) as pool:
             results = list(pool.map(_register, tensors))
-        self._registered = [t.data_ptr() for t, ok in zip(tensors, results) if ok]
-        self.unpinned_bytes = sum(t.nbytes for t, ok in zip(tensors, results) if not ok)
+        self._registered = [t.data_ptr() for t, ok in zip(tensors, results, strict=True) if ok]
+        self.unpinned_bytes = sum(t.nbytes for t, ok in zip(tensors, results, strict=True) if not ok)
         return self.unpinned_bytes
 
     def unpin(self) -> None:

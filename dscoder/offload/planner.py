@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dscoder.errors import OutOfMemory, UsageError
+from dscoder.offload.sizes import format_size
+from dscoder.shapes import BUCKET as WINDOW_STEP  # planned windows are whole decode buckets
+
 # the engine's work shapes: the plan sizes its buffers for exactly these
 from dscoder.shapes import FIRST_CAPACITY, LAYER_MAJOR_TOKENS, PREFILL_CHUNK
-from dscoder.shapes import BUCKET as WINDOW_STEP  # planned windows are whole decode buckets
-from dscoder.offload.sizes import format_size
 
 MiB = 1 << 20
 # What the CUDA context of a dscoder process holds outside the caching allocator (driver state,

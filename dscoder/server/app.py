@@ -28,8 +28,7 @@ from dscoder.errors import DscoderError, PromptTooLong, UsageError, is_out_of_me
 from dscoder.events import Finished, GenerationSettings, TextDelta
 from dscoder.prompts import chat_prompt, completion_prompt, fim_prompt
 from dscoder.server.infill import InfillLimits, infill_prompt
-from dscoder.server.schemas import (ChatRequest, CompletionRequest, InfillRequest, Sampling,
-                                     TokenizeRequest)
+from dscoder.server.schemas import ChatRequest, CompletionRequest, InfillRequest, Sampling, TokenizeRequest
 from dscoder.server.worker import Job, Worker
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}

@@ -9,17 +9,15 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, TextIO
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from dscoder.events import Finished
-
 
 LOADING = "reading weights"
 PREPARING = "preparing the model"

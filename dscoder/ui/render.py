@@ -3,8 +3,8 @@
 On a terminal the reply is Markdown with highlighted code, drawn the way aider's mdstream does it:
 lines that can no longer change are printed once into the scrollback, and only the last few lines
 live in a small redrawn window, so long replies do not flicker and the terminal's scrollback keeps
-everything. Only the open tail of the reply is ever re-rendered (see MarkdownStream). Code blocks have no left padding so they
-copy cleanly. Anywhere else the text is written as it comes, with no escape codes.
+everything. Only the open tail of the reply is ever re-rendered (see MarkdownStream). Code blocks
+have no left padding so they copy cleanly. Anywhere else the text is written as it comes, with no escape codes.
 """
 from __future__ import annotations
 

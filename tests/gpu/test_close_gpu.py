@@ -13,9 +13,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_close_frees_the_gpu(tiny_checkpoint):
     import gc
 
+    from test_offload_model import budget_for_cuda
+
     from dscoder.engine import load_engine
     from dscoder.events import GenerationSettings
-    from test_offload_model import budget_for_cuda
 
     gc.collect()
     torch.cuda.empty_cache()

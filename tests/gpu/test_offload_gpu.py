@@ -70,7 +70,7 @@ def test_bf16_greedy_ids_match(tiny_checkpoint):
             logits = m(torch.tensor([t], device=CUDA), cache, len(ids) + i)
         out.append(toks)
     # bf16 rounding may differ between the resident kernels and the slot path; allow a late split
-    same = next((i for i, (x, y) in enumerate(zip(*out)) if x != y), len(out[0]))
+    same = next((i for i, (x, y) in enumerate(zip(*out, strict=True)) if x != y), len(out[0]))
     assert same >= 8, out
     assert offload_stats(b)["hit_rate"] > 0
 
