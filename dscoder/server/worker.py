@@ -21,19 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dscoder.engine import common_prefix
 from dscoder.events import Event, GenerationSettings
 
 SNAPSHOTS = 4  # recent sequences kept besides the live one
 SNAPSHOT_BYTES = 2 << 30  # and at most this much memory for them
 MIN_SNAPSHOT_TOKENS = 16  # shorter sequences are cheaper to prefill than to keep
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class PrefixCache:
