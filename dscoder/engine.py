@@ -7,7 +7,6 @@ the previous one.
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,14 +16,13 @@ import torch
 
 from dscoder import shapes
 from dscoder.config import ModelConfig
+from dscoder.decode_loop import run_generation
 from dscoder.errors import PromptTooLong, UsageError
-from dscoder.events import Event, Finished, GenerationSettings, TextDelta
+from dscoder.events import Event, GenerationSettings
 from dscoder.graphs import GraphedDecoder
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile
-from dscoder.sampling import Sampler
-from dscoder.stops import StopMatcher
 from dscoder.tokenizer import Tokenizer
 
 
@@ -242,62 +240,19 @@ class Session:
         del self.tokens[reused:]
         if budget > 1:  # the first decode step's graph, captured while the prompt prefills
             self.prepare_decode(len(prompt))
-        sampler = Sampler(settings, engine.device)
-        detok = engine.tokenizer.detokenizer()
-        stops = StopMatcher(settings.stop)
-        generated: list[int] = []
         before = engine_stats(engine.model)
-        t0 = time.perf_counter()
-        t1: float | None = None
-        waited = 0.0  # time suspended in `yield`: the consumer's (rendering), not the engine's
-        reason = "length"
-        interrupt: KeyboardInterrupt | None = None
-        try:
-            next_id = int(sampler(self._prefill(prompt[reused:])))
-            t1 = time.perf_counter()
-            profile = engine.startup_profile
+        profile = engine.startup_profile
+
+        def first_prefill(seconds: float) -> None:
             if profile is not None and "first prefill" not in profile.seconds:
-                profile.add("first prefill", t1 - t0)
-            while budget > 0:
-                if next_id in stop_ids:
-                    reason = "eos"
-                    break
-                generated.append(next_id)
-                text, hit = stops.feed(detok.add(next_id))
-                if text:
-                    paused = time.perf_counter()
-                    yield TextDelta(text, (next_id,))
-                    waited += time.perf_counter() - paused
-                if hit:
-                    reason = "stop"
-                    break
-                if len(generated) >= budget:
-                    break
-                if cancel is not None and cancel.is_set():
-                    reason = "cancelled"
-                    break
-                next_id = int(sampler(self._forward([next_id])))
-        except KeyboardInterrupt as e:
-            # Ctrl-C (or SIGTERM) inside a step: the cache holds every token counted in
-            # self.tokens, so the reply ends here like a cancel, with a "cancelled" Finished
-            # that has this generation's real numbers; a caller that reads on past it gets the
-            # interrupt back (a plain `for` loop over events still stops on Ctrl-C).
-            reason, interrupt = "cancelled", e
-        if t1 is None:
-            t1 = time.perf_counter()
-        if reason != "stop":
-            # a character cut in half by the end (max tokens, a cancel) is dropped, not U+FFFD
-            tail = stops.finish(detok.flush(partial=False))
-            if tail:
-                paused = time.perf_counter()
-                yield TextDelta(tail, ())
-                waited += time.perf_counter() - paused
-        yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
-                       prompt_tokens=len(prompt), cached_tokens=reused,
-                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1 - waited,
-                       stats=engine_stats(engine.model, before))
-        if interrupt is not None:
-            raise interrupt
+                profile.add("first prefill", seconds)
+
+        yield from run_generation(
+            lambda: self._prefill(prompt[reused:]), lambda token: self._forward([token]),
+            tokenizer=engine.tokenizer, settings=settings, device=engine.device,
+            stop_ids=stop_ids, budget=budget, cancel=cancel, prompt_tokens=len(prompt),
+            cached_tokens=reused, stats=lambda: engine_stats(engine.model, before),
+            on_prefill=first_prefill)
 
 
 def make_decoder(engine: Engine, cache: LatentKVCache):

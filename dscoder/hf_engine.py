@@ -10,7 +10,6 @@ host memory (device_map="auto" with max_memory).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,11 +18,10 @@ from typing import Any
 
 import torch
 
+from dscoder.decode_loop import run_generation
 from dscoder.engine import common_prefix
 from dscoder.errors import DscoderError, OutOfMemory, PromptTooLong, UsageError
-from dscoder.events import Event, Finished, GenerationSettings, TextDelta
-from dscoder.sampling import Sampler
-from dscoder.stops import StopMatcher
+from dscoder.events import Event, GenerationSettings
 
 PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
 ACTIVATION_RESERVE = 1 << 30  # GPU room kept for activations and logits under --gpu-memory
@@ -183,43 +181,11 @@ class HFSession:
         reused = min(common_prefix(self.tokens, prompt), len(prompt) - 1)  # last one gives logits
         self._rewind(reused)
         reused = len(self.tokens)
-        sampler = Sampler(settings, engine.device)
-        detok = engine.tokenizer.detokenizer()
-        stops = StopMatcher(settings.stop)
-        generated: list[int] = []
-        t0 = time.perf_counter()
-        next_id = int(sampler(self._prefill(prompt[reused:])))
-        t1 = time.perf_counter()
-        waited = 0.0  # time suspended in `yield`: the consumer's (rendering), not the engine's
-        reason = "length"
-        while budget > 0:
-            if next_id in stop_ids:
-                reason = "eos"
-                break
-            generated.append(next_id)
-            text, hit = stops.feed(detok.add(next_id))
-            if text:
-                paused = time.perf_counter()
-                yield TextDelta(text, (next_id,))
-                waited += time.perf_counter() - paused
-            if hit:
-                reason = "stop"
-                break
-            if len(generated) >= budget:
-                break
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            next_id = int(sampler(self._forward([next_id])))
-        if reason != "stop":
-            tail = stops.finish(detok.flush(partial=False))  # a cut character is dropped
-            if tail:
-                paused = time.perf_counter()
-                yield TextDelta(tail, ())
-                waited += time.perf_counter() - paused
-        yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
-                       prompt_tokens=len(prompt), cached_tokens=reused,
-                       prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1 - waited)
+        yield from run_generation(
+            lambda: self._prefill(prompt[reused:]), lambda token: self._forward([token]),
+            tokenizer=engine.tokenizer, settings=settings, device=engine.device,
+            stop_ids=stop_ids, budget=budget, cancel=cancel, prompt_tokens=len(prompt),
+            cached_tokens=reused)
 
 
 def crop_cache(cache: Any, n: int) -> bool:

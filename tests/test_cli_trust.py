@@ -435,7 +435,7 @@ def test_engine_interrupted_in_a_step_yields_its_finished(tiny_engine, monkeypat
 def test_max_tokens_cutting_a_character_drops_it(tiny_engine, monkeypatch):
     import torch
 
-    from dscoder import engine as engine_mod
+    from dscoder import decode_loop as loop_mod
     from dscoder.events import GenerationSettings
 
     tok = tiny_engine.tokenizer
@@ -449,7 +449,7 @@ def test_max_tokens_cutting_a_character_drops_it(tiny_engine, monkeypatch):
         def __call__(self, logits):
             return torch.tensor([next(self.ids)])
 
-    monkeypatch.setattr(engine_mod, "Sampler", Script)
+    monkeypatch.setattr(loop_mod, "Sampler", Script)  # the engines' shared loop samples
     events = list(tiny_engine.new_session().generate(
         tok.encode("x"), GenerationSettings(max_tokens=3, temperature=0), stop_ids=()))
     f = events[-1]

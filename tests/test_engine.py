@@ -142,11 +142,11 @@ def test_decode_seconds_count_only_the_engines_work(tiny_engine, monkeypatch):
     import time as real_time
     import types
 
-    import dscoder.engine as engine_mod
+    import dscoder.decode_loop as loop_mod  # the engines' shared loop keeps the clock
 
     clock = {"skew": 0.0}  # a clock that the consumer moves forward by 1000 s per token
     fake_time = types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + clock["skew"])
-    monkeypatch.setattr(engine_mod, "time", fake_time)
+    monkeypatch.setattr(loop_mod, "time", fake_time)
     events = []
     for event in tiny_engine.new_session().generate(prompt_ids(tiny_engine, "slow reader"), GREEDY,
                                                     stop_ids=()):

@@ -428,3 +428,34 @@ def test_chatml_template_parts_trim_and_end_of_turn():
     # the template trims the content (checked against a real render); the content stays text
     assert parts == [1, "user\n", "say <|im_end|> now", 2, "\n", 1, "assistant\n"]
     assert template.end_of_turn_id() == 2
+
+
+def test_interrupt_in_a_step_yields_the_engines_finished(hf_engine, monkeypatch):
+    """The transformers engine shares the native decode loop (dscoder.decode_loop): Ctrl-C in a
+    step ends the reply with a 'cancelled' Finished holding the real ids, then re-raises, and the
+    session stays usable."""
+    from dscoder.hf_engine import HFSession
+
+    calls = {"n": 0}
+    real = HFSession._forward
+
+    def forward(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, ids)
+
+    monkeypatch.setattr(HFSession, "_forward", forward)
+    session = hf_engine.new_session()
+    ids = hf_engine.tokenizer.encode("def f():")
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        for event in session.generate(ids, GenerationSettings(max_tokens=20, temperature=0),
+                                      stop_ids=()):
+            events.append(event)
+    f = events[-1]
+    assert isinstance(f, Finished) and f.reason == "cancelled" and len(f.token_ids) == 3
+    monkeypatch.undo()
+    assert len(session.tokens) == len(ids) + 2  # the ids whose keys are cached, no more
+    again = run(session.generate(ids, GenerationSettings(max_tokens=4, temperature=0), stop_ids=()))
+    assert again[1].generated_tokens == 4

@@ -1,0 +1,81 @@
+"""One generation's loop, shared by the native and the transformers engines: prefill, then sample
+and decode token by token, streaming text through the UTF-8-safe detokenizer and the stop-string
+matcher, until EOS, a stop string, the token budget or a cancel; the last event is Finished.
+
+The engines differ only in how they run the model (the two callables); timing, stopping,
+interrupts and the Finished event are defined here once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from dscoder.events import Event, Finished, GenerationSettings, TextDelta
+from dscoder.sampling import Sampler
+from dscoder.stops import StopMatcher
+
+
+def run_generation(prefill: Callable[[], torch.Tensor], step: Callable[[int], torch.Tensor], *,
+                   tokenizer, settings: GenerationSettings, device: torch.device,
+                   stop_ids: frozenset[int], budget: int, cancel: threading.Event | None,
+                   prompt_tokens: int, cached_tokens: int,
+                   stats: Callable[[], dict] = dict,
+                   on_prefill: Callable[[float], None] | None = None) -> Iterator[Event]:
+    """prefill() gives the logits after the prompt, step(id) those after one more token."""
+    sampler = Sampler(settings, device)
+    detok = tokenizer.detokenizer()
+    stops = StopMatcher(settings.stop)
+    generated: list[int] = []
+    t0 = time.perf_counter()
+    t1: float | None = None
+    waited = 0.0  # time suspended in `yield`: the consumer's (rendering), not the engine's
+    reason = "length"
+    interrupt: KeyboardInterrupt | None = None
+    try:
+        next_id = int(sampler(prefill()))
+        t1 = time.perf_counter()
+        if on_prefill is not None:
+            on_prefill(t1 - t0)
+        while budget > 0:
+            if next_id in stop_ids:
+                reason = "eos"
+                break
+            generated.append(next_id)
+            text, hit = stops.feed(detok.add(next_id))
+            if text:
+                paused = time.perf_counter()
+                yield TextDelta(text, (next_id,))
+                waited += time.perf_counter() - paused
+            if hit:
+                reason = "stop"
+                break
+            if len(generated) >= budget:
+                break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            next_id = int(sampler(step(next_id)))
+    except KeyboardInterrupt as e:
+        # Ctrl-C (or SIGTERM) inside a step: the engine's cache holds every token it counts, so
+        # the reply ends here like a cancel, with a "cancelled" Finished that has this
+        # generation's real numbers; a caller that reads on past it gets the interrupt back (a
+        # plain `for` loop over events still stops on Ctrl-C).
+        reason, interrupt = "cancelled", e
+    if t1 is None:
+        t1 = time.perf_counter()
+    if reason != "stop":
+        # a character cut in half by the end (max tokens, a cancel) is dropped, not U+FFFD
+        tail = stops.finish(detok.flush(partial=False))
+        if tail:
+            paused = time.perf_counter()
+            yield TextDelta(tail, ())
+            waited += time.perf_counter() - paused
+    yield Finished(reason=reason, text=stops.text, token_ids=tuple(generated),
+                   prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                   prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1 - waited,
+                   stats=stats())
+    if interrupt is not None:
+        raise interrupt
