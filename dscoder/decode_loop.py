@@ -13,9 +13,19 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from dscoder.errors import PromptTooLong, UsageError
 from dscoder.events import Event, Finished, GenerationSettings, TextDelta
 from dscoder.sampling import Sampler
 from dscoder.stops import StopMatcher
+
+
+def check_prompt(prompt: list[int], context_length: int) -> None:
+    """A prompt an engine can start from: not empty, and shorter than the context window."""
+    if not prompt:
+        raise UsageError("The prompt is empty.")
+    if len(prompt) >= context_length:
+        raise PromptTooLong(f"The prompt has {len(prompt)} tokens but the context window is "
+                            f"{context_length}; shorten it or raise --context-length.")
 
 
 def run_generation(prefill: Callable[[], torch.Tensor], step: Callable[[int], torch.Tensor], *,

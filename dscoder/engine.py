@@ -16,8 +16,8 @@ import torch
 
 from dscoder import shapes
 from dscoder.config import ModelConfig
-from dscoder.decode_loop import run_generation
-from dscoder.errors import PromptTooLong, UsageError
+from dscoder.decode_loop import check_prompt, run_generation
+from dscoder.errors import UsageError
 from dscoder.events import Event, GenerationSettings
 from dscoder.graphs import GraphedDecoder
 from dscoder.kv_cache import LatentKVCache
@@ -219,18 +219,10 @@ class Session:
             raise UsageError("The engine was closed; load a new one to generate.")
         settings = settings or engine.defaults
         prompt = list(prompt_ids)
-        self._check_prompt(prompt)
+        check_prompt(prompt, engine.context_length)
         stop_ids = frozenset(stop_ids if stop_ids is not None else (engine.config.eos_token_id,))
         budget = min(settings.max_tokens, engine.context_length - len(prompt))
         return self._run(prompt, settings, stop_ids, budget, cancel)
-
-    def _check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise UsageError("The prompt is empty.")
-        limit = self.engine.context_length
-        if len(prompt) >= limit:
-            raise PromptTooLong(f"The prompt has {len(prompt)} tokens but the context window is "
-                                f"{limit}; shorten it or raise --context-length.")
 
     def _run(self, prompt: list[int], settings: GenerationSettings, stop_ids: frozenset[int],
              budget: int, cancel: threading.Event | None) -> Iterator[Event]:

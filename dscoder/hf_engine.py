@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from dscoder.decode_loop import run_generation
+from dscoder import shapes
+from dscoder.decode_loop import check_prompt, run_generation
 from dscoder.engine import common_prefix
-from dscoder.errors import DscoderError, OutOfMemory, PromptTooLong, UsageError
+from dscoder.errors import DscoderError, OutOfMemory, UsageError
 from dscoder.events import Event, GenerationSettings
 
-PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activation memory on long prompts
 ACTIVATION_RESERVE = 1 << 30  # GPU room kept for activations and logits under --gpu-memory
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,8 +154,9 @@ class HFSession:
 
     def _prefill(self, ids: Sequence[int]) -> torch.Tensor:
         logits = None
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            logits = self._forward(ids[i:i + PREFILL_CHUNK])
+        chunk = shapes.PREFILL_CHUNK  # the native engine's: bounds activations on long prompts
+        for i in range(0, len(ids), chunk):
+            logits = self._forward(ids[i:i + chunk])
         assert logits is not None
         return logits
 
@@ -165,11 +166,7 @@ class HFSession:
         engine = self.engine
         settings = settings or engine.defaults
         prompt = list(prompt_ids)
-        if not prompt:
-            raise UsageError("The prompt is empty.")
-        if len(prompt) >= engine.context_length:
-            raise PromptTooLong(f"The prompt has {len(prompt)} tokens but the context window is "
-                                f"{engine.context_length}; shorten it or raise --context-length.")
+        check_prompt(prompt, engine.context_length)
         stops = frozenset(i for i in (stop_ids if stop_ids is not None else engine.stop_ids)
                           if i is not None)
         budget = min(settings.max_tokens, engine.context_length - len(prompt))
