@@ -5,9 +5,9 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from privileges import unprivileged
 
 from dscoder import fileedit
 from dscoder.errors import DscoderError, ExitCode, FileChanged, UsageError
@@ -273,35 +273,6 @@ def test_disk_full_is_a_runtime_error(tmp_path: Path, monkeypatch) -> None:
 # --- permissions -----------------------------------------------------------------------------------
 # Root ignores permission bits, so when the suite runs as root these cases run in a forked child
 # that has dropped to the `nobody` user: the real check, not a mock. Off Unix-root they run inline.
-
-
-def unprivileged(fn: Callable[[], None]) -> str:
-    """Run fn without root privileges; return "" or "ExcName: message" of what it raised."""
-    if os.geteuid() != 0:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - reported to the caller to assert on
-            return f"{type(e).__name__}: {e}"
-        return ""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        os.close(r)
-        try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            fn()
-            msg = ""
-        except BaseException as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {e}"
-        os.write(w, msg.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
 
 
 @pytest.fixture

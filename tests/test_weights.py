@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from privileges import unprivileged
 from safetensors.torch import load_file, save_file
 
 from dscoder.config import ModelConfig
@@ -117,38 +118,6 @@ def test_load_progress_counts_bytes_up_to_the_total(tiny_checkpoint):
     assert total > 0 and calls[-1] == (total, total)
     assert all(0 < d <= t == total for d, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)  # never goes back
-
-
-def unprivileged(fn) -> str:
-    """Run fn as the `nobody` user in a forked child when we are root (root ignores mode bits);
-    return "" or "ExcName: message" of what it raised."""
-    import os
-
-    if os.geteuid() != 0:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - reported to the caller to assert on
-            return f"{type(e).__name__}: {e}"
-        return ""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        os.close(r)
-        try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            fn()
-            msg = ""
-        except BaseException as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {e}"
-        os.write(w, msg.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
 
 
 def test_unreadable_shard_says_so(tiny_checkpoint):
