@@ -40,3 +40,8 @@ def isolated(monkeypatch, tmp_path):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+# The file the insert tests edit (conftest.py's `src` fixture writes it; `fake` fills its gap).
+SRC = b"def add(a, b):\n    pass\n\nprint(add(1, 2))\n"
+

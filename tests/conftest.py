@@ -40,3 +40,25 @@ def tiny_engine(tiny_checkpoint):
     from dscoder.engine import load_engine
 
     return load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The fake model of tests/fakes.py in place of the real one, filling add.py's gap."""
+    from fakes import FakeBackend
+
+    from dscoder.cli import backend
+
+    fb = FakeBackend(reply="    return a + b\n")
+    monkeypatch.setattr(backend, "BACKEND", fb)
+    return fb
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    """add.py with a gap at line 2 (cli_helpers.SRC)."""
+    from cli_helpers import SRC
+
+    p = tmp_path / "add.py"
+    p.write_bytes(SRC)
+    return p

@@ -9,28 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cli_helpers import invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
-from fakes import FakeBackend  # noqa: E402
-
-from dscoder.cli import backend  # noqa: E402
-
-SRC = b"def add(a, b):\n    pass\n\nprint(add(1, 2))\n"
-
-
-
-
-@pytest.fixture
-def fake(monkeypatch) -> FakeBackend:
-    fb = FakeBackend(reply="    return a + b\n")
-    monkeypatch.setattr(backend, "BACKEND", fb)
-    return fb
-
-
-@pytest.fixture
-def src(tmp_path) -> Path:
-    p = tmp_path / "add.py"
-    p.write_bytes(SRC)
-    return p
+from cli_helpers import SRC, invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
 
 
 def test_in_place_edit_with_diff_on_stderr(fake, src):

@@ -13,31 +13,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cli_helpers import invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
-from fakes import FakeBackend  # noqa: E402
+from cli_helpers import SRC, invoke, isolated  # noqa: E402,F401  (isolated: an autouse fixture)
 
 from dscoder import signals  # noqa: E402
-from dscoder.cli import backend  # noqa: E402
 from dscoder.cli.runtime import Interrupted, stream_reply  # noqa: E402
 from dscoder.events import Finished, TextDelta  # noqa: E402
 from dscoder.fileedit import TEMP_SUFFIX, read_text_file, remove_stale_temps, write_atomic  # noqa: E402
 from dscoder.visible import EscapingStream, escape_controls  # noqa: E402
-
-SRC = b"def add(a, b):\n    pass\n\nprint(add(1, 2))\n"
-
-
-@pytest.fixture
-def fake(monkeypatch) -> FakeBackend:
-    fb = FakeBackend(reply="    return a + b\n")
-    monkeypatch.setattr(backend, "BACKEND", fb)
-    return fb
-
-
-@pytest.fixture
-def src(tmp_path) -> Path:
-    p = tmp_path / "add.py"
-    p.write_bytes(SRC)
-    return p
 
 
 def _dead_pid() -> int:
