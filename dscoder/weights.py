@@ -17,6 +17,7 @@ import torch
 
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint
+from dscoder.model.layers import FusedLinear
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile, current
 from dscoder.shard_reader import ShardEntry, read_header, read_parallel, why
@@ -51,14 +52,19 @@ def shard_index(model_dir: Path) -> dict[str, str]:
 
 @dataclass
 class _Target:
-    """Where one checkpoint tensor goes: a parameter, or a slice of a stacked expert tensor."""
+    """Where one checkpoint tensor goes: a parameter, rows of a fused projection, or a slice of
+    a stacked expert tensor."""
 
     param: str
     expert: int | None = None
     part: str | None = None  # gate_proj / up_proj / down_proj
+    rows: tuple[int, int] | None = None  # of a FusedLinear's weight
 
 
-def _target(key: str) -> _Target:
+def _target(key: str, fused: dict[str, tuple[str, int, int]]) -> _Target:
+    if key in fused:
+        param, r0, r1 = fused[key]
+        return _Target(param=param, rows=(r0, r1))
     m = EXPERT_KEY.match(key)
     if m is None:
         return _Target(param=key)
@@ -67,12 +73,33 @@ def _target(key: str) -> _Target:
     return _Target(param=f"{prefix}.{stacked}", expert=expert, part=part)
 
 
+def fused_parts(model: Transformer) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint key -> (fused parameter, its first row, past its last row), for every part of
+    every FusedLinear: `model.layers.1.mlp.shared_experts.gate_proj.weight` ->
+    (`model.layers.1.mlp.shared_experts.gate_up_proj.weight`, 0, I)."""
+    parts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            parent = name.rpartition(".")[0]
+            row = 0
+            for part, rows in module.parts.items():
+                parts[f"{parent}.{part}.weight"] = (f"{name}.weight", row, row + rows)
+                row += rows
+    return parts
+
+
 def expected_keys(model: Transformer) -> Iterator[tuple[str, tuple[int, ...]]]:
     """The checkpoint tensors a model needs, with their shapes, in original key names."""
     cfg = model.cfg
     i = cfg.moe_intermediate_size
+    fused = {param: [] for param, _, _ in fused_parts(model).values()}
+    for key, (param, r0, r1) in fused_parts(model).items():
+        fused[param].append((key, r1 - r0))
     for name, p in model.named_parameters():
-        if name.endswith(".experts.w13"):
+        if name in fused:
+            for key, rows in fused[name]:
+                yield key, (rows, p.shape[1])
+        elif name.endswith(".experts.w13"):
             prefix = name[: -len(".w13")]
             for e in range(cfg.n_routed_experts):
                 yield f"{prefix}.{e}.gate_proj.weight", (i, cfg.hidden_size)
@@ -138,8 +165,9 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
                                         pin_memory=pin_experts and is_expert and dev.type == "cpu")
         return tensors[name]
 
+    fused = fused_parts(model)
     jobs = [(_entry(headers[index[key]], model_dir / index[key], key, shape),
-             _slot(destination, key, cfg)) for key, shape in needed.items()]
+             _slot(destination, _target(key, fused), cfg)) for key, shape in needed.items()]
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
     t = time.perf_counter()
     read_parallel(jobs, progress)
@@ -161,10 +189,11 @@ def _entry(header: dict[str, ShardEntry], path: Path, key: str, shape: tuple[int
     return entry
 
 
-def _slot(destination: Callable[[str], torch.Tensor], key: str, cfg: ModelConfig) -> torch.Tensor:
-    """The (view of the) final tensor that checkpoint tensor `key` is read into."""
-    t = _target(key)
+def _slot(destination: Callable[[str], torch.Tensor], t: _Target, cfg: ModelConfig) -> torch.Tensor:
+    """The (view of the) final tensor that a checkpoint tensor bound for `t` is read into."""
     dst = destination(t.param)
+    if t.rows is not None:
+        return dst[t.rows[0]:t.rows[1]]
     if t.expert is None:
         return dst
     if t.part == "down_proj":
