@@ -187,25 +187,31 @@ class GraphedDecoder:
             if not self.cuda:
                 self.samplers[greedy] = step
             else:
-                # the warm-up writes ids and pos, which steps still queued may read: let them
-                # finish first (once per decoder and mode); run_ahead sets both afterwards
-                torch.cuda.current_stream(self.ids.device).synchronize()
+                # the warm-up writes ids and pos, which steps still queued may read: it waits
+                # for them (once per decoder and mode); run_ahead sets both afterwards
+                device = self.ids.device
                 with _CAPTURE_LOCK:
-                    graph = capture_graph(step, self.ids.device, warm_up=step)
+                    graph = capture_graph(step, device, warm_up=step,
+                                          after=torch.cuda.current_stream(device))
                 self.samplers[greedy] = graph.replay
         return self.samplers[greedy]
 
 
 def capture_graph(fn: Callable[[], object], device: torch.device, *,
-                  warm_up: Callable[[], object] | None = None, pool=None) -> torch.cuda.CUDAGraph:
+                  warm_up: Callable[[], object] | None = None, pool=None,
+                  after: torch.cuda.Stream | None = None) -> torch.cuda.CUDAGraph:
     """A CUDA graph of fn(), captured on a side stream after warm_up() ran there (kernels are
     chosen and compiled outside the capture), in inference mode as decoding runs (a capture
-    that records autograd history keeps every activation of the step alive).
+    that records autograd history keeps every activation and weight of the step alive).
+    after: a stream whose queued work the warm-up must follow (it writes what that work reads
+    or writes); pool: a graph memory pool to share with other graphs.
 
     capture_begin/end rather than torch.cuda.graph(), whose device-wide synchronize would wait
     for a prefill running on another thread; thread_local: that thread may keep decoding and
     allocating while this one captures."""
     side = torch.cuda.Stream(device)
+    if after is not None:
+        side.wait_stream(after)
     with torch.inference_mode(), torch.cuda.stream(side):
         if warm_up is not None:
             warm_up()
