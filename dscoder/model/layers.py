@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dscoder.model.gemv import linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -27,7 +29,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class FusedLinear(nn.Module):
@@ -42,7 +44,7 @@ class FusedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(self.parts.values()), in_features))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(list(self.parts.values()), dim=-1)
+        return linear(x, self.weight).split(list(self.parts.values()), dim=-1)
 
 
 class SwiGLU(nn.Module):

@@ -152,3 +152,14 @@ def test_ids_sampled_on_the_device_are_the_host_samplers(tiny_checkpoint, monkey
         ahead.append(bool(getattr(s._graphs, "samplers", None)))
     assert runs[0] == runs[1]
     assert ahead == [True, False]  # the graphed engine sampled in its sampling graph
+
+
+@pytest.mark.parametrize("n,k", [(3648, 2048), (2048, 2816), (1000, 700), (7, 64)])
+def test_triton_gemv_matches_cublas(n, k):
+    from dscoder.model.gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    w = torch.randn(n + 5, k, device="cuda", generator=g).bfloat16()[5:]  # rows of a bigger weight
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    assert rel_err(gemv(x, w), ref) < 1e-2
