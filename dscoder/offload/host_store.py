@@ -31,26 +31,29 @@ class HostExpertStore:
         first = self.layers[0]
         self.experts_per_layer = w13[first].shape[0]
         self.dtype = w13[first].dtype
-        self.expert_bytes = sum(t[first][0].nbytes for t in (self.w13, self.w2, self.s13, self.s2) if t)
+        self.expert_bytes = sum(t.nbytes for t in self.expert(first, 0))
+        self._registered: list[int] = []
+        self._pin_tried = False
+        self.unpinned_bytes = 0  # bytes that CUDA refused to page-lock (copies from them are slower)
 
     @property
     def quantized(self) -> bool:
         return bool(self.s13)
 
+    def _parts(self) -> list[dict[int, torch.Tensor]]:
+        return [t for t in (self.w13, self.w2, self.s13, self.s2) if t]
+
     def expert(self, layer: int, e: int) -> list[torch.Tensor]:
         """The tensors that make up one expert, in the order of ExpertCache.parts: w13, w2 and,
         when quantized, their scales."""
-        return [t[layer][e] for t in (self.w13, self.w2, self.s13, self.s2) if t]
-        self._registered: list[int] = []
-        self._pin_tried = False
-        self.unpinned_bytes = 0  # bytes that CUDA refused to page-lock (copies from them are slower)
+        return [t[layer][e] for t in self._parts()]
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t[layer] for layer in self.layers for t in (self.w13, self.w2, self.s13, self.s2) if t]
+        return [t[layer] for layer in self.layers for t in self._parts()]
 
     def pin(self) -> int:
         """Page-lock every tensor in place, once; the bytes CUDA refused to lock (0: all locked).
