@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-EXPERT_DTYPES = ("bf16", "int8")  # --expert-dtype; bf16 means the model's own dtype, unchanged
 QMAX = 127
 SCALE_DTYPE = torch.float32
 QUANT_CHUNK = 8  # experts quantized at once: bounds the fp32 temporaries to a few experts
