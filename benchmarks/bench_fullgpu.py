@@ -13,6 +13,7 @@ import argparse
 import gc
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -22,11 +23,40 @@ from common import card, emit_json, gpu_memory, lite_checkpoint, log, print_tabl
 
 from dscoder.events import GenerationSettings  # noqa: E402
 
+SAMPLED = dict(temperature=0.7, top_p=0.95, top_k=50, seed=1)  # the "sampled" rows' settings
 
-def generate(engine, prompt: list[int], n: int):
-    events = list(engine.new_session().generate(prompt, GenerationSettings(max_tokens=n, temperature=0),
-                                                stop_ids=()))
+
+def generate(engine, prompt: list[int], n: int, **sampling):
+    settings = GenerationSettings(max_tokens=n, **(sampling or dict(temperature=0)))
+    events = list(engine.new_session().generate(prompt, settings, stop_ids=()))
     return events[-1]
+
+
+@contextmanager
+def host_steps():
+    """Decode as before issue 12: each step's graph replayed alone, the id sampled on the host
+    between replays (a sync per token), not sampled on the device ahead of the host."""
+    from dscoder.decode_loop import stepwise
+    from dscoder.engine import Session
+
+    ahead = Session._decode
+    Session._decode = lambda self, logits, sampler, pos, limit: stepwise(
+        lambda token: self._forward([token]))(logits, sampler, pos, limit)
+    try:
+        yield
+    finally:
+        Session._decode = ahead
+
+
+def decode_rows(engine, r: dict, context: int, n: int, suffix: str = "") -> None:
+    """Decode tok/s at `context`: ids sampled on the device ahead of the host (greedy and
+    sampled), and the same with the host sampling between steps (the baseline)."""
+    for name, sampling, host in (("decode", {}, False), ("decode_sampled", SAMPLED, False),
+                                 ("decode_host_steps", {}, True), ("decode_host_steps_sampled", SAMPLED, True)):
+        with host_steps() if host else nullcontext():
+            f = generate(engine, random_prompt(context, 2), n + 1, **sampling)
+        r[f"{name}{suffix}_tok_s"] = f.decode_tokens_per_second
+        log(f"ours {name} {f.decode_tokens_per_second:.1f} tok/s at {context} context")
 
 
 def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
@@ -45,10 +75,8 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
     log(f"ours prefill {r['prefill_tok_s']:.0f} tok/s")
     with timed(r, "first_decode_call_s"):  # compiles the decode step and captures its graphs
         generate(engine, random_prompt(args.context, 8), 8)
-    f = generate(engine, random_prompt(args.context, 2), args.decode + 1)
-    r["decode_tok_s"] = f.decode_tokens_per_second
-    r["ttft_s"] = f.prefill_seconds
-    log(f"ours decode {r['decode_tok_s']:.1f} tok/s at {args.context} context")
+    decode_rows(engine, r, args.context, args.decode)
+    r["ttft_s"] = generate(engine, random_prompt(args.context, 2), 1).prefill_seconds
     use, engine.use_graphs = engine.use_graphs, False
     f = generate(engine, random_prompt(args.context, 2), 65)
     r["decode_eager_tok_s"] = f.decode_tokens_per_second
@@ -57,11 +85,10 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
     if args.long_context:
         with timed(r, "long_first_call_s"):  # a new length: one recompile of the decode step
             generate(engine, random_prompt(args.long_context, 6), 8)
-        f = generate(engine, random_prompt(args.long_context, 3), args.decode // 2 + 1)
+        f = generate(engine, random_prompt(args.long_context, 3), 1)
         r["long_prefill_tok_s"] = args.long_context / f.prefill_seconds
-        r["long_decode_tok_s"] = f.decode_tokens_per_second
-        log(f"ours at {args.long_context}: prefill {r['long_prefill_tok_s']:.0f} tok/s, "
-            f"decode {r['long_decode_tok_s']:.1f} tok/s")
+        log(f"ours at {args.long_context}: prefill {r['long_prefill_tok_s']:.0f} tok/s")
+        decode_rows(engine, r, args.long_context, args.decode // 2, "_long")
     if args.profile:
         profile(engine, args)
     compiled, m._compiled_layer = m._compiled_layer, None
@@ -180,10 +207,15 @@ def main() -> None:
         ("load s", f(o, "load_s"), f(t, "load_s")),
         (f"prefill tok/s ({args.prefill})", f(o, "prefill_tok_s", "{:.0f}"), f(t, "prefill_tok_s", "{:.0f}")),
         (f"decode tok/s (ctx {args.context})", f(o, "decode_tok_s"), f(t, "decode_tok_s", "{:.2f}")),
+        ("  sampled on the device", f(o, "decode_sampled_tok_s"), "-"),
+        ("  host samples between steps (before)", f(o, "decode_host_steps_tok_s"), "-"),
+        ("  host samples between steps, sampled", f(o, "decode_host_steps_sampled_tok_s"), "-"),
         ("decode tok/s, no CUDA graph", f(o, "decode_eager_tok_s"), "-"),
         ("decode tok/s, graphs without compile", f(o, "decode_uncompiled_tok_s"), "-"),
         (f"prefill tok/s ({args.long_context})", f(o, "long_prefill_tok_s", "{:.0f}"), "-"),
-        (f"decode tok/s (ctx {args.long_context})", f(o, "long_decode_tok_s"), "-"),
+        (f"decode tok/s (ctx {args.long_context})", f(o, "decode_long_tok_s"), "-"),
+        ("  sampled on the device", f(o, "decode_sampled_long_tok_s"), "-"),
+        ("  host samples between steps (before)", f(o, "decode_host_steps_long_tok_s"), "-"),
         ("peak GPU GiB allocated", f(o, "peak_allocated_gib"), "-"),
         ("logits rel err vs reference", f(r, "logits_rel_err", "{:.2e}"), ""),
         ("bf16 logits rel err vs fp32", f(r, "ours_bf16_rel_err_vs_fp32", "{:.2e}"),

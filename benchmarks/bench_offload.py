@@ -5,13 +5,15 @@
     python benchmarks/bench_offload.py --device cpu --shape tiny --dir /tmp/t   # dry run, no GPU
     python benchmarks/bench_offload.py --budgets 24GiB,12GiB --no-baseline   # bf16 and int8 experts
 
-For each budget and each --expert-dtype (bf16 and int8 by default, bf16 first): load time, time to first token for a 2,048-token prompt, prefill tok/s, decode
-tok/s over 256 tokens, peak GPU memory (allocated, reserved), expert hit rate and bytes copied per
-token, host memory; for int8, against bf16 at the same budget, the relative error of the logits
-of a 128-token prompt (every position) and the greedy agreement over the decoded tokens (tokens
-equal before the first difference, and the share of equal positions); and once, the weight error
-of per-output-channel int8 and fp8 e4m3 on the same routed experts. Then the baseline a user would try first, transformers' DeepseekV2ForCausalLM
-with accelerate's device_map="auto" and the same max_memory (kept short: it runs at <1 tok/s).
+For each budget and each --expert-dtype (bf16 and int8 by default, bf16 first): load time, time
+to first token for a 2,048-token prompt, prefill tok/s, decode tok/s over 256 tokens, peak GPU
+memory (allocated, reserved), expert slots, hit rate and bytes copied per token, host memory; for
+int8, against bf16 at the same budget, the relative error of the logits of a 128-token prompt
+(every position) and the greedy agreement over the decoded tokens (tokens equal before the first
+difference, and the share of equal positions); and once, the weight error of per-output-channel
+int8 and fp8 e4m3 on the same routed experts. Then the baseline a user would try first,
+transformers' DeepseekV2ForCausalLM with accelerate's device_map="auto" and the same max_memory
+(kept short: it runs at <1 tok/s).
 Progress goes to stderr; a failing row is reported and the others still run. Prints a table, then
 one JSON line (the last line of stdout).
 """

@@ -16,13 +16,14 @@ import torch
 
 from dscoder import shapes
 from dscoder.config import ModelConfig
-from dscoder.decode_loop import check_prompt, run_generation
+from dscoder.decode_loop import check_prompt, run_generation, stepwise
 from dscoder.errors import UsageError
 from dscoder.events import Event, GenerationSettings
 from dscoder.graphs import GraphedDecoder
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile
+from dscoder.sampling import Sampler
 from dscoder.tokenizer import Tokenizer
 
 
@@ -240,11 +241,40 @@ class Session:
                 profile.add("first prefill", seconds)
 
         yield from run_generation(
-            lambda: self._prefill(prompt[reused:]), lambda token: self._forward([token]),
-            tokenizer=engine.tokenizer, settings=settings, device=engine.device,
-            stop_ids=stop_ids, budget=budget, cancel=cancel, prompt_tokens=len(prompt),
-            cached_tokens=reused, stats=lambda: engine_stats(engine.model, before),
+            lambda: self._prefill(prompt[reused:]), self._decode, tokenizer=engine.tokenizer,
+            settings=settings, device=engine.device, stop_ids=stop_ids, budget=budget, cancel=cancel,
+            prompt_tokens=len(prompt), cached_tokens=reused, stats=lambda: engine_stats(engine.model, before),
             on_prefill=first_prefill)
+
+    def _decode(self, logits: torch.Tensor, sampler: Sampler, pos: int, limit: int) -> Iterator[int]:
+        """The generation's ids (decode_loop.Decode): sampled on the device a few steps ahead
+        from CUDA graphs, else one step at a time."""
+        if self.engine.use_graphs and isinstance(self._graphs, GraphedDecoder):
+            return self._decode_ahead(logits, sampler, pos, limit)
+        return stepwise(lambda token: self._forward([token]))(logits, sampler, pos, limit)
+
+    def _decode_ahead(self, logits: torch.Tensor, sampler: Sampler, pos: int, limit: int) -> Iterator[int]:
+        token = int(sampler(logits, pos))
+        made = 1
+        while True:
+            steps = min(limit - made, self._room(pos)) if made < limit else 0
+            if steps <= 0:
+                yield token
+                return
+            # queue the steps first, so the GPU works while the caller takes this token
+            ids = self._graphs.run_ahead(token, pos, steps, sampler)
+            yield token
+            for i, nxt in enumerate(ids):
+                self.tokens.append(token)  # its row is written: nxt was sampled after it
+                token, pos, made = nxt, pos + 1, made + 1
+                if i < steps - 1:
+                    yield token
+            # the cache is full (or the budget spent): this round's last id is yielded by the
+            # next round, once the cache has grown and that round's steps are queued
+
+    def _room(self, pos: int) -> int:
+        """Rows the cache can take from `pos` on, growing it first when it is full."""
+        return self._ensure_capacity(pos + 1).capacity - pos
 
 
 def make_decoder(engine: Engine, cache: LatentKVCache):

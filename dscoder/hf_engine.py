@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dscoder import shapes
-from dscoder.decode_loop import check_prompt, run_generation
+from dscoder.decode_loop import check_prompt, run_generation, stepwise
 from dscoder.engine import common_prefix
 from dscoder.errors import DscoderError, OutOfMemory, UsageError
 from dscoder.events import Event, GenerationSettings
@@ -179,7 +179,7 @@ class HFSession:
         self._rewind(reused)
         reused = len(self.tokens)
         yield from run_generation(
-            lambda: self._prefill(prompt[reused:]), lambda token: self._forward([token]),
+            lambda: self._prefill(prompt[reused:]), stepwise(lambda token: self._forward([token])),
             tokenizer=engine.tokenizer, settings=settings, device=engine.device,
             stop_ids=stop_ids, budget=budget, cancel=cancel, prompt_tokens=len(prompt),
             cached_tokens=reused)

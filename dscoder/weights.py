@@ -17,6 +17,7 @@ import torch
 
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint
+from dscoder.model.layers import FusedLinear
 from dscoder.model.quant import SCALE_DTYPE, quantize_into, quantizes
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile, current
@@ -52,14 +53,19 @@ def shard_index(model_dir: Path) -> dict[str, str]:
 
 @dataclass
 class _Target:
-    """Where one checkpoint tensor goes: a parameter, or a slice of a stacked expert tensor."""
+    """Where one checkpoint tensor goes: a parameter, rows of a fused projection, or a slice of
+    a stacked expert tensor."""
 
     param: str
     expert: int | None = None
     part: str | None = None  # gate_proj / up_proj / down_proj
+    rows: tuple[int, int] | None = None  # of a FusedLinear's weight
 
 
-def _target(key: str) -> _Target:
+def _target(key: str, fused: dict[str, tuple[str, int, int]]) -> _Target:
+    if key in fused:
+        param, r0, r1 = fused[key]
+        return _Target(param=param, rows=(r0, r1))
     m = EXPERT_KEY.match(key)
     if m is None:
         return _Target(param=key)
@@ -68,12 +74,33 @@ def _target(key: str) -> _Target:
     return _Target(param=f"{prefix}.{stacked}", expert=expert, part=part)
 
 
+def fused_parts(model: Transformer) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint key -> (fused parameter, its first row, past its last row), for every part of
+    every FusedLinear: `model.layers.1.mlp.shared_experts.gate_proj.weight` ->
+    (`model.layers.1.mlp.shared_experts.gate_up_proj.weight`, 0, I)."""
+    parts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            parent = name.rpartition(".")[0]
+            row = 0
+            for part, rows in module.parts.items():
+                parts[f"{parent}.{part}.weight"] = (f"{name}.weight", row, row + rows)
+                row += rows
+    return parts
+
+
 def expected_keys(model: Transformer) -> Iterator[tuple[str, tuple[int, ...]]]:
     """The checkpoint tensors a model needs, with their shapes, in original key names."""
     cfg = model.cfg
     i = cfg.moe_intermediate_size
+    fused = {param: [] for param, _, _ in fused_parts(model).values()}
+    for key, (param, r0, r1) in fused_parts(model).items():
+        fused[param].append((key, r1 - r0))
     for name, p in model.named_parameters():
-        if name.endswith(".experts.w13"):
+        if name in fused:
+            for key, rows in fused[name]:
+                yield key, (rows, p.shape[1])
+        elif name.endswith(".experts.w13"):
             prefix = name[: -len(".w13")]
             for e in range(cfg.n_routed_experts):
                 yield f"{prefix}.{e}.gate_proj.weight", (i, cfg.hidden_size)
@@ -144,9 +171,10 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     def entry(key: str) -> ShardEntry:
         return _entry(headers[index[key]], model_dir / index[key], key, needed[key])
 
+    fused = fused_parts(model)
     quantized = _stacks(needed) if quantizes(expert_dtype) else {}
     later = {key for keys in quantized.values() for key in keys}
-    jobs = [(entry(key), _slot(destination, key, cfg)) for key in needed if key not in later]
+    jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed if key not in later]
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
     total = sum(entry(key).nbytes for key in needed)
     t = time.perf_counter()
@@ -155,7 +183,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, keys in quantized.items():  # one stack at a time: never two full copies in RAM
         stack = torch.empty(meta[name].shape, dtype=dtype, device=device)
-        part = [(entry(key), _slot(lambda _, s=stack: s, key, cfg)) for key in keys]
+        part = [(entry(key), _slot(lambda _, s=stack: s, _target(key, {}), cfg)) for key in keys]
         read_parallel(part, _offset(progress, done, total))
         done += sum(e.nbytes for e, _ in part)
         scales[name] = _quantized(stack, expert_device or device)
@@ -178,7 +206,7 @@ def _stacks(needed: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
     """Stacked routed-expert parameter -> the checkpoint keys it is read from."""
     stacks: dict[str, list[str]] = {}
     for key in needed:
-        t = _target(key)
+        t = _target(key, {})  # routed experts are never parts of a FusedLinear
         if t.expert is not None:
             stacks.setdefault(t.param, []).append(key)
     return stacks
@@ -210,10 +238,11 @@ def _entry(header: dict[str, ShardEntry], path: Path, key: str, shape: tuple[int
     return entry
 
 
-def _slot(destination: Callable[[str], torch.Tensor], key: str, cfg: ModelConfig) -> torch.Tensor:
-    """The (view of the) final tensor that checkpoint tensor `key` is read into."""
-    t = _target(key)
+def _slot(destination: Callable[[str], torch.Tensor], t: _Target, cfg: ModelConfig) -> torch.Tensor:
+    """The (view of the) final tensor that a checkpoint tensor bound for `t` is read into."""
     dst = destination(t.param)
+    if t.rows is not None:
+        return dst[t.rows[0]:t.rows[1]]
     if t.expert is None:
         return dst
     if t.part == "down_proj":

@@ -428,7 +428,7 @@ def test_max_tokens_cutting_a_character_drops_it(tiny_engine, monkeypatch):
         def __init__(self, *args) -> None:
             self.ids = iter([a, b, c])
 
-        def __call__(self, logits):
+        def __call__(self, logits, pos):
             return torch.tensor([next(self.ids)])
 
     monkeypatch.setattr(loop_mod, "Sampler", Script)  # the engines' shared loop samples

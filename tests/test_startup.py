@@ -266,8 +266,9 @@ def _fake_decoder(fail_in_background: bool = False):
     """A GraphedDecoder whose captures record instead of touching CUDA: the bookkeeping
     (which bucket, ahead or on need, waiting, falling back) is what is tested here."""
     import threading
+    from types import SimpleNamespace
 
-    from dscoder.graphs import _THREAD, GraphedDecoder, _Graph
+    from dscoder.graphs import _THREAD, GraphedDecoder
 
     class Fake(GraphedDecoder):
         def _capture(self, visible: int) -> None:
@@ -275,11 +276,12 @@ def _fake_decoder(fail_in_background: bool = False):
             self.log.append(("capture", visible, background))
             if background and fail_in_background:
                 raise RuntimeError("capture failed")
-            z = torch.zeros(1)
-            self.graphs[visible] = _Graph(_FakeGraph(self.log, visible), z.long(), z.long(), z)
+            self.graphs[visible] = _FakeGraph(self.log, visible).replay
 
     cache = type("Cache", (), {"capacity": 4096})()
-    d = Fake(None, cache)
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.zeros(1)), cfg=SimpleNamespace(vocab_size=8))
+    d = Fake(model, cache)
+    d.cuda = True  # as on a GPU: later buckets are captured on the background thread
     d.log = []
     return d
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import write_cache
-from dscoder.model.layers import Linear, RMSNorm
+from dscoder.model.layers import FusedLinear, Linear, RMSNorm
 from dscoder.model.rope import apply_rope
 from dscoder.model.step import Step
 
@@ -28,35 +28,36 @@ class MLAttention(nn.Module):
         self.rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         qdim = self.heads * cfg.qk_head_dim
-        if cfg.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, qdim)
-        else:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+        # the query's first projection (q_proj, or q_a_proj of a low-rank query) and the latent
+        # KV projection read the same input: one weight, one product
+        self.lora = cfg.q_lora_rank is not None
+        first = {"q_a_proj": cfg.q_lora_rank} if self.lora else {"q_proj": qdim}
+        self.q_kv_a_proj = FusedLinear(cfg.hidden_size, {**first, "kv_a_proj_with_mqa": self.rank + self.rope})
+        if self.lora:
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
             self.q_b_proj = Linear(cfg.q_lora_rank, qdim)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.rank + self.rope)
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
         self.kv_b_proj = Linear(self.rank, self.heads * (self.nope + self.vdim))
         self.o_proj = Linear(self.heads * self.vdim, cfg.hidden_size)
 
-    def _query(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(x.shape[0], self.heads, self.nope + self.rope).transpose(0, 1)  # (H, T, D)
+    def _query(self, q: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: the first projection's output (T, .) -> q_nope (H, T, nope), q_pe (H, T, rope)."""
+        if self.lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.view(q.shape[0], self.heads, self.nope + self.rope).transpose(0, 1)  # (H, T, D)
         return q[..., : self.nope], apply_rope(q[..., self.nope:], rope)
 
-    def _latent(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        c = self.kv_a_proj_with_mqa(x)
+    def _latent(self, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """c: kv_a_proj_with_mqa's output (T, rank + rope) -> the rows to cache."""
         kv, k_pe = c[:, : self.rank], c[:, self.rank:]
         return torch.cat((self.kv_a_layernorm(kv), apply_rope(k_pe, rope)), dim=-1)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
         """x: (T, hidden) at positions step.start...; rope: their (T, rope/2, 2) table;
         kv: this layer's cache rows (capacity, rank + rope)."""
-        q_nope, q_pe = self._query(x, rope)
-        cached = write_cache(kv, step.start, self._latent(x, rope), step.visible)
+        q, c = self.q_kv_a_proj(x)
+        q_nope, q_pe = self._query(q, rope)
+        cached = write_cache(kv, step.start, self._latent(c, rope), step.visible)
         attend = self._attend_absorbed if step.absorbed else self._attend_expanded
         out = attend(q_nope, q_pe, cached, step)
         return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.vdim))
@@ -88,11 +89,23 @@ class MLAttention(nn.Module):
                          step: Step) -> torch.Tensor:
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.matmul(q_nope, w_uk)  # (H, T, rank): the key projection moved onto the query
-        latent, k_pe = cached[:, : self.rank], cached[:, self.rank:]
-        scores = (torch.matmul(q_lat, latent.T) + torch.matmul(q_pe, k_pe.T)).float() * self.scale
+        # [q_lat | q_pe] against the cached [latent | k_pe] rows: one product, fp32 scores (as
+        # the prefill's fused attention keeps them), not two bf16 products added in bf16
+        scores = fp32_scores(torch.cat((q_lat, q_pe), dim=-1), cached) * self.scale
+        latent = cached[:, : self.rank]
         mask = step.causal_mask(latent.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
         out_lat = torch.matmul(probs, latent)  # (H, T, rank)
         return torch.matmul(out_lat, w_uv.transpose(1, 2))  # (H, T, v)
+
+
+def fp32_scores(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q (H, T, D) against rows (S, D): (H, T, S) in fp32. On CUDA a half-precision product
+    accumulates in fp32 and writes fp32 (out_dtype), reading the cache once; elsewhere the
+    operands are upcast (free in the fp32 the CPU runs in)."""
+    h, t, d = q.shape
+    if q.is_cuda and q.dtype != torch.float32:
+        return torch.mm(q.reshape(h * t, d), rows.T, out_dtype=torch.float32).view(h, t, -1)
+    return torch.matmul(q.float(), rows.float().T)

@@ -30,14 +30,29 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class FusedLinear(nn.Module):
+    """Bias-free projections of one input stacked into one weight: at decode one matrix-vector
+    product reads them all (a few small GEMVs each run far below memory bandwidth). The
+    checkpoint keeps them apart: `parts` names each (its module name beside this one) and its
+    rows, and dscoder.weights reads each checkpoint tensor into its rows."""
+
+    def __init__(self, in_features: int, parts: dict[str, int]) -> None:
+        super().__init__()
+        self.parts = dict(parts)
+        self.weight = nn.Parameter(torch.empty(sum(self.parts.values()), in_features))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight).split(list(self.parts.values()), dim=-1)
+
+
 class SwiGLU(nn.Module):
     """The dense MLP and the shared experts: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate)
-        self.up_proj = Linear(hidden, intermediate)
+        self.gate_up_proj = FusedLinear(hidden, {"gate_proj": intermediate, "up_proj": intermediate})
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

@@ -14,8 +14,8 @@ from torch import nn
 
 from dscoder.config import ModelConfig
 from dscoder.model import moe_kernels
-from dscoder.model.quant import dequantize
 from dscoder.model.layers import SwiGLU
+from dscoder.model.quant import dequantize
 
 
 class Router(nn.Module):

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from dscoder import shapes
+from dscoder.graphs import capture_graph
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.moe import gathered_experts
 from dscoder.model.step import Step
@@ -127,7 +128,7 @@ class OffloadedDecoder:
         records autograd history keeps every activation and weight of the step alive through
         the static buffers' grad_fn (close() then freed nothing of it: 2.3 GiB at 24GiB)."""
         if self.use_graphs and visible not in self.graphs:
-            with torch.inference_mode():
+            with torch.inference_mode():  # the warm-up too, not only the capture
                 self.graphs[visible] = self._capture(visible)
 
     def capture_ahead(self, visibles: list[int]) -> None:
@@ -143,22 +144,20 @@ class OffloadedDecoder:
         return lambda j: graphs[j].replay()
 
     def _capture(self, visible: int) -> list[torch.cuda.CUDAGraph]:
-        # warm up on a side stream (Triton compiles, cuBLAS picks kernels) as capture requires;
-        # warm-up writes KV row `pos` and the static buffers, which the real step rewrites
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        # one warm-up of every segment first (Triton compiles, cuBLAS picks kernels), after the
+        # work queued so far: it writes KV row `pos` and the static buffers, which the real step
+        # rewrites; then a graph per segment, all in one memory pool
+        dev = self.h.device
+
+        def warm_up() -> None:
             for _ in range(2):
                 for j in range(len(self.moe) + 1):
                     self._segment(j, visible)
-        torch.cuda.current_stream().wait_stream(side)
-        graphs = []
-        for j in range(len(self.moe) + 1):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self._segment(j, visible)
-            graphs.append(g)
-        return graphs
+
+        return [capture_graph(partial(self._segment, j, visible), dev, pool=self.pool,
+                              warm_up=warm_up if j == 0 else None,
+                              after=torch.cuda.current_stream(dev) if j == 0 else None)
+                for j in range(len(self.moe) + 1)]
 
 
 def _sync(t: torch.Tensor) -> None:

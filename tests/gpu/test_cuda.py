@@ -124,3 +124,31 @@ def test_chunked_prefill_on_cuda_matches_one_pass(tiny_checkpoint):
         cache = m.new_cache(512)
         parts = [m(ids[:100], cache, 0, all_logits=True), m(ids[100:], cache, 100, all_logits=True)]
     assert rel_err(torch.cat(parts), whole) < 1e-4
+
+
+def test_ids_sampled_on_the_device_are_the_host_samplers(tiny_checkpoint, monkeypatch):
+    """Decoding ahead (the sampling graph after each step's graph, ids read a few steps behind)
+    draws what eager decode, sampling on the host, draws from the same seed; a stop leaves the
+    same cache behind (the next turn reuses the same rows)."""
+    from dscoder import shapes
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    monkeypatch.setattr(shapes, "BUCKET", 16)
+    monkeypatch.setattr(shapes, "FIRST_CAPACITY", 32)
+    graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    eager = load_engine(tiny_checkpoint, device="cuda", dtype="float32", cuda_graphs=False)
+    prompt = [graphed.tokenizer.bos_id] + graphed.tokenizer.encode("import os")
+    settings = GenerationSettings(max_tokens=70, temperature=0.8, top_p=0.9, top_k=30, seed=3)
+    runs, ahead = [], []
+    for engine in (graphed, eager):
+        s = engine.new_session()
+        first = list(s.generate(prompt, settings, stop_ids=()))[-1]
+        stop = first.token_ids[20]
+        cut = list(s.generate(prompt, settings, stop_ids={stop}))[-1]
+        follow = prompt + list(cut.token_ids) + [5, 6]
+        again = list(s.generate(follow, settings, stop_ids=()))[-1]
+        runs.append((first.token_ids, cut.token_ids, len(s.tokens), again.cached_tokens, again.token_ids))
+        ahead.append(bool(getattr(s._graphs, "samplers", None)))
+    assert runs[0] == runs[1]
+    assert ahead == [True, False]  # the graphed engine sampled in its sampling graph
