@@ -157,7 +157,7 @@ def compare_to_bf16(r: dict, bf16: dict) -> None:
     r["greedy_tokens"] = n
 
 
-def weight_errors(path: Path) -> dict:
+def weight_errors(path: Path, device: str) -> dict:
     """Relative error (Frobenius) of per-output-channel int8 and fp8 e4m3 on the routed experts of
     the first MoE layer of the checkpoint, as stored (the --expert-dtype choice, measured)."""
     from safetensors import safe_open
@@ -174,7 +174,7 @@ def weight_errors(path: Path) -> dict:
     for shard in sorted({index[k] for k in keys}):
         with safe_open(str(path / shard), framework="pt") as f:
             for k in (k for k in keys if index[k] == shard):
-                w = f.get_tensor(k)
+                w = f.get_tensor(k).to(device)
                 errs["int8"].append(int8_relative_error(w))
                 errs["fp8_e4m3"].append(fp8_relative_error(w))
     for name, values in errs.items():
@@ -325,7 +325,12 @@ def main() -> None:
     for r in rows:
         r.pop("_logits", None), r.pop("_tokens", None)
     rows += [guarded(run_baseline, args, b) for b in base]
-    errors = weight_errors(args.dir) if "int8" in dtypes else None
+    errors = None
+    if "int8" in dtypes:
+        try:
+            errors = weight_errors(args.dir, args.device)
+        except Exception as e:  # the table above must not be lost
+            log(f"weight error FAILED: {type(e).__name__}: {e}")
     if errors:
         log(f"weight error on layer {errors['layer']}'s experts: int8 {errors['int8_rel_err']:.2e}, "
             f"fp8 e4m3 {errors['fp8_e4m3_rel_err']:.2e}")

@@ -162,6 +162,8 @@ def test_offloaded_int8_engine_generates_what_resident_int8_does(tiny_checkpoint
                          gpu_memory=budget_for(tiny_checkpoint, 7, "int8"), expert_dtype="int8",
                          log=logs.append)
     assert engine.model.offload.cache.slots == 7 and engine.model.offload.store.quantized
+    assert any("expert cache: 7 of 16" in line for line in logs)
+    assert any("routed experts in int8" in line for line in logs)  # --verbose says so
     ids = [100000] + tiny_engine.tokenizer.encode("def quicksort(xs):\n    ")
     settings = GenerationSettings(max_tokens=24, temperature=0)
     want = list(resident.new_session().generate(ids, settings, stop_ids=()))[-1]

@@ -99,6 +99,8 @@ def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dt
     for line in plan.describe():
         if log:
             log(line)
+    if log and expert_dtype == "int8":
+        log(f"routed experts in int8 with per-channel scales: {format_size(plan.expert_bytes)} each")
     enforce_budget(plan, device)
     if plan.resident:
         model = load_model(model_dir, cfg, device=device, dtype=dtype, progress=progress,
