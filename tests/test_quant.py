@@ -254,3 +254,15 @@ def test_expert_dtype_reaches_load_engine(monkeypatch, tiny_checkpoint, tmp_path
     s = load_settings({"model": str(tiny_checkpoint), "device": "cpu", "expert_dtype": "int8"},
                       {"XDG_CONFIG_HOME": str(tmp_path)})
     assert RealBackend().load_engine(s, print, print) == "engine" and seen["expert_dtype"] == "int8"
+
+
+def test_a_background_server_loads_int8_too(tmp_path):
+    from dscoder.cli.runtime import Runtime
+    from dscoder.settings import Settings
+
+    def args(**kw) -> list[str]:
+        return Runtime(Settings(model=str(tmp_path), **kw), term=None).serve_args()  # type: ignore[arg-type]
+
+    assert "--expert-dtype" not in args()  # the default is not spelled out
+    got = args(expert_dtype="int8", gpu_memory="12GiB")
+    assert got[got.index("--expert-dtype") + 1] == "int8" and "--gpu-memory" in got
