@@ -109,12 +109,9 @@ class ExpertCache:
         return self.table.slots
 
     def parts(self, slot: int) -> list[torch.Tensor]:
-        """The slot's tensors, in the order of HostExpertStore.expert."""
+        """The slot's tensors, in the order of HostExpertStore.expert and of ExpertGroups.apply's
+        arguments: w13, w2 and, when quantized, their scales."""
         return [t[slot] for t in (self.w13, self.w2, self.s13, self.s2) if t is not None]
-
-    def scales(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The slot's (s13, s2) for ExpertGroups.apply: (None, None) when not quantized."""
-        return (None, None) if self.s13 is None else (self.s13[slot], self.s2[slot])
 
     def __contains__(self, key: Key) -> bool:
         return key in self.table

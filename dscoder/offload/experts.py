@@ -107,7 +107,7 @@ class OffloadedExperts(nn.Module):
         groups = ExpertGroups(x, ids, weights, flat)
         for e in sorted(slot_of):
             s = slot_of[e]
-            groups.apply(e, cache.w13[s], cache.w2[s], *cache.scales(s))
+            groups.apply(e, *cache.parts(s))
         return groups.result()
 
     def _streamed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int],
@@ -125,7 +125,7 @@ class OffloadedExperts(nn.Module):
         slots = [cache.table.get((self.layer, e)) for e in hits]
         cache.wait(slots)  # type: ignore[arg-type]
         for e, s in zip(hits, slots, strict=True):
-            groups.apply(e, cache.w13[s], cache.w2[s], *cache.scales(s))
+            groups.apply(e, *cache.parts(s))
         cache.release(slots)  # type: ignore[arg-type]
         for j, chunk in enumerate(chunks):
             buf = j % 2
