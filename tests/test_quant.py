@@ -76,6 +76,23 @@ def test_loading_quantizes_only_the_routed_experts(tiny_checkpoint):
     assert experts.s13.shape == experts.w13.shape[:2] and experts.s2.shape == experts.w2.shape[:2]
 
 
+def test_loading_holds_one_full_precision_stack_at_a_time(tiny_checkpoint, monkeypatch):
+    import weakref
+
+    import dscoder.weights as weights
+
+    real, seen = weights._quantized, []
+
+    def spy(stack, device):
+        assert all(ref() is None for ref in seen), "an earlier full-precision stack is still alive"
+        seen.append(weakref.ref(stack))
+        return real(stack, device)
+    monkeypatch.setattr(weights, "_quantized", spy)
+    model = load(tiny_checkpoint, expert_dtype="int8")
+    moe_layers = sum(model.cfg.is_moe_layer(i) for i in range(model.cfg.num_hidden_layers))
+    assert len(seen) == 2 * moe_layers  # w13 and w2 of each MoE layer, one after the other
+
+
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 @torch.inference_mode()
 def test_int8_logits_stay_close_to_the_models_dtype(tiny_checkpoint, dtype, bound):
