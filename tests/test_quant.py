@@ -149,14 +149,15 @@ def test_offloaded_int8_computes_what_resident_int8_does(tiny_checkpoint, slots)
 @pytest.mark.parametrize("ahead", [0, 1])
 @torch.inference_mode()
 def test_segmented_decoder_with_int8_matches_resident_int8(tiny_checkpoint, ahead):
+    from dscoder.offload.decoder import OffloadedDecoder
+
     resident = load(tiny_checkpoint, expert_dtype="int8")
     model = load(tiny_checkpoint, expert_dtype="int8", slots=7)
     ids = prompt(40, seed=3)
     want_cache, cache = resident.new_cache(512), model.new_cache(512)
     resident(ids[:30], want_cache, 0)
     model(ids[:30], cache, 0)
-    decoder = model.offload.decoder(model, cache)
-    decoder.ahead = ahead
+    decoder = OffloadedDecoder(model, model.offload, cache, ahead=ahead, graphs=False)
     for i in range(30, 40):
         want = resident(ids[i:i + 1], want_cache, i)
         assert rel_err(decoder(int(ids[i]), i), want) < 1e-5
