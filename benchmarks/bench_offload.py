@@ -11,7 +11,8 @@ memory (allocated, reserved), expert slots, hit rate and bytes copied per token,
 int8, against bf16 at the same budget, the relative error of the logits of a 128-token prompt
 (every position) and the greedy agreement over the decoded tokens (tokens equal before the first
 difference, and the share of equal positions); and once, the weight error of per-output-channel
-int8 and fp8 e4m3 on the same routed experts. Then the baseline a user would try first,
+int8 and fp8 e4m3 on the same routed experts, and (CUDA) the expert kernel's time and bandwidth
+on one token with bf16 and int8 stacks. Then the baseline a user would try first,
 transformers' DeepseekV2ForCausalLM with accelerate's device_map="auto" and the same max_memory
 (kept short: it runs at <1 tok/s).
 Progress goes to stderr; a failing row is reported and the others still run. Prints a table, then
@@ -182,6 +183,48 @@ def weight_errors(path: Path, device: str) -> dict:
     return out
 
 
+def kernel_rows(path: Path, iters: int = 200) -> list[dict]:
+    """The routed-expert decode kernel (Triton) on one token with bf16 and int8 stacks of the
+    checkpoint's expert shape: microseconds per call and the bandwidth of the bytes it must read
+    (the chosen experts' weights, and scales). CUDA only."""
+    from dscoder.config import ModelConfig
+    from dscoder.graphs import capture_graph
+    from dscoder.model import moe_kernels
+    from dscoder.model.quant import expert_nbytes, quantize
+
+    cfg = ModelConfig.from_file(path / "config.json")
+    e, h, i, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (0.02 * torch.randn(e, 2 * i, h, generator=g, device="cuda")).to(torch.bfloat16)
+    w2 = (0.02 * torch.randn(e, h, i, generator=g, device="cuda")).to(torch.bfloat16)
+    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+    x = torch.randn(1, h, generator=g, device="cuda").to(torch.bfloat16)
+    # several calls with different experts per replay: the int8 experts of one call (52 MB for
+    # Lite) would otherwise sit in an H100's 50 MB L2 cache from one replay to the next
+    calls = 8
+    ids = [torch.randperm(e, generator=g, device="cuda")[:k].view(1, k) for _ in range(calls)]
+    weights = torch.rand(1, k, generator=g, device="cuda")
+    rows = []
+    for name, stacks in (("bf16", (w13, w2)), ("int8", (q13, q2, s13, s2))):
+        def call(stacks=stacks):
+            for chosen in ids:
+                moe_kernels.routed_experts_decode(x, chosen, weights, *stacks)
+        # replayed from a CUDA graph, as decode runs it: the kernels' time, not the launches'
+        graph = capture_graph(call, torch.device("cuda"), warm_up=call)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        us = start.elapsed_time(end) * 1000 / (iters * calls)
+        nbytes = k * expert_nbytes(h, i, torch.bfloat16, name)
+        rows.append({"bench": "expert kernel", "experts": name, "us_per_call": us,
+                     "gb_s": nbytes / us / 1e3, "mb_read": nbytes / 1e6})
+    return rows
+
+
 class _TokenClock:
     """A stopping criterion that never stops, only notes when each token came out."""
 
@@ -334,17 +377,26 @@ def main() -> None:
     if errors:
         log(f"weight error on layer {errors['layer']}'s experts: int8 {errors['int8_rel_err']:.2e}, "
             f"fp8 e4m3 {errors['fp8_e4m3_rel_err']:.2e}")
+    kernels = []
+    if args.device == "cuda" and len(dtypes) > 1:
+        try:
+            kernels = kernel_rows(args.dir)
+        except Exception as e:
+            log(f"kernel timing FAILED: {type(e).__name__}: {e}")
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = {"bench": "offload", "card": card, "shape": args.shape, "prompt": args.prompt,
               "decode": args.decode, "torch": torch.__version__, "commit": _commit(),
               "date": time.strftime("%Y-%m-%d"), "peak_host_rss_gib": resource.getrusage(
                   resource.RUSAGE_SELF).ru_maxrss / 2**20, "seconds": time.perf_counter() - t0,
-              "rows": rows, "weight_error": errors}
+              "rows": rows, "weight_error": errors, "expert_kernel": kernels}
     print_table(rows)
     if errors:
         print(f"routed-expert weight error (relative, per-output-channel scales, layer "
               f"{errors['layer']}): int8 {errors['int8_rel_err']:.2e}, fp8 e4m3 "
               f"{errors['fp8_e4m3_rel_err']:.2e}")
+    for k in kernels:
+        print(f"expert kernel, one token, {k['experts']}: {k['us_per_call']:.1f} us, "
+              f"{k['mb_read']:.1f} MB read, {k['gb_s']:.0f} GB/s")
     print(json.dumps(result, sort_keys=True, default=str))
 
 
