@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_helpers import invoke
+from cli_helpers import invoke, isolated  # noqa: F401  (the fixture isolates the environment)
 
 from dscoder.config import ModelConfig
 from dscoder.errors import UsageError
