@@ -10,6 +10,7 @@ _dscoder() {
         --device) COMPREPLY=($(compgen -W "auto cuda cpu" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto bfloat16 float16 float32" -- "$cur")); return ;;
         --engine) COMPREPLY=(); return ;;
+        --expert-dtype) COMPREPLY=($(compgen -W "bf16 int8" -- "$cur")); return ;;
         --gpu-memory) COMPREPLY=(); return ;;
         --host) COMPREPLY=(); return ;;
         --keep-alive) COMPREPLY=(); return ;;
@@ -35,11 +36,11 @@ _dscoder() {
         -t) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
-        "") opts="--model -m --device --gpu-memory --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive --version -h --help"; COMPREPLY=($(compgen -W "chat complete insert serve pull completion" -- "$cur")) ;;
-        chat) opts="--system -s --json --no-history --show-prompt --model -m --device --gpu-memory --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=() ;;
-        complete) opts="--suffix --suffix-file --max-lines --show-prompt --model -m --device --gpu-memory --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
-        insert) opts="--line -l --dry-run --print --backup --show-prompt --model -m --device --gpu-memory --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
-        serve) opts="--host --port --socket --allow-remote --api-key --stop --model -m --device --gpu-memory --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=() ;;
+        "") opts="--model -m --device --gpu-memory --expert-dtype --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive --version -h --help"; COMPREPLY=($(compgen -W "chat complete insert serve pull completion" -- "$cur")) ;;
+        chat) opts="--system -s --json --no-history --show-prompt --model -m --device --gpu-memory --expert-dtype --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=() ;;
+        complete) opts="--suffix --suffix-file --max-lines --show-prompt --model -m --device --gpu-memory --expert-dtype --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        insert) opts="--line -l --dry-run --print --backup --show-prompt --model -m --device --gpu-memory --expert-dtype --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --stop --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=($(compgen -f -- "$cur")) ;;
+        serve) opts="--host --port --socket --allow-remote --api-key --stop --model -m --device --gpu-memory --expert-dtype --dtype --context-length --threads --engine --trust-remote-code --max-tokens -n --temperature -t --top-p --top-k --seed --verbose -v --debug --no-pretty --server --no-server --keep-alive -h --help"; COMPREPLY=() ;;
         pull) opts=" -h --help"; COMPREPLY=() ;;
         completion) opts=" -h --help"; COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")) ;;
     esac

@@ -84,7 +84,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                 compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
                 routing_trace: str | Path | None = None, engine: str = "auto",
                 trust_remote_code: bool = False, capture_ahead: bool = True,
-                profile: StartupProfile | None = None):
+                profile: StartupProfile | None = None, expert_dtype: str = "bf16"):
     """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
     one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
     On a GPU the native engine compiles its decode step while the weights load and captures its
@@ -96,15 +96,24 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
     offload_policy and prefetch_depth (the expert cache under a budget), routing_trace (a file
     to record which experts each layer picks), capture_ahead (decode graphs of the next length
     bucket captured on a background thread before they are needed). profile: where the time
-    goes (the native engine's startup_profile; --verbose prints it)."""
+    goes (the native engine's startup_profile; --verbose prints it). expert_dtype "int8": the
+    routed experts are quantized to one byte a weight while they load (dscoder.model.quant),
+    resident or offloaded; "bf16" keeps the model's dtype."""
     from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
+    from dscoder.settings import check_expert_dtype
+
+    check_expert_dtype(expert_dtype)
 
     profile = profile if profile is not None else StartupProfile()
     with profile.phase("config"):
         model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
     if choose_engine(model_dir, engine) == "transformers":
         from dscoder.hf_engine import load_hf_engine
+
+        if expert_dtype != "bf16":
+            raise UsageError(f"--expert-dtype {expert_dtype} needs the native engine (a DeepSeek-V2 "
+                             "checkpoint); the transformers engine loads the model's own dtype.")
 
         return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
                               dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
@@ -114,7 +123,8 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                         context_length=context_length, progress=progress, log=log, warn=warn,
                         notice=notice, cuda_graphs=cuda_graphs, compile=compile,
                         offload_policy=offload_policy, prefetch_depth=prefetch_depth,
-                        routing_trace=routing_trace, capture_ahead=capture_ahead, profile=profile)
+                        routing_trace=routing_trace, capture_ahead=capture_ahead, profile=profile,
+                        expert_dtype=expert_dtype)
 
 
 def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
@@ -122,15 +132,16 @@ def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory:
                  log: Callable[[str], None] | None, warn: Callable[[str], None] | None,
                  notice: Callable[[str], None] | None, cuda_graphs: bool, compile: bool,
                  offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None,
-                 capture_ahead: bool, profile: StartupProfile):
+                 capture_ahead: bool, profile: StartupProfile, expert_dtype: str):
     with recording(profile):
         return _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn,
                        notice, cuda_graphs and not routing_trace, compile, offload_policy,
-                       prefetch_depth, routing_trace, capture_ahead, profile)
+                       prefetch_depth, routing_trace, capture_ahead, profile, expert_dtype)
 
 
 def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
-            graphs, compile, offload_policy, prefetch_depth, routing_trace, capture_ahead, profile):
+            graphs, compile, offload_policy, prefetch_depth, routing_trace, capture_ahead, profile,
+            expert_dtype):
     from dscoder.engine import Engine
     from dscoder.tokenizer import load_tokenizer
 
@@ -148,8 +159,10 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
         tokenizer = load_tokenizer(model_dir)
     configure_cache_dirs()  # before anything compiles (Triton kernels included)
     compiles = dev.type == "cuda" and graphs and compile
-    # a model resident on the GPU compiles while it loads (under a budget the plan decides later)
-    precompile = _start_precompile(cfg, dev, dt, profile) if compiles and not gpu_memory else None
+    # a model resident on the GPU compiles while it loads (under a budget the plan decides later;
+    # the stand-in layers it compiles on hold bf16 experts, so int8 ones compile in warm_up)
+    early = compiles and not gpu_memory and expert_dtype == "bf16"
+    precompile = _start_precompile(cfg, dev, dt, profile) if early else None
     try:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
@@ -158,14 +171,15 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
             net, ctx, budget_plan = load_with_budget(
                 model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
                 progress=progress, log=log, warn=warn, policy=offload_policy,
-                prefetch_depth=prefetch_depth)
+                prefetch_depth=prefetch_depth, expert_dtype=expert_dtype)
             # what is not reading weights: planning, moving experts to host memory, pinning them
             profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
             if notice and budget_plan.window_notice():
                 notice(budget_plan.window_notice())
         else:
             budget_plan = None
-            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress)
+            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
+                             expert_dtype=expert_dtype)
         if routing_trace:
             from dscoder.offload.setup import install_trace
 

@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a depend
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ENGINES = ("auto", "native", "transformers")
+EXPERT_DTYPES = ("bf16", "int8")  # bf16: the model's dtype; int8: dscoder.model.quant
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -31,6 +32,7 @@ class Settings:
     model: str | None = None  # None: the hub's default model
     device: str = "auto"
     gpu_memory: str | None = None
+    expert_dtype: str = "bf16"  # int8: routed experts at one byte a weight (dscoder.model.quant)
     dtype: str | None = None
     context_length: int | None = None
     threads: int | None = None  # CPU threads for torch; None: default_threads() on a CPU run
@@ -111,7 +113,7 @@ def _float(value: Any) -> float:
 
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
-    "model": _str, "device": _str, "gpu_memory": _str, "dtype": _str, "context_length": _int,
+    "model": _str, "device": _str, "gpu_memory": _str, "expert_dtype": _str, "dtype": _str, "context_length": _int,
     "threads": _int,
     "max_tokens": _int, "temperature": _float, "top_p": _float, "top_k": _int, "seed": _int,
     "stop": _stop, "system": _str, "verbose": _bool, "debug": _bool, "pretty": _bool,
@@ -226,6 +228,7 @@ def validate(s: Settings) -> Settings:
     if s.gpu_memory is not None and not _gpu_memory_ok(s.gpu_memory):
         raise bad(f"Cannot read GPU memory {s.gpu_memory!r}; "
                   "write it like 12GiB, 24GB, 512MiB or auto.")
+    check_expert_dtype(s.expert_dtype)
     for key in ("max_tokens", "context_length", "threads"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise bad(f"{key.replace('_', '-')} must be at least 1.")
@@ -247,6 +250,13 @@ def validate(s: Settings) -> Settings:
         raise bad(f"Cannot use server {s.server!r}; give a URL (http://host:port) or unix:PATH.")
     _validate_engine_switches(s)
     return s
+
+
+def check_expert_dtype(value: str) -> None:
+    """--expert-dtype is bf16 or int8 (the settings and load_engine both check it)."""
+    if value not in EXPERT_DTYPES:
+        raise UsageError(f"Unknown expert dtype {value!r} (--expert-dtype, DSCODER_EXPERT_DTYPE); "
+                         "use bf16 (the model's own dtype) or int8.")
 
 
 def _validate_engine_switches(s: Settings) -> None:

@@ -18,6 +18,7 @@ import torch
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint
 from dscoder.model.layers import FusedLinear
+from dscoder.model.quant import SCALE_DTYPE, quantize_into, quantizes
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile, current
 from dscoder.shard_reader import ShardEntry, read_header, read_parallel, why
@@ -146,8 +147,10 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
                expert_device: torch.device | None = None, pin_experts: bool = False,
-               progress: Progress | None = None, profile: StartupProfile | None = None) -> Transformer:
-    """Build the model on the meta device, then fill every parameter from the checkpoint."""
+               progress: Progress | None = None, profile: StartupProfile | None = None,
+               expert_dtype: str | None = None) -> Transformer:
+    """Build the model on the meta device, then fill every parameter from the checkpoint.
+    expert_dtype "int8": the routed experts are quantized as they load (dscoder.model.quant)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     index = shard_index(model_dir)
@@ -165,18 +168,64 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
                                         pin_memory=pin_experts and is_expert and dev.type == "cpu")
         return tensors[name]
 
+    def entry(key: str) -> ShardEntry:
+        return _entry(headers[index[key]], model_dir / index[key], key, needed[key])
+
     fused = fused_parts(model)
-    jobs = [(_entry(headers[index[key]], model_dir / index[key], key, shape),
-             _slot(destination, _target(key, fused), cfg)) for key, shape in needed.items()]
+    quantized = _stacks(needed) if quantizes(expert_dtype) else {}
+    later = {key for keys in quantized.values() for key in keys}
+    jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed if key not in later]
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
+    total = sum(entry(key).nbytes for key in needed)
     t = time.perf_counter()
-    read_parallel(jobs, progress)
+    read_parallel(jobs, _offset(progress, 0, total))
+    done = sum(e.nbytes for e, _ in jobs)
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, keys in quantized.items():  # one stack at a time: never two full copies in RAM
+        stack = torch.empty(meta[name].shape, dtype=dtype, device=device)
+        part = [(entry(key), _slot(lambda _, s=stack: s, _target(key, {}), cfg)) for key in keys]
+        read_parallel(part, _offset(progress, done, total))
+        done += sum(e.nbytes for e, _ in part)
+        scales[name] = _quantized(stack, expert_device or device)
+        del stack
     profile = profile or current()
     if profile is not None:
         profile.add("load weights", time.perf_counter() - t)
-        profile.count("bytes loaded", sum(e.nbytes for e, _ in jobs))
-    model.load_state_dict(tensors, assign=True, strict=True)
+        profile.count("bytes loaded", total)
+    result = model.load_state_dict(tensors, assign=True, strict=not quantized)
+    if quantized:
+        if result.unexpected_keys or set(result.missing_keys) != set(quantized):
+            raise AssertionError(f"quantized load left {result}")  # a bug, not a bad checkpoint
+        for name in {n.rsplit(".", 1)[0] for n in quantized}:
+            (q13, s13), (q2, s2) = scales[f"{name}.w13"], scales[f"{name}.w2"]
+            model.get_submodule(name).set_quantized(q13, s13, q2, s2)
     return model
+
+
+def _stacks(needed: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    """Stacked routed-expert parameter -> the checkpoint keys it is read from."""
+    stacks: dict[str, list[str]] = {}
+    for key in needed:
+        t = _target(key, {})  # routed experts are never parts of a FusedLinear
+        if t.expert is not None:
+            stacks.setdefault(t.param, []).append(key)
+    return stacks
+
+
+def _quantized(stack: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 stack, fp32 scales) on `device`, computed where `stack` is (the GPU, when loading
+    to one, quantizes a layer in milliseconds)."""
+    q = torch.empty(stack.shape, dtype=torch.int8, device=stack.device)
+    scale = torch.empty(stack.shape[:-1], dtype=SCALE_DTYPE, device=stack.device)
+    quantize_into(stack, q, scale)
+    return q.to(device), scale.to(device)
+
+
+def _offset(progress: Progress | None, start: int, total: int) -> Progress | None:
+    """A read's progress as part of the whole load: `start` bytes were read before it."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(start + done, total)
 
 
 def _entry(header: dict[str, ShardEntry], path: Path, key: str, shape: tuple[int, ...]) -> ShardEntry:

@@ -53,6 +53,7 @@ def main_options(
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="Hub id (in the local cache) or a local model folder. [env DSCODER_MODEL; default deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct]")] = None,
     device: Annotated[Optional[str], typer.Option("--device", metavar="DEVICE", help="Where to run: auto, cuda, cuda:N or cpu. [env DSCODER_DEVICE; default auto]")] = None,
     gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", metavar="SIZE", help="GPU memory budget, e.g. 12GiB, or auto (the free memory less a margin); routed experts beyond it stay in host memory. [env DSCODER_GPU_MEMORY]")] = None,
+    expert_dtype: Annotated[Optional[str], typer.Option("--expert-dtype", metavar="DTYPE", help="Routed experts in bf16 (the model's dtype) or int8 (one byte a weight, per-channel scales): under --gpu-memory, twice the experts cached and half the bytes per cache miss. [env DSCODER_EXPERT_DTYPE; default bf16]")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Weight dtype: auto, bfloat16, float16 or float32. [env DSCODER_DTYPE]")] = None,
     context_length: Annotated[Optional[int], typer.Option("--context-length", metavar="TOKENS", help="Context window in tokens (bounds the KV cache). [env DSCODER_CONTEXT_LENGTH]")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for the model when it runs on the CPU; default: the cores less one, at most 8. [env DSCODER_THREADS]")] = None,

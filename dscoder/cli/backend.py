@@ -94,7 +94,7 @@ class RealBackend:
             info(f"CPU threads: {threads}")
 
         return load_engine(model_dir, device=settings.device, profile=profile,
-                           gpu_memory=settings.gpu_memory,
+                           gpu_memory=settings.gpu_memory, expert_dtype=settings.expert_dtype,
                            dtype=None if settings.dtype in (None, "auto") else settings.dtype,
                            context_length=settings.context_length, progress=progress,
                            log=info if settings.verbose else None, warn=warn, notice=info,

@@ -19,11 +19,13 @@ from typing import Any
 import typer
 
 from dscoder import __version__
+from dscoder.settings import EXPERT_DTYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 PROG = "dscoder"
 # Values worth offering for options whose type is a plain string (validated in settings.py).
-VALUE_HINTS = {"--device": ("auto", "cuda", "cpu"), "--dtype": ("auto", "bfloat16", "float16", "float32")}
+VALUE_HINTS = {"--device": ("auto", "cuda", "cpu"), "--dtype": ("auto", "bfloat16", "float16", "float32"),
+               "--expert-dtype": EXPERT_DTYPES}
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ class Runtime:
         """The options that choose how a server loads the model, as this run has them."""
         s = self.settings
         given = {"--model": self.model_name, "--device": s.device, "--gpu-memory": s.gpu_memory,
+                 "--expert-dtype": s.expert_dtype if s.expert_dtype != "bf16" else None,
                  "--dtype": s.dtype, "--context-length": s.context_length}
         return [a for k, v in given.items() if v is not None for a in (k, str(v))]
 

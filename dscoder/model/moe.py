@@ -15,6 +15,7 @@ from torch import nn
 from dscoder.config import ModelConfig
 from dscoder.model import moe_kernels
 from dscoder.model.layers import SwiGLU
+from dscoder.model.quant import dequantize
 
 
 class Router(nn.Module):
@@ -62,19 +63,29 @@ class RoutedExperts(nn.Module):
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
+        # --expert-dtype int8: w13, w2 hold int8 and these their per-row scales (set_quantized)
+        self.register_buffer("s13", None)
+        self.register_buffer("s2", None)
+
+    def set_quantized(self, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor) -> None:
+        """Hold int8 stacks and their scales (dscoder.model.quant) in place of the weights."""
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.s13, self.s2 = s13, s2
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] * ids.shape[1] <= GATHER_PAIRS:
-            return gathered_experts(x, ids, weights, self.w13, self.w2)
+            return gathered_experts(x, ids, weights, self.w13, self.w2, self.s13, self.s2)
         return self._grouped(x, ids, weights)
 
     def _grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # many tokens: sort the (token, expert) pairs by expert, then one grouped matrix product
-        if not grouped_mm_supported(x):
-            # the portable path: one product per expert (the ids come to the host once a layer)
+        if self.s13 is not None or not grouped_mm_supported(x):
+            # the portable path: one product per expert (the ids come to the host once a layer);
+            # int8 stacks too, dequantizing one expert at a time
             groups = ExpertGroups(x, ids, weights, ids.reshape(-1).tolist())
             for e in groups.experts:
-                groups.apply(e, self.w13[e], self.w2[e])
+                groups.apply(e, self.w13[e], self.w2[e], *self._scales(e))
             return groups.result()
         k = ids.shape[1]
         flat = ids.reshape(-1)
@@ -86,22 +97,32 @@ class RoutedExperts(nn.Module):
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, tokens, y).to(x.dtype)
 
+    def _scales(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.s13 is None else (self.s13[e], self.s2[e])
+
 
 def gathered_experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-                     w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+                     w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None = None,
+                     s2: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts of a few tokens, picked by index on the device (no host sync): token
     t's j-th expert is w13[index[t, j]], w2[index[t, j]], weighted by weights[t, j]. index is
-    the expert ids for a resident layer, cache slots for an offloaded one."""
+    the expert ids for a resident layer, cache slots for an offloaded one. s13, s2: per-row
+    scales when the stacks are int8 (dscoder.model.quant)."""
     if moe_kernels.available(x):
-        return moe_kernels.routed_experts_decode(x, index, weights, w13, w2)
+        return moe_kernels.routed_experts_decode(x, index, weights, w13, w2, s13, s2)
     t, k = index.shape
     flat = index.reshape(-1)
     xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (T*k, H, 1)
-    gu = torch.bmm(w13[flat], xs).squeeze(-1)  # (T*k, 2I)
+    gu = torch.bmm(_pick(w13, s13, flat, x.dtype), xs).squeeze(-1)  # (T*k, 2I)
     g, u = gu.chunk(2, dim=-1)
-    y = torch.bmm(w2[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)  # (T*k, H)
+    y = torch.bmm(_pick(w2, s2, flat, x.dtype), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)  # (T*k, H)
     y = y.float() * weights.reshape(-1, 1)
     return y.view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+def _pick(w: torch.Tensor, scale: torch.Tensor | None, index: torch.Tensor,
+          dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(w[index], None if scale is None else scale[index], dtype)
 
 
 class ExpertGroups:
@@ -129,10 +150,13 @@ class ExpertGroups:
         """The experts some token chose, in increasing order."""
         return list(self.span)
 
-    def apply(self, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def apply(self, e: int, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None = None,
+              s2: torch.Tensor | None = None) -> None:
+        """s13, s2: the expert's per-row scales when w13, w2 are int8."""
         a, b = self.span[e]
         sel = self.tokens[a:b]
-        y = expert_mlp(self.x[sel], w13, w2)
+        dt = self.x.dtype
+        y = expert_mlp(self.x[sel], dequantize(w13, s13, dt), dequantize(w2, s2, dt))
         self.out.index_add_(0, sel, y.float() * self.pair_w[a:b, None])
 
     def result(self) -> torch.Tensor:

@@ -89,7 +89,8 @@ class OffloadedDecoder:
     def _experts(self, n: int) -> None:
         layer, pool = self.model.model.layers[self.moe[n]], self.rt.cache
         route = Route(self.moe_in, self.slot_ids[n].view(1, -1), self.route_w[n].view(1, -1))
-        by_slot = partial(gathered_experts, w13=pool.w13, w2=pool.w2)  # the cache's stacks
+        by_slot = partial(gathered_experts, w13=pool.w13, w2=pool.w2,  # the cache's stacks
+                          s13=pool.s13, s2=pool.s2)
         self.h.copy_(layer.feed_forward(self.h, route, experts=by_slot))
 
     # --- the host loop --------------------------------------------------------------------------

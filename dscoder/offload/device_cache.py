@@ -94,6 +94,12 @@ class ExpertCache:
         w13, w2 = store.w13[store.layers[0]], store.w2[store.layers[0]]
         self.w13 = torch.empty((slots, *w13.shape[1:]), dtype=w13.dtype, device=device)
         self.w2 = torch.empty((slots, *w2.shape[1:]), dtype=w2.dtype, device=device)
+        # int8 experts: each slot's per-row scales beside its weights (None: not quantized)
+        self.s13 = self.s2 = None
+        if store.quantized:
+            s13, s2 = store.s13[store.layers[0]], store.s2[store.layers[0]]
+            self.s13 = torch.empty((slots, *s13.shape[1:]), dtype=s13.dtype, device=device)
+            self.s2 = torch.empty((slots, *s2.shape[1:]), dtype=s2.dtype, device=device)
         self.ready: list[torch.cuda.Event | None] = [None] * slots
         self.last_use: list[torch.cuda.Event | None] = [None] * slots
         self.prefetched: set[Key] = set()  # copied ahead and not yet needed
@@ -101,6 +107,11 @@ class ExpertCache:
     @property
     def slots(self) -> int:
         return self.table.slots
+
+    def parts(self, slot: int) -> list[torch.Tensor]:
+        """The slot's tensors, in the order of HostExpertStore.expert and of ExpertGroups.apply's
+        arguments: w13, w2 and, when quantized, their scales."""
+        return [t[slot] for t in (self.w13, self.w2, self.s13, self.s2) if t is not None]
 
     def __contains__(self, key: Key) -> bool:
         return key in self.table
@@ -160,7 +171,7 @@ class ExpertCache:
             return
         pairs, after = [], {}
         for slot, (layer, e) in loads:
-            pairs += [(self.w13[slot], self.store.w13[layer][e]), (self.w2[slot], self.store.w2[layer][e])]
+            pairs += list(zip(self.parts(slot), self.store.expert(layer, e), strict=True))
             if self.last_use[slot] is not None:
                 after[id(self.last_use[slot])] = self.last_use[slot]
         done = self.copier.copy(pairs, after=list(after.values()))

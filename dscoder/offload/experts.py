@@ -34,6 +34,8 @@ class OffloadRuntime:
     first_layer: int
     policy: str = "lru"
     prefetch_depth: int = 1
+    staging_s13: torch.Tensor | None = None  # (2, chunk, 2I): scales of int8 experts
+    staging_s2: torch.Tensor | None = None  # (2, chunk, H)
 
     def decoder(self, model: nn.Module, cache) -> OffloadedDecoder:
         """Graph-replayed decode segments for one KV cache (see dscoder.offload.decoder)."""
@@ -46,6 +48,11 @@ class OffloadRuntime:
     @property
     def stream_chunk(self) -> int:
         return self.staging_w13.shape[1]
+
+    def staged(self, buf: int, n: int) -> list[torch.Tensor]:
+        """Staging buffer `buf`'s n-th expert, in the order of HostExpertStore.expert."""
+        parts = (self.staging_w13, self.staging_w2, self.staging_s13, self.staging_s2)
+        return [t[buf, n] for t in parts if t is not None]
 
 
 class OffloadedExperts(nn.Module):
@@ -96,11 +103,11 @@ class OffloadedExperts(nn.Module):
         t, k = ids.shape
         if t * k <= GATHER_PAIRS:  # the cache's stacks, indexed by slot instead of expert id
             sl = torch.tensor([slot_of[e] for e in flat], dtype=torch.long).to(x.device, non_blocking=True)
-            return gathered_experts(x, sl.view(t, k), weights, cache.w13, cache.w2)
+            return gathered_experts(x, sl.view(t, k), weights, cache.w13, cache.w2, cache.s13, cache.s2)
         groups = ExpertGroups(x, ids, weights, flat)
         for e in sorted(slot_of):
             s = slot_of[e]
-            groups.apply(e, cache.w13[s], cache.w2[s])
+            groups.apply(e, *cache.parts(s))
         return groups.result()
 
     def _streamed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, flat: list[int],
@@ -118,13 +125,13 @@ class OffloadedExperts(nn.Module):
         slots = [cache.table.get((self.layer, e)) for e in hits]
         cache.wait(slots)  # type: ignore[arg-type]
         for e, s in zip(hits, slots, strict=True):
-            groups.apply(e, cache.w13[s], cache.w2[s])
+            groups.apply(e, *cache.parts(s))
         cache.release(slots)  # type: ignore[arg-type]
         for j, chunk in enumerate(chunks):
             buf = j % 2
             rt.copier.wait([rt.staging_ready[buf]])
             for n, e in enumerate(chunk):
-                groups.apply(e, rt.staging_w13[buf, n], rt.staging_w2[buf, n])
+                groups.apply(e, *rt.staged(buf, n))
             rt.staging_free[buf] = rt.copier.mark()
             if j + 2 < len(chunks):
                 self._stage(j + 2, chunks[j + 2])
@@ -136,7 +143,6 @@ class OffloadedExperts(nn.Module):
         store = rt.store
         pairs = []
         for n, e in enumerate(chunk):
-            pairs += [(rt.staging_w13[buf, n], store.w13[self.layer][e]),
-                      (rt.staging_w2[buf, n], store.w2[self.layer][e])]
+            pairs += list(zip(rt.staged(buf, n), store.expert(self.layer, e), strict=True))
         rt.staging_ready[buf] = rt.copier.copy(pairs, after=[rt.staging_free[buf]])
 

@@ -18,25 +18,42 @@ PAGEABLE_GB_S = 15.1
 
 
 class HostExpertStore:
-    """w13[layer] (E, 2I, H) and w2[layer] (E, H, I) in host memory, keyed by MoE layer index."""
+    """w13[layer] (E, 2I, H) and w2[layer] (E, H, I) in host memory, keyed by MoE layer index;
+    with --expert-dtype int8 they are int8 and s13[layer] (E, 2I), s2[layer] (E, H) hold their
+    per-row scales (empty dicts otherwise)."""
 
-    def __init__(self, w13: dict[int, torch.Tensor], w2: dict[int, torch.Tensor]) -> None:
+    def __init__(self, w13: dict[int, torch.Tensor], w2: dict[int, torch.Tensor],
+                 s13: dict[int, torch.Tensor] | None = None,
+                 s2: dict[int, torch.Tensor] | None = None) -> None:
         self.w13, self.w2 = w13, w2
+        self.s13, self.s2 = s13 or {}, s2 or {}
         self.layers = sorted(w13)
-        first = w13[self.layers[0]]
-        self.experts_per_layer = first.shape[0]
-        self.dtype = first.dtype
-        self.expert_bytes = (w13[self.layers[0]][0].nbytes + w2[self.layers[0]][0].nbytes)
+        first = self.layers[0]
+        self.experts_per_layer = w13[first].shape[0]
+        self.dtype = w13[first].dtype
+        self.expert_bytes = sum(t.nbytes for t in self.expert(first, 0))
         self._registered: list[int] = []
         self._pin_tried = False
         self.unpinned_bytes = 0  # bytes that CUDA refused to page-lock (copies from them are slower)
 
     @property
+    def quantized(self) -> bool:
+        return bool(self.s13)
+
+    def _parts(self) -> list[dict[int, torch.Tensor]]:
+        return [t for t in (self.w13, self.w2, self.s13, self.s2) if t]
+
+    def expert(self, layer: int, e: int) -> list[torch.Tensor]:
+        """The tensors that make up one expert, in the order of ExpertCache.parts: w13, w2 and,
+        when quantized, their scales."""
+        return [t[layer][e] for t in self._parts()]
+
+    @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in (*self.w13.values(), *self.w2.values()))
+        return sum(t.nbytes for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for layer in self.layers for t in (self.w13[layer], self.w2[layer])]
+        return [t[layer] for layer in self.layers for t in self._parts()]
 
     def pin(self) -> int:
         """Page-lock every tensor in place, once; the bytes CUDA refused to lock (0: all locked).
@@ -60,7 +77,7 @@ class HostExpertStore:
     def release(self) -> None:
         """Unlock and drop every tensor (the engine is closing); the store is empty afterwards."""
         self.unpin()
-        self.w13, self.w2, self.layers = {}, {}, []
+        self.w13, self.w2, self.s13, self.s2, self.layers = {}, {}, {}, {}, []
 
     def __del__(self) -> None:
         try:

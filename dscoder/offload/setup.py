@@ -22,7 +22,9 @@ DEFAULT_POLICY = "lru"  # random routing: all policies tie; see BENCHMARKS.md "O
 Log = Callable[[str], None]
 
 
-def model_sizes(cfg: ModelConfig, dtype: torch.dtype) -> ModelSizes:
+def model_sizes(cfg: ModelConfig, dtype: torch.dtype, expert_dtype: str | None = None) -> ModelSizes:
+    """expert_dtype "int8": routed experts at one byte a weight plus their scales."""
+    from dscoder.model.quant import expert_nbytes
     from dscoder.model.transformer import Transformer
 
     with torch.device("meta"):
@@ -36,7 +38,8 @@ def model_sizes(cfg: ModelConfig, dtype: torch.dtype) -> ModelSizes:
             resident += p.numel() * (4 if name.endswith(".mlp.gate.weight") else b)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     return ModelSizes(
-        resident_bytes=resident, expert_bytes=3 * cfg.hidden_size * cfg.moe_intermediate_size * b,
+        resident_bytes=resident,
+        expert_bytes=expert_nbytes(cfg.hidden_size, cfg.moe_intermediate_size, dtype, expert_dtype),
         moe_layers=moe_layers, experts_per_layer=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
         kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_cache_dim * b, hidden=cfg.hidden_size,
         heads=cfg.num_attention_heads, qk_head_dim=cfg.qk_head_dim, v_head_dim=cfg.v_head_dim,
@@ -67,10 +70,10 @@ def host_available() -> int | None:
 
 
 def make_plan(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, gpu_memory: str,
-              context: int, context_fixed: bool) -> Plan:
+              context: int, context_fixed: bool, expert_dtype: str | None = None) -> Plan:
     budget = resolve_budget(gpu_memory, device)
     cuda = device.type == "cuda"
-    return plan_for_device(model_sizes(cfg, dtype), budget, context, cuda=cuda,
+    return plan_for_device(model_sizes(cfg, dtype, expert_dtype), budget, context, cuda=cuda,
                            context_fixed=context_fixed, host_available=host_available() if cuda else None)
 
 
@@ -86,20 +89,24 @@ def enforce_budget(plan: Plan, device: torch.device) -> None:
 def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                      gpu_memory: str, context: int, context_fixed: bool, *, progress=None,
                      log: Log | None = None, warn: Log | None = None, policy: str = DEFAULT_POLICY,
-                     prefetch_depth: int = DEFAULT_DEPTH):
+                     prefetch_depth: int = DEFAULT_DEPTH, expert_dtype: str | None = None):
     """(model, context, plan): the model resident or offloaded as the budget allows. log gets
-    the plan (--verbose); warn gets what the user must hear: a failed page-lock."""
+    the plan (--verbose); warn gets what the user must hear: a failed page-lock. expert_dtype
+    "int8": the routed experts are quantized while they load, wherever they then live."""
     from dscoder.weights import load_model
 
-    plan = make_plan(cfg, dtype, device, gpu_memory, context, context_fixed)
+    plan = make_plan(cfg, dtype, device, gpu_memory, context, context_fixed, expert_dtype)
     for line in plan.describe():
         if log:
             log(line)
+    if log and expert_dtype == "int8":
+        log(f"routed experts in int8 with per-channel scales: {format_size(plan.expert_bytes)} each")
     enforce_budget(plan, device)
     if plan.resident:
-        model = load_model(model_dir, cfg, device=device, dtype=dtype, progress=progress)
+        model = load_model(model_dir, cfg, device=device, dtype=dtype, progress=progress,
+                           expert_dtype=expert_dtype)
         return model, plan.context, plan
-    model = load_model(model_dir, cfg, device=device, dtype=dtype,
+    model = load_model(model_dir, cfg, device=device, dtype=dtype, expert_dtype=expert_dtype,
                        expert_device=torch.device("cpu"), progress=progress)
     install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn)
     return model, plan.context, plan
@@ -121,8 +128,12 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
         raise UsageError(f"Unknown offload policy {policy!r}; choose from {', '.join(POLICIES)}.")
     layers = model.model.layers
     moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoE)]
-    store = HostExpertStore({i: layers[i].mlp.experts.w13.data for i in moe},
-                            {i: layers[i].mlp.experts.w2.data for i in moe})
+    experts = {i: layers[i].mlp.experts for i in moe}
+    quantized = experts[moe[0]].s13 is not None
+    store = HostExpertStore({i: m.w13.data for i, m in experts.items()},
+                            {i: m.w2.data for i, m in experts.items()},
+                            {i: m.s13 for i, m in experts.items()} if quantized else None,
+                            {i: m.s2 for i, m in experts.items()} if quantized else None)
     if _pins(device):
         message = pin_warning(store.pin(), store.total_bytes)
         if message and warn:
@@ -130,13 +141,18 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
     stats = OffloadStats()
     copier = CopyEngine(device, stats)
     cache = ExpertCache(store, slots, device, make_policy(policy, slots, moe), stats, copier)
-    w13, w2 = store.w13[moe[0]], store.w2[moe[0]]
     chunk = min(STREAM_CHUNK, store.experts_per_layer)
+
+    def staging(part: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Two prefill buffers of `chunk` experts for one part of the store (None: no such part)."""
+        if not part:
+            return None
+        t = part[moe[0]]
+        return torch.empty((2, chunk, *t.shape[1:]), dtype=t.dtype, device=device)
+
     runtime = OffloadRuntime(
-        store, cache, copier, stats,
-        staging_w13=torch.empty((2, chunk, *w13.shape[1:]), dtype=w13.dtype, device=device),
-        staging_w2=torch.empty((2, chunk, *w2.shape[1:]), dtype=w2.dtype, device=device),
-        first_layer=moe[0], policy=policy)
+        store, cache, copier, stats, staging_w13=staging(store.w13), staging_w2=staging(store.w2),
+        first_layer=moe[0], policy=policy, staging_s13=staging(store.s13), staging_s2=staging(store.s2))
     runtime.prefetch_depth = prefetch_depth
     for n, i in enumerate(moe):
         ahead = [(j, layers[j].mlp.gate) for j in moe[n + 1:n + 1 + prefetch_depth]]
@@ -157,6 +173,7 @@ def release_offload(model: torch.nn.Module) -> None:
     runtime.store.release()
     cache, empty = runtime.cache, torch.empty(0)
     cache.w13 = cache.w2 = runtime.staging_w13 = runtime.staging_w2 = empty
+    cache.s13 = cache.s2 = runtime.staging_s13 = runtime.staging_s2 = None
     cache.ready = [None] * cache.slots
     cache.last_use = [None] * cache.slots
     runtime.staging_ready = [None, None]
