@@ -24,21 +24,17 @@ from dscoder.events import GenerationSettings  # noqa: E402
 def kernel_bandwidth() -> None:
     import triton
 
-    from dscoder.model import moe_kernels as mk
+    from dscoder.model.gemv import expert_gemv
 
     e, h, i = 64, 2048, 1408
     w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
     ids = torch.randperm(e, device="cuda")[:6]
     nbytes = 6 * 2 * i * h * 2
-    for bn, bk, warps in ((16, 256, 4), (8, 256, 4), (32, 128, 4), (64, 64, 4), (16, 512, 8),
-                          (32, 256, 8), (4, 512, 4), (8, 1024, 8)):
-        out = torch.empty(6, 2 * i, device="cuda", dtype=torch.bfloat16)
-        grid = (triton.cdiv(2 * i, bn), 6)
-
-        def run(grid=grid, out=out, bn=bn, bk=bk, warps=warps):  # this iteration's values
-            mk._expert_gemv[grid](x, w13, ids, out, 6, w13.stride(0), w13.stride(1), 2 * i, h,
-                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    for bn, bk, warps in ((2, 1024, 4), (16, 256, 4), (8, 512, 4), (4, 512, 4), (8, 1024, 8),
+                          (16, 512, 8), (4, 1024, 4), (2, 2048, 8)):
+        def run(bn=bn, bk=bk, warps=warps):  # this iteration's values
+            expert_gemv(x, w13, ids, 6, block_n=bn, block_k=bk, warps=warps)
         ms = triton.testing.do_bench(run, warmup=50, rep=200)
         print(f"expert_gemv w13 BLOCK_N={bn:3d} BLOCK_K={bk:4d} warps={warps}: "
               f"{ms * 1000:7.1f} us, {nbytes / ms / 1e6:7.0f} GB/s", flush=True)

@@ -1,11 +1,17 @@
-"""A Triton matrix-vector product for the decode step's dense projections.
+"""One Triton matrix-vector kernel for the decode step: the dense projections, and the routed
+experts picked by index (dscoder.model.moe_kernels).
 
-At decode a projection multiplies one row by a matrix of 4-15 MB (Lite); cuBLAS picks GEMM
-tiles for it and reached about 1.3 TB/s of the H100's 3.35 (BENCHMARKS.md, kernel profile), so
-the dense projections took more time than the routed experts, which read twice the bytes.
-This kernel streams the matrix once, each program a band of rows, accumulating in fp32.
+At decode every weight multiplies one row. cuBLAS picks GEMM tiles for that and reached about
+1.3 TB/s on the dense projections of Lite (H100: 3.35 TB/s), so those took more time than the
+routed experts, which read twice the bytes; gathering chosen experts with torch would copy them
+first. This kernel streams each matrix once, a band of rows per program, into a 2-D fp32
+accumulator summed once at the end (no reduction inside the loop), the weights marked
+evict-first (they are read once; the input row stays in cache).
 
-DSCODER_TRITON_GEMV=0 turns it off (cuBLAS everywhere), for comparison.
+Experts: the ids come from device memory (no host sync, so the step can be graph-captured);
+int8 stacks carry one scale per row (dscoder.model.quant), applied to the row's sum.
+
+DSCODER_TRITON_GEMV=0 sends the dense projections to cuBLAS instead, for comparison.
 """
 from __future__ import annotations
 
@@ -17,16 +23,21 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs
+except ImportError:  # CPU-only installs: torch paths everywhere
     triton = None
 
 ENABLED = os.environ.get("DSCODER_TRITON_GEMV", "1") != "0"
-BLOCK_N, BLOCK_K, WARPS = 2, 1024, 4  # the best of bench_gemv.py's sweep on an H100 for every Lite shape
+# tiles: the best of benchmarks/bench_gemv.py's sweep on an H100, for every Lite shape
+BLOCK_N, BLOCK_K, WARPS = 2, 1024, 4
+
+
+def available(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) (no bias); one row on a GPU in half precision goes through the kernel."""
-    if (triton is None or not ENABLED or x.shape[0] != 1 or not x.is_cuda
+    if (not ENABLED or x.shape[0] != 1 or not available(x)
             or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype):
         return F.linear(x, w)
     return gemv(x, w)
@@ -35,31 +46,59 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _gemv(x_ptr, w_ptr, out_ptr, n_rows, stride_wn, n_cols: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv(x_ptr, w_ptr, scale_ptr, ids_ptr, out_ptr, x_row_div, stride_we, stride_wn,
+              n_rows: tl.constexpr, n_cols: tl.constexpr, HAS_IDS: tl.constexpr,
+              HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # grid: (row blocks, pairs). Pair j multiplies matrix ids[j] of the stack w (matrix 0
+        # without ids) by input row j // x_row_div. HAS_SCALE: w is int8 and row r of matrix e
+        # is w[e, r] * scale[e, r]; int8 converts exactly to fp32, so only the sum is scaled.
+        j = tl.program_id(1)
+        if HAS_IDS:
+            matrix = tl.load(ids_ptr + j).to(tl.int64)
+        else:
+            matrix = 0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        w_base = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-        # a 2-D accumulator, reduced once at the end: no reduction inside the loop
+        w_base = w_ptr + matrix * stride_we + rows[:, None].to(tl.int64) * stride_wn
+        x_base = x_ptr + (j // x_row_div).to(tl.int64) * n_cols
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
             w = tl.load(w_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+            x = tl.load(x_base + cols, mask=col_ok, other=0.0)
             acc += w.to(tl.float32) * x[None, :].to(tl.float32)
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+        out = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            out *= tl.load(scale_ptr + matrix * n_rows + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + j.to(tl.int64) * n_rows + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
          warps: int | None = None) -> torch.Tensor:
     """x (1, K) @ w (N, K).T -> (1, N); w's rows may be strided (a slice of a fused weight)."""
-    n, k = w.shape
-    assert w.stride(1) == 1, "the kernel reads rows of contiguous columns"
-    x = x.contiguous()
-    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    bn, bk = block_n or BLOCK_N, block_k or BLOCK_K
-    _gemv[(triton.cdiv(n, bn),)](x, w, out, n, w.stride(0), k, BLOCK_N=bn, BLOCK_K=bk,
-                                 num_warps=warps or WARPS)
+    return _launch(x.contiguous(), w.unsqueeze(0), None, None, 1, 1, block_n, block_k, warps)
+
+
+def expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, x_row_div: int,
+                scale: torch.Tensor | None = None, block_n: int | None = None,
+                block_k: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """out[j] = w[ids[j]] @ x[j // x_row_div]; x (R, K) contiguous, w (E, N, K), ids (J,);
+    with scale (E, N) contiguous, w is int8 and each row is multiplied by its scale."""
+    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
+            pairs: int, x_row_div: int, block_n: int | None, block_k: int | None,
+            warps: int | None) -> torch.Tensor:
+    _, n_rows, n_cols = w.shape
+    assert w.stride(2) == 1, "the kernel reads rows of contiguous columns"
+    out = torch.empty(pairs, n_rows, device=x.device, dtype=x.dtype)
+    bn = block_n or BLOCK_N
+    _gemv[(triton.cdiv(n_rows, bn), pairs)](
+        x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
+        w.stride(0), w.stride(1), n_rows, n_cols, HAS_IDS=ids is not None,
+        HAS_SCALE=scale is not None, BLOCK_N=bn, BLOCK_K=block_k or BLOCK_K,
+        num_warps=warps or WARPS)
     return out
