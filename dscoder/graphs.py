@@ -190,9 +190,7 @@ class GraphedDecoder:
                 # the warm-up writes ids and pos, which steps still queued may read: it waits
                 # for them (once per decoder and mode); run_ahead sets both afterwards
                 device = self.ids.device
-                with _CAPTURE_LOCK:
-                    graph = capture_graph(step, device, warm_up=step,
-                                          after=torch.cuda.current_stream(device))
+                graph = capture_graph(step, device, warm_up=step, after=torch.cuda.current_stream(device))
                 self.samplers[greedy] = graph.replay
         return self.samplers[greedy]
 
