@@ -5,7 +5,9 @@
 
 Measures, for both engines: logits agreement on a 512-token prompt (relative error), prefill
 tokens/s on a 4,096-token prompt, decode tokens/s at a 2,048-token context, and for ours also
-decode at a 32K context, with and without CUDA graphs. Prints a table, then one JSON line.
+decode at a 32K context, with and without CUDA graphs. With --fp32-reference, both bf16
+engines against transformers in fp32, on the whole prompt and on its last 32 rows computed by
+our decode step (absorbed attention) one token at a time. Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -59,7 +61,22 @@ def decode_rows(engine, r: dict, context: int, n: int, suffix: str = "") -> None
         log(f"ours {name} {f.decode_tokens_per_second:.1f} tok/s at {context} context")
 
 
-def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
+DECODED = 32  # the logits prompt's last rows, computed by decode steps (absorbed attention)
+
+
+def decoded_logits(engine, prompt: list[int]) -> torch.Tensor:
+    """Logits at positions len-1-DECODED .. len-2 of `prompt`, the first from prefilling the
+    tokens before, the others as decoding computes them: one token at a time (the graphed,
+    absorbed-attention step on a GPU), fed the prompt's own next token (teacher forcing)."""
+    session = engine.new_session()
+    start = len(prompt) - DECODED
+    rows = [session._prefill(prompt[:start]).float().cpu()]
+    for token in prompt[start:-1]:
+        rows.append(session._forward([token]).float().cpu())
+    return torch.cat(rows)
+
+
+def ours(args, r: dict, logits_prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     from dscoder.engine import load_engine
 
     with timed(r, "load_s"):
@@ -69,6 +86,7 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
         m = engine.model
         logits = m(torch.tensor(logits_prompt, device=engine.device), m.new_cache(1024), 0,
                    all_logits=True).cpu()
+    decoded = decoded_logits(engine, logits_prompt)
     generate(engine, random_prompt(args.prefill, 9), 1)  # warm-up: kernels, allocator
     f = generate(engine, random_prompt(args.prefill, 1), 1)
     r["prefill_tok_s"] = args.prefill / f.prefill_seconds
@@ -104,7 +122,7 @@ def ours(args, r: dict, logits_prompt: list[int]) -> torch.Tensor:
     del engine, m
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return logits
+    return logits, decoded
 
 
 def profile(engine, args) -> None:
@@ -187,7 +205,8 @@ def main() -> None:
     lite_checkpoint(args.dir, args.shape)
     prompt = random_prompt(512, 7)
     r = {"card": card(), "shape": args.shape, "ours": {}, "transformers": {}}
-    ours_logits = ours(args, r["ours"], prompt)
+    ours_logits, ours_decoded = ours(args, r["ours"], prompt)
+    rows = slice(len(prompt) - 1 - DECODED, len(prompt) - 1)  # the positions decoded one by one
     if not args.skip_reference:
         ref_logits = reference(args, r["transformers"], prompt)
         r["logits_rel_err"] = ((ours_logits - ref_logits).norm() / ref_logits.norm()).item()
@@ -197,8 +216,14 @@ def main() -> None:
             for name, lg in (("ours", ours_logits), ("transformers", ref_logits)):
                 r[f"{name}_bf16_rel_err_vs_fp32"] = ((lg - exact).norm() / exact.norm()).item()
                 r[f"{name}_bf16_argmax_vs_fp32"] = (lg.argmax(-1) == exact.argmax(-1)).float().mean().item()
+            # the same rows as decode steps (ours) against transformers' bf16 forward there
+            for name, lg in (("ours_decode", ours_decoded), ("transformers_rows", ref_logits[rows])):
+                ex = exact[rows]
+                r[f"{name}_bf16_rel_err_vs_fp32"] = ((lg - ex).norm() / ex.norm()).item()
             log(f"vs fp32: ours {r['ours_bf16_rel_err_vs_fp32']:.2e}, "
-                f"transformers {r['transformers_bf16_rel_err_vs_fp32']:.2e}")
+                f"transformers {r['transformers_bf16_rel_err_vs_fp32']:.2e}; the last {DECODED} rows "
+                f"decoded by ours {r['ours_decode_bf16_rel_err_vs_fp32']:.2e}, transformers "
+                f"{r['transformers_rows_bf16_rel_err_vs_fp32']:.2e}")
     o, t = r["ours"], r["transformers"]
 
     def f(d: dict, k: str, fmt: str = "{:.1f}") -> str:
@@ -220,6 +245,8 @@ def main() -> None:
         ("logits rel err vs reference", f(r, "logits_rel_err", "{:.2e}"), ""),
         ("bf16 logits rel err vs fp32", f(r, "ours_bf16_rel_err_vs_fp32", "{:.2e}"),
          f(r, "transformers_bf16_rel_err_vs_fp32", "{:.2e}")),
+        (f"  last {DECODED} rows, ours by decode steps", f(r, "ours_decode_bf16_rel_err_vs_fp32", "{:.2e}"),
+         f(r, "transformers_rows_bf16_rel_err_vs_fp32", "{:.2e}")),
     ])
     emit_json(r, os.environ.get("OUT"))
 
