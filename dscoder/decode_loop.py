@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -29,6 +29,16 @@ def check_prompt(prompt: list[int], context_length: int) -> None:
     if len(prompt) >= context_length:
         raise PromptTooLong(f"The prompt has {len(prompt)} tokens but the context window is "
                             f"{context_length}; shorten it or raise --context-length.")
+
+
+def plan_request(prompt_ids: Sequence[int], settings: GenerationSettings, context_length: int,
+                 stop_ids: Iterable[int | None]) -> tuple[list[int], frozenset[int], int]:
+    """(prompt, stop ids, token budget) of a request both engines can start from: the prompt
+    checked against the window, and at most max_tokens that still fit in it."""
+    prompt = list(prompt_ids)
+    check_prompt(prompt, context_length)
+    stops = frozenset(i for i in stop_ids if i is not None)
+    return prompt, stops, min(settings.max_tokens, context_length - len(prompt))
 
 
 class Decode(Protocol):

@@ -16,7 +16,7 @@ import torch
 
 from dscoder import shapes
 from dscoder.config import ModelConfig
-from dscoder.decode_loop import check_prompt, run_generation, stepwise
+from dscoder.decode_loop import plan_request, run_generation, stepwise
 from dscoder.errors import UsageError
 from dscoder.events import Event, GenerationSettings
 from dscoder.graphs import GraphedDecoder
@@ -219,11 +219,10 @@ class Session:
         if engine.closed:
             raise UsageError("The engine was closed; load a new one to generate.")
         settings = settings or engine.defaults
-        prompt = list(prompt_ids)
-        check_prompt(prompt, engine.context_length)
-        stop_ids = frozenset(stop_ids if stop_ids is not None else (engine.config.eos_token_id,))
-        budget = min(settings.max_tokens, engine.context_length - len(prompt))
-        return self._run(prompt, settings, stop_ids, budget, cancel)
+        prompt, stops, budget = plan_request(
+            prompt_ids, settings, engine.context_length,
+            stop_ids if stop_ids is not None else (engine.config.eos_token_id,))
+        return self._run(prompt, settings, stops, budget, cancel)
 
     def _run(self, prompt: list[int], settings: GenerationSettings, stop_ids: frozenset[int],
              budget: int, cancel: threading.Event | None) -> Iterator[Event]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dscoder import shapes
-from dscoder.decode_loop import check_prompt, run_generation, stepwise
+from dscoder.decode_loop import plan_request, run_generation, stepwise
 from dscoder.engine import common_prefix
 from dscoder.errors import DscoderError, OutOfMemory, UsageError
 from dscoder.events import Event, GenerationSettings
@@ -165,11 +165,8 @@ class HFSession:
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         engine = self.engine
         settings = settings or engine.defaults
-        prompt = list(prompt_ids)
-        check_prompt(prompt, engine.context_length)
-        stops = frozenset(i for i in (stop_ids if stop_ids is not None else engine.stop_ids)
-                          if i is not None)
-        budget = min(settings.max_tokens, engine.context_length - len(prompt))
+        prompt, stops, budget = plan_request(prompt_ids, settings, engine.context_length,
+                                             stop_ids if stop_ids is not None else engine.stop_ids)
         return self._run(prompt, settings, stops, budget, cancel)
 
     def _run(self, prompt: list[int], settings: GenerationSettings, stop_ids: frozenset[int],

@@ -138,6 +138,12 @@ class Screen:
         self.child.expect_exact(text)
         self.stream.feed(self.child.before + self.child.after)
 
+    def finish(self) -> str:
+        """Read to the child's exit; the screen's text."""
+        self.child.expect(pexpect.EOF)
+        self.stream.feed(self.child.before)
+        return "\n".join(self.screen.display)
+
     def settle(self) -> str:
         """Wait until the child has drawn everything (nothing new for 0.5 s); the screen's text."""
         self.stream.feed(self.child.buffer)  # read by the last expect, after its match
@@ -188,10 +194,8 @@ def test_ctrl_r_search_enter_sends_escape_edits_ctrl_c_leaves(tmp_path):
         term.expect("Saved 4 messages")
         term.expect(PROMPT)
         child.send(CTRL_D)
-        child.expect(pexpect.EOF)
-        term.stream.feed(child.before)
         # the chat ended: the last prompt left no placeholder behind in the scrollback
-        assert PROMPT not in "\n".join(term.screen.display)
+        assert PROMPT not in term.finish()
     finally:
         child.close()
     assert child.exitstatus == 0
@@ -209,12 +213,10 @@ def test_stats_line_without_colour_on_a_terminal(tmp_path, plain):
     term = Screen(child)
     try:
         term.expect("the answer")
-        child.expect(pexpect.EOF)
-        term.stream.feed(child.before)
+        shown = term.finish()
     finally:
         child.close()
     assert child.exitstatus == 0
-    shown = "\n".join(term.screen.display)
     assert "reply" in shown and "tok/s" in shown
     assert "\x1b[" not in child.before  # and no colour
 
@@ -228,12 +230,10 @@ def test_insert_shows_a_spinner_with_the_token_count_then_erases_it(tmp_path):
     try:
         term.expect("filling the gap before line 2")
         term.expect(" tokens")
-        child.expect(pexpect.EOF)
-        term.stream.feed(child.before)
+        shown = term.finish()
     finally:
         child.close()
     assert child.exitstatus == 0
-    shown = "\n".join(term.screen.display)
     assert "filling the gap" not in shown and "(dry run" in shown
 
 
