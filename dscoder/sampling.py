@@ -45,20 +45,20 @@ class SamplingParams:
 
 
 class Sampler:
-    """One generation's sampling: settings, the resolved seed, and their device tensors."""
+    """One generation's sampling: greedy or not, and the knobs with the resolved seed as
+    device tensors."""
 
-    def __init__(self, settings: GenerationSettings, device: torch.device, vocab: int | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: GenerationSettings, device: torch.device) -> None:
         self.greedy = settings.temperature <= 0
         # no seed given: a fresh one per generation (the reply is still a function of it)
-        self.seed = (settings.seed if settings.seed is not None else secrets.randbits(32)) & _MASK32
-        top_k = settings.top_k if settings.top_k > 0 else (vocab or 1 << 62)
+        seed = (settings.seed if settings.seed is not None else secrets.randbits(32)) & _MASK32
+        top_k = settings.top_k if settings.top_k > 0 else 1 << 62  # off: above any vocabulary
         top_p = settings.top_p if 0 < settings.top_p < 1 else 2.0
         self.params = SamplingParams(
             torch.tensor([max(settings.temperature, 1e-6)], dtype=torch.float32, device=device),
             torch.tensor([top_k], dtype=torch.long, device=device),
             torch.tensor([top_p], dtype=torch.float32, device=device),
-            torch.tensor([self.seed], dtype=torch.long, device=device))
+            torch.tensor([seed], dtype=torch.long, device=device))
 
     def __call__(self, logits: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """logits (1, V) fp32 of the token at `pos` -> its id (1,), on the logits' device (no
