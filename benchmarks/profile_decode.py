@@ -51,6 +51,7 @@ def main() -> None:
     kernel_bandwidth()
     lite_checkpoint(a.dir)
     engine = load_engine(a.dir, context_length=8192)
+    engine.use_compiled_step(wait=True)  # measure the compiled step, not the warm-up one
     session = engine.new_session()
     greedy = GenerationSettings(max_tokens=16, temperature=0)
     prompt = random_prompt(2048, 1)

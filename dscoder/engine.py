@@ -19,12 +19,18 @@ from dscoder.config import ModelConfig
 from dscoder.decode_loop import plan_request, run_generation, stepwise
 from dscoder.errors import UsageError
 from dscoder.events import Event, GenerationSettings
-from dscoder.graphs import GraphedDecoder
+from dscoder.graphs import GraphedDecoder, swap_step
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile
 from dscoder.sampling import Sampler
 from dscoder.tokenizer import Tokenizer
+from dscoder.warmup import Precompile
+
+# while the compiled step is being built, a reply's decode rounds are at most this many steps,
+# so that a long first reply switches to it soon after it is ready (a round ends by draining
+# the few steps queued ahead: about a step's time lost per round)
+SWITCH_ROUND = 128
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Engine:
     budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
     startup_profile: StartupProfile | None = None  # where loading's time went (--verbose)
     capture_ahead: bool = True  # capture the next length bucket's graph in the background
+    precompile: Precompile | None = None  # the decode step compiling in the background
     _session: Session | None = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     closed: bool = False
@@ -65,6 +72,9 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        if self.precompile is not None:  # its thread runs the model's layers: let it end first
+            self.precompile.result(wait=True)
+            self.precompile = None
         for session in list(self._sessions):
             session.close()
         self._session = None
@@ -83,6 +93,19 @@ class Engine:
                  cancel: threading.Event | None = None) -> Iterator[Event]:
         """One generation; consecutive calls share a cache, so a common prefix is reused."""
         return self.default_session().generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
+
+    def use_compiled_step(self, wait: bool = False) -> bool:
+        """Decode with the compiled step from now on if it is ready (or once it is, with `wait`);
+        whether the engine decodes with it. A failed compile leaves the uncompiled step."""
+        pre = self.precompile
+        if pre is not None:
+            compiled = pre.result(wait)
+            if compiled is None and not pre.done.is_set():
+                return False
+            self.precompile = None
+            if compiled is not None:
+                swap_step(self.model, compiled)
+        return self.model._compiled_layer is not None
 
     def prepare(self) -> None:
         """Allocate the default session's cache and capture its first decode graph (at load)."""
@@ -257,6 +280,8 @@ class Session:
         made = 1
         while True:
             steps = min(limit - made, self._room(pos)) if made < limit else 0
+            if self.engine.precompile is not None and not self.engine.use_compiled_step():
+                steps = min(steps, SWITCH_ROUND)
             if steps <= 0:
                 yield token
                 return

@@ -54,6 +54,8 @@ class GraphedDecoder:
                  on_capture: Report | None = None, ahead: bool = True) -> None:
         self.model, self.cache = model, cache
         self.graphs: dict[int, Callable[[], None]] = {}  # visible rows -> replay
+        self.versions: dict[int, int] = {}  # visible rows -> the model.step_version it replays
+        self._retired: list[Callable[[], None]] = []  # replaced graphs, until their replays ran
         self.pending: dict[int, Future] = {}
         self.on_capture = on_capture
         self.ahead = ahead
@@ -71,6 +73,7 @@ class GraphedDecoder:
     @torch.inference_mode()
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         """Logits (1, V) for `token` at `pos`; the tensor is reused by the next call."""
+        self._release_retired()
         self.ids.fill_(token)
         self.pos.fill_(pos)
         self._replay(pos)
@@ -81,6 +84,7 @@ class GraphedDecoder:
         """The ids of `steps` decode steps, the first feeding `token` at `pos` and each one the
         id sampled by the one before, sampled on the device. The first AHEAD_STEPS are queued
         now; each id the caller reads queues one more, so the GPU never waits for the host."""
+        self._release_retired()
         sample_step = self._sampler(sampler.greedy)
         self.params.copy_(sampler.params)
         self.ids.fill_(token)
@@ -119,8 +123,9 @@ class GraphedDecoder:
             self.capture_ahead([shapes.bucket_rows(pos + bucket, self.cache.capacity)])
 
     def graph(self, visible: int) -> Callable[[], None]:
-        """The replay for `visible` rows: captured already, being captured (wait), or now."""
-        if visible not in self.graphs:
+        """The replay for `visible` rows of the model's current decode step: captured already,
+        being captured (wait), or now (also when the step changed since: a recapture)."""
+        if not self.fresh(visible):
             pending = self.pending.pop(visible, None)
             if pending is not None and _failed(pending):
                 self.ahead = False  # it failed in the background: capture here from now on
@@ -131,17 +136,21 @@ class GraphedDecoder:
         """Until the captures asked of the background thread have ended."""
         wait(list(self.pending.values()))
 
+    def fresh(self, visible: int) -> bool:
+        """Whether the graph for `visible` rows exists and replays the model's current step."""
+        return self.versions.get(visible) == self.model.step_version
+
     def capture(self, visible: int) -> None:
         """Capture the graph for `visible` rows in this thread (waiting for any other capture)."""
-        if visible not in self.graphs:
+        if not self.fresh(visible):
             with _CAPTURE_LOCK:
-                if visible not in self.graphs:
+                if not self.fresh(visible):
                     self._capture(visible)
 
     def capture_ahead(self, visibles: list[int]) -> None:
         """Capture these buckets on the background thread (or now, with capture-ahead off)."""
         for visible in visibles:
-            if visible in self.graphs or visible in self.pending:
+            if self.fresh(visible) or visible in self.pending:
                 continue
             if not self.ahead or not self.cuda:
                 self.capture(visible)
@@ -151,9 +160,23 @@ class GraphedDecoder:
     def _decode(self, visible: int) -> None:
         self.logits.copy_(self.model.decode_at(self.ids, self.pos, self.cache, visible))
 
+    def _release_retired(self) -> None:
+        """Free replaced graphs once nothing queued can still replay them."""
+        if self._retired:
+            if self.cuda:
+                torch.cuda.current_stream(self.ids.device).synchronize()
+            self._retired.clear()
+
+    def _install(self, visible: int, replay: Callable[[], None], version: int) -> None:
+        old = self.graphs.get(visible)
+        if old is not None:
+            self._retired.append(old)
+        self.graphs[visible], self.versions[visible] = replay, version
+
     def _capture(self, visible: int) -> None:
+        version = self.model.step_version  # the capture lock is held: it cannot change now
         if not self.cuda:
-            self.graphs[visible] = partial(self._decode, visible)
+            self._install(visible, partial(self._decode, visible), version)
             return
         t = time.perf_counter()
         device = self.model.lm_head.weight.device
@@ -171,7 +194,7 @@ class GraphedDecoder:
                 self.model.decode_at(ids, pos, self.cache, visible)
 
         graph = capture_graph(partial(self._decode, visible), device, warm_up=warm_up)
-        self.graphs[visible] = graph.replay
+        self._install(visible, graph.replay, version)
         if self.on_capture is not None:
             self.on_capture(time.perf_counter() - t, threading.current_thread().name == _THREAD)
 
@@ -193,6 +216,14 @@ class GraphedDecoder:
                 graph = capture_graph(step, device, warm_up=step, after=torch.cuda.current_stream(device))
                 self.samplers[greedy] = graph.replay
         return self.samplers[greedy]
+
+
+def swap_step(model: Transformer, compiled: Callable) -> None:
+    """Make `compiled` the model's decode layer. Under the capture lock, so that no capture is
+    half of the old step and half of the new; graphs of the old step are then stale, and each
+    decoder recaptures them when next needed (GraphedDecoder.graph)."""
+    with _CAPTURE_LOCK:
+        model.compile_decode(compiled=compiled)
 
 
 def capture_graph(fn: Callable[[], object], device: torch.device, *,

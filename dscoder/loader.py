@@ -186,13 +186,10 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
             install_trace(net, routing_trace)
         net.set_context(ctx)
         use_graphs = _fast_decode(net, dev, graphs, compile, precompile)
-        if precompile is not None and precompile.error is not None and log:
-            log(f"compiling the decode step while loading failed ({precompile.error!r}); "
-                "it compiles now instead")
         engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                         defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
                         budget_plan=budget_plan, startup_profile=profile,
-                        capture_ahead=capture_ahead)
+                        capture_ahead=capture_ahead, precompile=precompile)
         if use_graphs:
             warm_up(engine, profile)
     except torch.cuda.OutOfMemoryError as e:
@@ -207,21 +204,20 @@ def _start_precompile(cfg: ModelConfig, dev: torch.device, dt: torch.dtype,
                       profile: StartupProfile) -> Precompile:
     from dscoder.shapes import BUCKET
 
-    enable_compile_caches()
     return Precompile(cfg, dev, dt, BUCKET, profile)
 
 
 def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool,
                  precompile: Precompile | None = None) -> bool:
     """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
-    step (it fuses the step's small kernels; `precompile` has compiled it while the weights
-    loaded, or it compiles in warm_up). A routing trace needs the host at every layer, so the
-    caller turns graphs off for it."""
+    step (it fuses the step's small kernels; `precompile` compiles it in the background, and
+    the engine switches to it when ready, or it compiles in warm_up). A routing trace needs
+    the host at every layer, so the caller turns graphs off for it."""
     if dev.type != "cuda" or not graphs:
         return False
     if net.offload is None and compile:
         if precompile is not None:
-            precompile.install(net)
+            precompile.attach(net)
         else:
             enable_compile_caches()
             net.compile_decode()

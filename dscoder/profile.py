@@ -5,14 +5,15 @@ reads it from `engine.startup_profile`. No torch here: the CLI times `import tor
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # the order phases are printed in (others follow in the order they were first recorded)
-ORDER = ("import", "config", "tokenizer", "load weights", "pin experts", "compile (while loading)",
-         "compile (waited for)", "compile", "graph capture", "first prefill")
+ORDER = ("import", "config", "tokenizer", "load weights", "pin experts", "compile", "graph capture",
+         "first prefill", "compile (background)")
 
 
 class StartupProfile:
@@ -72,6 +73,9 @@ class StartupProfile:
         for name in ("compiles", "graphs captured"):
             if name in counts:
                 parts.append(f"{counts[name]} {name}")
+        age = process_age()
+        if age is not None:  # the phases' sum falls short of this by what no phase names
+            parts.append(f"process {age:.2f} s")
         return "start-up: " + ", ".join(parts)
 
     def as_dict(self) -> dict:
@@ -95,3 +99,15 @@ def recording(profile: StartupProfile) -> Iterator[StartupProfile]:
 
 def current() -> StartupProfile | None:
     return _ACTIVE
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), interpreter start-up included."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

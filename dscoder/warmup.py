@@ -1,21 +1,25 @@
-"""Compile and capture before the first reply, overlapped with loading where possible.
+"""Compile the decode step in the background; capture the first graph before the first reply.
 
-torch.compile of the decode step took 10-15 s on a fresh machine and 1-3 s with a warm cache,
-and the first bucket's CUDA graph was captured inside the first reply (which then decoded at
-half speed). Here the step is compiled while the weights load: on stand-in layers (one per
-layer kind, zero weights of the real shapes and dtypes) on a background thread, with the same
-compiled function the model then uses, so the real layers find it compiled (Dynamo guards on
-shapes and dtypes, not on which tensors); the stand-ins also run a short prefill, which loads
-the prefill's kernels. The first graph is captured at the end of loading.
+torch.compile of the decode step took 10-15 s on a fresh machine and 3-5 s with a warm cache
+(importing Dynamo and Inductor alone took 3-6 s of it), more than loading the weights. So
+nothing waits for it: a background thread imports the compiler and compiles the step on
+stand-in layers (one per layer kind, zero weights of the real shapes and dtypes; Dynamo guards
+on shapes and dtypes, not on which tensors, so the real layers find it compiled), runs it once
+on the loaded model, and reports ready. Meanwhile the engine decodes from CUDA graphs of the
+uncompiled step (captured at the end of loading); at its next decode round after the compile is
+ready it switches to the compiled step (Engine.use_compiled_step), recapturing its graphs. A
+one-shot command thus never pays for the compile, and a long session gets the fused step.
 """
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
+from dscoder.compile_cache import enable_compile_caches
 from dscoder.config import ModelConfig
 from dscoder.model.rope import rope_table
 from dscoder.model.step import Step
@@ -34,41 +38,68 @@ def compile_count() -> int:
 
 
 class Precompile:
-    """The decode step compiling on a background thread while the weights load."""
+    """The decode step compiling on a background thread, from before the weights load."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, rows: int,
                  profile: StartupProfile, backend="inductor") -> None:
-        self.compiled = compile_decode_layer(backend)
+        self.compiled: Callable | None = None
         self.error: BaseException | None = None
         self.profile = profile
-        self._args = (cfg, device, dtype, rows)
+        self.done = threading.Event()
+        self._args = (cfg, device, dtype, rows, backend)
+        self._model: Transformer | None = None
+        self._attached = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dscoder-compile", daemon=True)
         self._thread.start()
 
+    def attach(self, model: Transformer) -> None:
+        """The loaded model: once the step is compiled, it runs once on the model's layers (their
+        first calls cost about a second of guard building), so the switch is quick."""
+        self._model = model
+        self._attached.set()
+
     def _run(self) -> None:
-        cfg, device, dtype, rows = self._args
+        cfg, device, dtype, rows, backend = self._args
         profile = self.profile
         t, before = time.perf_counter(), compile_count()
         try:
+            enable_compile_caches()  # imports Inductor: seconds, off the loading thread
+            compiled = compile_decode_layer(backend)
             for i in _one_layer_per_kind(cfg):
                 # weights, cache and position made outside inference mode, as the real ones
                 layer, args = _stand_in(cfg, i, device, dtype), decode_layer_args(cfg, device, dtype, rows)
                 with torch.inference_mode():
-                    self.compiled(layer, *args)
+                    compiled(layer, *args)
                     _prefill(layer, cfg, device, dtype)
                 del layer, args
+            self._attached.wait()
+            if self._model is not None:
+                _first_calls(self._model, compiled, rows)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        except BaseException as e:  # the model then compiles at its first call, as without this
+            self.compiled = compiled
+        except BaseException as e:  # decoding stays on the uncompiled step
             self.error = e
-        profile.add("compile (while loading)", time.perf_counter() - t)
-        profile.count("compiles", compile_count() - before)
+        finally:
+            profile.add("compile (background)", time.perf_counter() - t)
+            profile.count("compiles", compile_count() - before)
+            self.done.set()
 
-    def install(self, model: Transformer) -> None:
-        """Wait for the compile, then let the model decode through the compiled function."""
-        with self.profile.phase("compile (waited for)"):  # what loading did not hide
-            self._thread.join()
-        model.compile_decode(compiled=self.compiled)
+    def result(self, wait: bool = False) -> Callable | None:
+        """The compiled step once ready (None while compiling, unless `wait`, or if it failed)."""
+        if wait:
+            self._attached.set()  # nobody attached a model: nothing to warm
+            self.done.wait()
+        return self.compiled if self.done.is_set() else None
+
+
+def _first_calls(model: Transformer, compiled: Callable, rows: int) -> None:
+    """One compiled decode step through the loaded layers, into a scratch cache (the real one may
+    be in use), made as sessions make theirs (outside inference mode: Dynamo guards on that)."""
+    scratch = model.new_cache(rows + 1)
+    ids = torch.zeros(1, dtype=torch.long, device=scratch.data.device)
+    with torch.inference_mode():
+        model.decode_at(ids, ids, scratch, rows, compiled=compiled)
 
 
 def _prefill(layer: DecoderLayer, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -104,8 +135,9 @@ def _stand_in(cfg: ModelConfig, i: int, device: torch.device, dtype: torch.dtype
 
 
 def warm_up(engine, profile: StartupProfile) -> None:
-    """Compile the decode step (unless a Precompile did) and capture the first bucket's graph
-    now rather than inside the first reply. Later buckets are captured ahead (dscoder.graphs)."""
+    """Compile the decode step when it compiles in the foreground (int8 experts: the stand-ins
+    hold bf16 ones) and capture the first bucket's graph now rather than inside the first reply.
+    Later buckets are captured ahead (dscoder.graphs)."""
     from dscoder.shapes import BUCKET
 
     net = engine.model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
@@ -181,9 +182,10 @@ def test_verbose_prints_the_start_up_profile(monkeypatch):
 
 
 def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
-    """The step compiled (in the background, while loading) on zero-weight stand-ins of each
-    layer kind is the one the loaded model's layers use: nothing compiles again."""
+    """The step compiled in the background on zero-weight stand-ins of each layer kind is the
+    one the loaded model's layers use: nothing compiles again."""
     from dscoder.config import ModelConfig
+    from dscoder.graphs import swap_step
     from dscoder.warmup import Precompile
     from dscoder.weights import load_model
 
@@ -198,13 +200,56 @@ def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
     pre = Precompile(cfg, torch.device("cpu"), torch.float32, 1024, profile, backend=counting_backend)
     model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
     model.set_context(4096)
-    pre.install(model)
-    assert pre.error is None and len(graphs) == 2  # a dense and a MoE layer
+    pre.attach(model)
+    compiled = pre.result(wait=True)
+    assert pre.error is None and compiled is not None and len(graphs) == 2  # a dense and a MoE layer
+    swap_step(model, compiled)
     cache, pos = model.new_cache(4096), torch.tensor([100])  # made as a session makes them
     with torch.inference_mode():
         model.decode_at(torch.tensor([3]), pos, cache, 2048)
     assert len(graphs) == 2
-    assert profile.counts["compiles"] == 2 and "compile (while loading)" in profile.seconds
+    assert profile.counts["compiles"] == 2 and "compile (background)" in profile.seconds
+
+
+def test_decoding_switches_to_the_compiled_step_when_it_is_ready(tiny_checkpoint):
+    """Replies before the compile is ready use the uncompiled step; the next decode round after
+    it is ready switches (the decoder's graphs of the old step are recaptured), same ids."""
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+    from dscoder.shapes import BUCKET
+    from dscoder.warmup import Precompile
+
+    calls, release = [], threading.Event()
+
+    def held_backend(gm, example_inputs):  # the compile waits for `release`
+        release.wait()
+
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    def greedy(engine, ids, n=12):
+        events = list(engine.generate(ids, GenerationSettings(max_tokens=n, temperature=0), stop_ids=()))
+        return events[-1].token_ids
+
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    expected = greedy(engine, [1, 2, 3])
+    engine.close()
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    engine.use_graphs = True  # GraphedDecoder runs its steps eagerly on the CPU, as replays
+    pre = Precompile(engine.config, engine.device, torch.float32, BUCKET, StartupProfile(),
+                     backend=held_backend)
+    pre.attach(engine.model)
+    engine.precompile = pre
+    assert greedy(engine, [1, 2, 3]) == expected
+    assert not calls and engine.precompile is pre and engine.model._compiled_layer is None
+    decoder = engine._session._graphs
+    release.set()
+    pre.done.wait()
+    assert greedy(engine, [1, 2, 3]) == expected  # the first round switched
+    assert calls and engine.precompile is None and engine.model._compiled_layer is not None
+    assert all(decoder.fresh(v) for v in decoder.versions) and decoder.versions
 
 
 def test_loading_leaves_no_file_open(tiny_checkpoint):
@@ -276,10 +321,11 @@ def _fake_decoder(fail_in_background: bool = False):
             self.log.append(("capture", visible, background))
             if background and fail_in_background:
                 raise RuntimeError("capture failed")
-            self.graphs[visible] = _FakeGraph(self.log, visible).replay
+            self._install(visible, _FakeGraph(self.log, visible).replay, self.model.step_version)
 
     cache = type("Cache", (), {"capacity": 4096})()
-    model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.zeros(1)), cfg=SimpleNamespace(vocab_size=8))
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.zeros(1)), cfg=SimpleNamespace(vocab_size=8),
+                            step_version=0)
     d = Fake(model, cache)
     d.cuda = True  # as on a GPU: later buckets are captured on the background thread
     d.log = []
@@ -337,3 +383,16 @@ def test_a_reply_asks_for_its_first_decode_graph_before_prefilling(tiny_checkpoi
     list(engine.generate(prompt, GenerationSettings(max_tokens=3, temperature=0), stop_ids=()))
     assert calls[1] == ("ahead", 2048)  # position 1099 reads 2,048 rows: asked before prefill
     assert [c for c in calls if c[0] == "decode"] == [("decode", 1099), ("decode", 1100)]
+
+
+def test_the_profile_says_how_old_the_process_is():
+    """--verbose's start-up line ends with the process's age, so that the time no phase names
+    shows (interpreter start-up included)."""
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(0.6); from dscoder.profile import StartupProfile; "
+            "p = StartupProfile(); p.add('import', 0.1); print(p.summary())")
+    line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    age = float(line.rsplit("process ", 1)[1].split(" s")[0])
+    assert line.startswith("start-up: import 0.10 s, process ") and 0.6 <= age < 30

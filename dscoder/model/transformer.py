@@ -108,6 +108,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope: torch.Tensor | None = None  # (positions, rope/2, 2) fp32, built by set_context
         self._compiled_layer = None  # torch.compile'd decode layer, see compile_decode
+        self.step_version = 0  # changes when the decode step does (graphs of the old one are stale)
         self.offload = None  # dscoder.offload's runtime when routed experts live in host memory
 
     def set_context(self, length: int) -> None:
@@ -142,15 +143,17 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x[-1:])).float()
 
     def decode_at(self, ids: torch.Tensor, pos: torch.Tensor, cache: LatentKVCache,
-                  visible: int) -> torch.Tensor:
-        """One token whose position is a device tensor: fixed shapes, so it can be graph-captured."""
+                  visible: int, compiled: Callable | None = None) -> torch.Tensor:
+        """One token whose position is a device tensor: fixed shapes, so it can be graph-captured.
+        compiled: a compiled decode layer to use instead of the model's own (dscoder.warmup)."""
         assert self.rope is not None, "call set_context first"
-        return self.run(ids, self.rope.index_select(0, pos), cache, Step.on_device(pos, visible))
+        return self.run(ids, self.rope.index_select(0, pos), cache, Step.on_device(pos, visible),
+                        compiled=compiled)
 
     def run(self, ids: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step,
-            all_logits: bool = False) -> torch.Tensor:
+            all_logits: bool = False, compiled: Callable | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
-        compiled = self._compiled_layer
+        compiled = compiled or self._compiled_layer
         if compiled is not None and isinstance(step.start, torch.Tensor):
             mask = _dynamic(step.mask, 1)
             for i, layer in enumerate(self.model.layers):
@@ -168,6 +171,7 @@ class Transformer(nn.Module):
         The compile happens at the first call, or already happened in `compiled`'s first
         calls (dscoder.warmup compiles it on stand-in layers while the weights load)."""
         self._compiled_layer = compiled if compiled is not None else compile_decode_layer(backend)
+        self.step_version += 1
 
     def new_cache(self, capacity: int) -> LatentKVCache:
         w = self.lm_head.weight

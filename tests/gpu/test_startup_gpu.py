@@ -1,4 +1,4 @@
-"""Start-up on CUDA: compile and first graph at load, no recompile at a new length, graphs
+"""Start-up on CUDA: first graph at load, the compiled step switched in when ready, no recompile at a new length, graphs
 captured ahead on the background thread, staged reads to the GPU.
 
 Skipped without a GPU; run on the GPU machine with `python -m pytest tests/gpu -q`.
@@ -18,20 +18,27 @@ def greedy(engine, ids: list[int], n: int) -> tuple[int, ...]:
     return events[-1].token_ids
 
 
-def test_load_compiles_and_captures_the_first_graph(tiny_checkpoint):
+def test_load_captures_the_first_graph_and_switches_to_the_compiled_step(tiny_checkpoint):
+    """Loading captures the uncompiled step's first graph (the compile runs in the background);
+    once the compiled step is ready the next reply recaptures with it and gives the same ids,
+    and later replies in that bucket compile and capture nothing."""
     from dscoder.engine import load_engine
     from dscoder.shapes import BUCKET
     from dscoder.warmup import compile_count
 
     engine = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
     profile = engine.startup_profile
-    assert {"compile", "graph capture", "load weights"} <= set(profile.seconds)
+    assert {"graph capture", "load weights"} <= set(profile.seconds)
     assert profile.counts["graphs captured"] == 1
     assert BUCKET in engine._session._graphs.graphs
-    before = compile_count()
-    greedy(engine, [1, 2, 3, 4], 16)  # inside the first bucket: nothing to compile or capture
+    first = greedy(engine, [1, 2, 3, 4], 16)
+    assert engine.use_compiled_step(wait=True)
+    assert profile.counts["compiles"] == 2 and "compile (background)" in profile.seconds
+    assert greedy(engine, [1, 2, 3, 4], 16) == first
+    captured, before = profile.counts["graphs captured"], compile_count()
+    greedy(engine, [5, 6, 7], 16)  # inside the first bucket: nothing to compile or capture
     assert compile_count() == before
-    assert profile.counts["graphs captured"] == 1
+    assert profile.counts["graphs captured"] == captured
 
 
 def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypatch):
@@ -44,6 +51,7 @@ def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypat
     monkeypatch.setattr(graphs_mod, "AHEAD_ROWS", 8)
     monkeypatch.setattr(shapes, "FIRST_CAPACITY", 32)
     graphed = load_engine(tiny_checkpoint, device="cuda", dtype="float32")
+    assert graphed.use_compiled_step(wait=True)
     before = compile_count()
     got = [greedy(graphed, [1, 5, 9], 100), greedy(graphed, list(range(1, 70)), 40)]
     assert compile_count() == before, "a new bucket or a grown cache recompiled the decode step"
