@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from dscoder.compile_cache import configure_cache_dirs, enable_compile_caches
+from dscoder.compile_cache import configure_cache_dirs
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
 from dscoder.profile import StartupProfile, recording
+from dscoder.shapes import BUCKET
 from dscoder.warmup import Precompile, warm_up
 from dscoder.weights import Progress, load_model
 
@@ -158,11 +159,6 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
     with profile.phase("tokenizer"):
         tokenizer = load_tokenizer(model_dir)
     configure_cache_dirs()  # before anything compiles (Triton kernels included)
-    compiles = dev.type == "cuda" and graphs and compile
-    # a model resident on the GPU compiles while it loads (under a budget the plan decides later;
-    # the stand-in layers it compiles on hold bf16 experts, so int8 ones compile in warm_up)
-    early = compiles and not gpu_memory and expert_dtype == "bf16"
-    precompile = _start_precompile(cfg, dev, dt, profile) if early else None
     try:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget
@@ -185,43 +181,23 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
 
             install_trace(net, routing_trace)
         net.set_context(ctx)
-        use_graphs = _fast_decode(net, dev, graphs, compile, precompile)
+        # a model resident on the GPU decodes from CUDA graphs, and compiles its step in the
+        # background (dscoder.warmup); a routing trace needs the host at every layer: no graphs
+        use_graphs = dev.type == "cuda" and graphs
         engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                         defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
                         budget_plan=budget_plan, startup_profile=profile,
-                        capture_ahead=capture_ahead, precompile=precompile)
+                        capture_ahead=capture_ahead)
         if use_graphs:
             warm_up(engine, profile)
+            if compile and net.offload is None:
+                engine.precompile = Precompile(net, BUCKET, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return engine
-
-
-def _start_precompile(cfg: ModelConfig, dev: torch.device, dt: torch.dtype,
-                      profile: StartupProfile) -> Precompile:
-    from dscoder.shapes import BUCKET
-
-    return Precompile(cfg, dev, dt, BUCKET, profile)
-
-
-def _fast_decode(net, dev: torch.device, graphs: bool, compile: bool,
-                 precompile: Precompile | None = None) -> bool:
-    """Whether decode replays CUDA graphs, and, for a model resident on the GPU, compile the
-    step (it fuses the step's small kernels; `precompile` compiles it in the background, and
-    the engine switches to it when ready, or it compiles in warm_up). A routing trace needs
-    the host at every layer, so the caller turns graphs off for it."""
-    if dev.type != "cuda" or not graphs:
-        return False
-    if net.offload is None and compile:
-        if precompile is not None:
-            precompile.attach(net)
-        else:
-            enable_compile_caches()
-            net.compile_decode()
-    return True
 
 
 def release_model(net, device: torch.device, *, uncap: bool = False) -> None:

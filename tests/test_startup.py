@@ -181,9 +181,9 @@ def test_verbose_prints_the_start_up_profile(monkeypatch):
         assert ("start-up: import 1.25 s" in err.getvalue()) == verbose
 
 
-def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
-    """The step compiled in the background on zero-weight stand-ins of each layer kind is the
-    one the loaded model's layers use: nothing compiles again."""
+def test_the_background_compile_serves_every_layer_and_length(tiny_checkpoint):
+    """The step compiled in the background (one graph per layer kind) serves every layer and
+    a cache and bucket of other sizes: nothing compiles again after the switch."""
     from dscoder.config import ModelConfig
     from dscoder.graphs import swap_step
     from dscoder.warmup import Precompile
@@ -197,10 +197,9 @@ def test_compiling_on_stand_in_layers_serves_the_real_model(tiny_checkpoint):
 
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     profile = StartupProfile()
-    pre = Precompile(cfg, torch.device("cpu"), torch.float32, 1024, profile, backend=counting_backend)
     model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
     model.set_context(4096)
-    pre.attach(model)
+    pre = Precompile(model, 1024, profile, backend=counting_backend)
     compiled = pre.result(wait=True)
     assert pre.error is None and compiled is not None and len(graphs) == 2  # a dense and a MoE layer
     swap_step(model, compiled)
@@ -238,10 +237,7 @@ def test_decoding_switches_to_the_compiled_step_when_it_is_ready(tiny_checkpoint
     engine.close()
     engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
     engine.use_graphs = True  # GraphedDecoder runs its steps eagerly on the CPU, as replays
-    pre = Precompile(engine.config, engine.device, torch.float32, BUCKET, StartupProfile(),
-                     backend=held_backend)
-    pre.attach(engine.model)
-    engine.precompile = pre
+    engine.precompile = pre = Precompile(engine.model, BUCKET, StartupProfile(), backend=held_backend)
     assert greedy(engine, [1, 2, 3]) == expected
     assert not calls and engine.precompile is pre and engine.model._compiled_layer is None
     decoder = engine._session._graphs
@@ -396,3 +392,16 @@ def test_the_profile_says_how_old_the_process_is():
     line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     age = float(line.rsplit("process ", 1)[1].split(" s")[0])
     assert line.startswith("start-up: import 0.10 s, process ") and 0.6 <= age < 30
+
+
+def test_the_compilers_hints_to_pytorch_developers_stay_off_the_users_terminal():
+    import warnings
+
+    from dscoder.model.transformer import compile_decode_layer
+
+    compile_decode_layer("eager")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn_explicit("Online softmax is disabled on the fly", UserWarning, "lowering.py", 1,
+                               module="torch._inductor.lowering")
+        warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="dscoder.x")
+    assert [str(w.message) for w in seen] == ["ours"]

@@ -183,25 +183,15 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
     """The compiled decode layer. The cache rows attention reads (the bucket) and the cache's
     capacity are dynamic from the first compile (see _dynamic and _decode_layer), so a new
     length bucket or a grown cache never recompiles: a recompile there stalled a reply 10 s."""
+    import warnings
+
     import torch._dynamo
 
+    # Inductor's performance hints are addressed to PyTorch's developers ("Online softmax is
+    # disabled on the fly..."); they reached our users' terminals in the middle of a chat
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(_decode_layer, backend=backend, dynamic=None)
-
-
-def decode_layer_args(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                      rows: int) -> tuple[torch.Tensor, ...]:
-    """Inputs like those of a compiled decode layer (after its `layer`): one token at position 0
-    reading `rows` rows of a cache one row longer (distinct sizes: Dynamo would otherwise
-    treat the two dynamic sizes as one). Made as decoding makes them, since Dynamo guards on
-    it: the cache and the position buffer outside inference mode, the activations inside."""
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    kv = torch.zeros(rows + 1, cfg.kv_cache_dim, dtype=dtype, device=device)
-    with torch.inference_mode():
-        x = torch.zeros(1, cfg.hidden_size, dtype=dtype, device=device)
-        rope = rope_table(cfg, 1, device)
-        mask = Step.on_device(pos, rows).mask
-    return x, rope, _dynamic(kv, 0), pos, _dynamic(mask, 1)
 
 
 def _decode_layer(layer: DecoderLayer, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
