@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +27,14 @@ from dscoder.sampling import Sampler
 from dscoder.tokenizer import Tokenizer
 from dscoder.warmup import Precompile
 
-# while the compiled step is being built, a reply's decode rounds are at most this many steps,
-# so that a long first reply switches to it soon after it is ready (a round ends by draining
-# the few steps queued ahead: about a step's time lost per round)
+# Until the engine decodes with the compiled step, a reply's decode rounds are at most this many
+# steps (a round ends by draining the few steps queued ahead: about a step's time lost per
+# round), so that a long reply starts the compile and switches to it soon after it is ready.
 SWITCH_ROUND = 128
+# The compile starts after the first reply, or once a reply has this many tokens: a one-shot
+# command with a short answer never pays for it (its imports and tracing hold the GIL, which
+# slowed that answer's decoding by a quarter), a long answer or a session soon gets the fused step.
+LONG_REPLY = 256
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Engine:
     budget_plan: object | None = None  # the --gpu-memory plan it was loaded under (None: no budget)
     startup_profile: StartupProfile | None = None  # where loading's time went (--verbose)
     capture_ahead: bool = True  # capture the next length bucket's graph in the background
+    compile_step: Callable[[], Precompile] | None = None  # starts the compile (start_compile)
     precompile: Precompile | None = None  # the decode step compiling in the background
     _session: Session | None = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
@@ -72,6 +77,7 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        self.compile_step = None
         if self.precompile is not None:  # its thread runs the model's layers: let it end first
             self.precompile.result(wait=True)
             self.precompile = None
@@ -94,9 +100,23 @@ class Engine:
         """One generation; consecutive calls share a cache, so a common prefix is reused."""
         return self.default_session().generate(prompt_ids, settings, stop_ids=stop_ids, cancel=cancel)
 
+    @property
+    def step_pending(self) -> bool:
+        """Whether a compiled decode step is yet to be started or switched to."""
+        return self.compile_step is not None or self.precompile is not None
+
+    def start_compile(self) -> None:
+        """Start compiling the decode step in the background, unless it started already."""
+        if self.compile_step is not None:
+            start, self.compile_step = self.compile_step, None
+            self.precompile = start()
+
     def use_compiled_step(self, wait: bool = False) -> bool:
-        """Decode with the compiled step from now on if it is ready (or once it is, with `wait`);
-        whether the engine decodes with it. A failed compile leaves the uncompiled step."""
+        """Decode with the compiled step from now on if it is ready (or start the compile and
+        wait for it, with `wait`); whether the engine decodes with it. A failed compile leaves
+        the uncompiled step."""
+        if wait:
+            self.start_compile()
         pre = self.precompile
         if pre is not None:
             compiled = pre.result(wait)
@@ -262,11 +282,14 @@ class Session:
             if profile is not None and "first prefill" not in profile.seconds:
                 profile.add("first prefill", seconds)
 
-        yield from run_generation(
-            lambda: self._prefill(prompt[reused:]), self._decode, tokenizer=engine.tokenizer,
-            settings=settings, device=engine.device, stop_ids=stop_ids, budget=budget, cancel=cancel,
-            prompt_tokens=len(prompt), cached_tokens=reused, stats=lambda: engine_stats(engine.model, before),
-            on_prefill=first_prefill)
+        try:
+            yield from run_generation(
+                lambda: self._prefill(prompt[reused:]), self._decode, tokenizer=engine.tokenizer,
+                settings=settings, device=engine.device, stop_ids=stop_ids, budget=budget,
+                cancel=cancel, prompt_tokens=len(prompt), cached_tokens=reused,
+                stats=lambda: engine_stats(engine.model, before), on_prefill=first_prefill)
+        finally:
+            engine.start_compile()  # after the first reply (a no-op later)
 
     def _decode(self, logits: torch.Tensor, sampler: Sampler, pos: int, limit: int) -> Iterator[int]:
         """The generation's ids (decode_loop.Decode): sampled on the device a few steps ahead
@@ -280,8 +303,12 @@ class Session:
         made = 1
         while True:
             steps = min(limit - made, self._room(pos)) if made < limit else 0
-            if self.engine.precompile is not None and not self.engine.use_compiled_step():
-                steps = min(steps, SWITCH_ROUND)
+            engine = self.engine
+            if engine.step_pending:
+                if made >= LONG_REPLY:
+                    engine.start_compile()
+                if not engine.use_compiled_step():
+                    steps = min(steps, SWITCH_ROUND)
             if steps <= 0:
                 yield token
                 return

@@ -5,6 +5,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -190,8 +191,8 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
                         capture_ahead=capture_ahead)
         if use_graphs:
             warm_up(engine, profile)
-            if compile and net.offload is None:
-                engine.precompile = Precompile(net, BUCKET, profile)
+            if compile and net.offload is None:  # after the first reply (Engine.start_compile)
+                engine.compile_step = partial(Precompile, net, BUCKET, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e

@@ -2,13 +2,14 @@
 
 torch.compile of the decode step took 10-15 s on a fresh machine and 3-5 s with a warm cache
 (importing Dynamo and Inductor alone took 3-6 s of it), longer than loading the weights. So
-nothing waits for it: once the model is loaded and the first graph of the uncompiled step is
-captured, a background thread imports the compiler, compiles the step through the loaded layers
-(one compile per layer kind: the weights are inputs of the compiled graph) and reports ready;
-the engine switches at its next decode round (Engine.use_compiled_step), recapturing its graphs.
-A one-shot command never pays for the compile; a session gets the fused step within seconds.
-It starts after the load, not during it: its imports and tracing hold the GIL, which slowed the
-reading threads (8.1 against 10-11 GB/s on an H100).
+nothing waits for it: the model decodes from CUDA graphs of the uncompiled step (the first one
+captured at load) while a background thread imports the compiler, compiles the step through
+the loaded layers (one compile per layer kind: the weights are inputs of the compiled graph)
+and reports ready; the engine switches at its next decode round (Engine.use_compiled_step),
+recapturing its graphs. The thread starts after the first reply, or once a reply runs long
+(Engine.start_compile), not during the load or a short reply: its imports and tracing hold the
+GIL, which slowed the reading threads (8.1 against 10-15 GB/s on an H100) and a short reply's
+decoding (126 against 171 tokens/s). A one-shot command with a short answer never pays for it.
 """
 from __future__ import annotations
 

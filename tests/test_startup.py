@@ -405,3 +405,41 @@ def test_the_compilers_hints_to_pytorch_developers_stay_off_the_users_terminal()
                                module="torch._inductor.lowering")
         warnings.warn_explicit("ours", UserWarning, "x.py", 1, module="dscoder.x")
     assert [str(w.message) for w in seen] == ["ours"]
+
+
+def test_the_compile_starts_after_the_first_reply_or_once_a_reply_runs_long(tiny_checkpoint, monkeypatch):
+    """A short one-shot answer never starts the compile (its thread would slow that answer);
+    the end of the first reply starts it, and so does a reply that runs past LONG_REPLY."""
+    from types import SimpleNamespace
+
+    import dscoder.engine as engine_mod
+    from dscoder.engine import load_engine
+    from dscoder.events import GenerationSettings
+
+    monkeypatch.setattr(engine_mod, "LONG_REPLY", 8)
+    monkeypatch.setattr(engine_mod, "SWITCH_ROUND", 4)
+
+    def engine_with_pending_compile():
+        engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+        engine.use_graphs = True  # decode rounds as on a GPU (GraphedDecoder steps run eagerly)
+        started = []
+
+        def start():  # a compile that never finishes
+            started.append(len(engine.default_session().tokens))
+            return SimpleNamespace(done=threading.Event(), result=lambda wait=False: None)
+
+        engine.compile_step = start
+        return engine, started
+
+    engine, started = engine_with_pending_compile()
+    for _ in engine.generate([1, 2, 3], GenerationSettings(max_tokens=6, temperature=0), stop_ids=()):
+        assert not started
+    assert len(started) == 1 and engine.step_pending
+    list(engine.generate([1, 2, 3, 4], GenerationSettings(max_tokens=6, temperature=0), stop_ids=()))
+    assert len(started) == 1  # started once
+
+    engine, started = engine_with_pending_compile()
+    during = []
+    for _ in engine.generate([1, 2, 3], GenerationSettings(max_tokens=40, temperature=0), stop_ids=()):
+        during.append(bool(started))
+    assert during[-1] and not during[0] and 3 + 8 <= started[0] <= 3 + 8 + 4
