@@ -1,0 +1,214 @@
+"""Absorbed multi-head latent attention for one decode token: one Triton kernel over the cache.
+
+The torch path (MLAttention._attend_absorbed) makes four cuBLAS products and a masked softmax a
+layer; at long context the two products over the cache read it far below bandwidth. Here, as in
+flash-decoding and FlashMLA, the cache rows are split among many programs: each program takes a
+block of heads (BLOCK_H queries as the M dimension of tensor-core products) and a share of the
+rows, streams them in blocks of BLOCK_T rows ([latent | k_pe], read once for both products),
+keeps an online softmax (running max and sum) and an fp32 accumulator of probs @ latent, and
+writes those partials; a second small kernel combines the splits into out_lat.
+
+Numerics follow the torch path: fp32 scores of the [q_lat | q_pe] . [latent | k_pe] product,
+fp32 softmax, the probabilities rounded to the cache dtype before the product with the latents
+(fp32 accumulation).
+
+Rows: with `pos` (a one-element device tensor, as under CUDA graphs) rows <= pos are valid, else
+all S. The split layout is computed inside the kernel from the valid length: a graph captured
+at S = 32K with a 2K conversation spreads those 2K rows over the programs, and programs with no
+rows return before loading anything. The grid depends only on the number of heads, so it is
+fixed at capture and never depends on the position.
+
+DSCODER_TRITON_MLA=0 sends decode attention back to the torch path, for comparison.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path
+    triton = None
+
+ENABLED = os.environ.get("DSCODER_TRITON_MLA", "1") != "0"
+
+BLOCK_H = 16  # heads a program takes: the smallest M of a tensor-core product (Lite has 16)
+# Programs over the rows, per block of heads, in all: one per SM of an H100 or H200 (132), so
+# that at 32K every SM streams its own 250 rows (290 kB) in one wave. The grid is fixed (the
+# same for every length: a captured graph serves a whole bucket); short contexts use fewer of
+# them (MIN_ROWS), the others return at once.
+SPLITS = 132
+# Rows of one step of a program: 64 rows x 576 bf16 = 72 kB per step; two steps in flight fit
+# the H100's 228 kB of shared memory, and the (16, 64) scores keep the softmax cheap.
+BLOCK_T = 64
+# Rows a split takes at least: below this, a split's fixed cost (loading the queries, writing
+# 16 x 512 fp32 partials for the combine) is as large as its share of the cache. At 2K that is
+# 16 splits of 128 rows (two steps each, so the loads pipeline).
+MIN_ROWS = 128
+WARPS = 4
+STAGES = 2
+COMBINE_SPLITS = 16  # partials the combine kernel reads at once
+COMBINE_D = 128  # latent columns per combine program: 16 heads x 4 = 64 programs for Lite
+
+
+def available(q: torch.Tensor, cached: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: triton installed, CUDA, half precision, switch on."""
+    return (ENABLED and triton is not None and q.is_cuda
+            and q.dtype in (torch.bfloat16, torch.float16) and cached.dtype == q.dtype)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n, at least 16 (the smallest side of a tl.dot)."""
+    p = 16
+    while p < n:
+        p *= 2
+    return p
+
+
+# Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies bf16 operands of tl.dot as
+# their raw 16-bit patterns: there the operands go to fp32 first, which gives the same products
+# (a product of two halves is exact in fp32) and the same fp32 sums up to their order.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+        return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _mla_split(q_lat_ptr, q_pe_ptr, kv_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, n_rows,
+                   stride_ql, stride_qp, stride_kv, scale_log2,
+                   HEADS: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
+                   RANK_P: tl.constexpr, ROPE_P: tl.constexpr, HAS_POS: tl.constexpr,
+                   SPLITS: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # grid: (SPLITS, head blocks). Partials per (split, head): running max m (log2 units),
+        # sum l, accumulator acc (RANK) = sum_t 2^(s_t - m) latent_t.
+        split = tl.program_id(0)
+        hb = tl.program_id(1)
+        if HAS_POS:
+            valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, n_rows)
+        else:
+            valid = n_rows
+        # this split's rows: the valid ones cut in SPLITS shares of whole blocks, MIN_ROWS at least
+        per = tl.maximum(tl.cdiv(valid, SPLITS), MIN_ROWS)
+        per = tl.cdiv(per, BLOCK_T) * BLOCK_T
+        start = split * per
+        if start < valid:  # a split beyond the valid rows loads nothing
+            end = tl.minimum(start + per, valid)
+            heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            head_ok = heads < HEADS
+            d = tl.arange(0, RANK_P)
+            d_ok = d < RANK
+            r = tl.arange(0, ROPE_P)
+            r_ok = r < ROPE
+            q_lat = tl.load(q_lat_ptr + heads[:, None] * stride_ql + d[None, :],
+                            mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+            q_pe = tl.load(q_pe_ptr + heads[:, None] * stride_qp + r[None, :],
+                           mask=head_ok[:, None] & r_ok[None, :], other=0.0)
+            m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+            l = tl.zeros([BLOCK_H], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_H, RANK_P], dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                rows = t0 + tl.arange(0, BLOCK_T)
+                row_ok = rows < end
+                base = kv_ptr + rows[:, None].to(tl.int64) * stride_kv
+                lat = tl.load(base + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                k_pe = tl.load(base + RANK + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                s = tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32)
+                s = _dot(q_lat, tl.trans(lat), s, PRECISION, UPCAST)
+                s = _dot(q_pe, tl.trans(k_pe), s, PRECISION, UPCAST)
+                s = tl.where(row_ok[None, :], s * scale_log2, float("-inf"))  # (BLOCK_H, BLOCK_T)
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                # the probabilities in the cache dtype, as the torch path rounds them
+                acc = _dot(p.to(lat.dtype), lat, acc * alpha[:, None], PRECISION, UPCAST)
+                m = m_new
+            at = split * HEADS + heads
+            tl.store(m_ptr + at, m, mask=head_ok)
+            tl.store(l_ptr + at, l, mask=head_ok)
+            tl.store(acc_ptr + at[:, None].to(tl.int64) * RANK + d[None, :], acc,
+                     mask=head_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _mla_combine(pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, n_rows,
+                     HEADS: tl.constexpr, RANK: tl.constexpr, HAS_POS: tl.constexpr,
+                     SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, MIN_ROWS: tl.constexpr,
+                     BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+        # grid: (HEADS, column blocks). Reads only the splits _mla_split wrote (the same layout).
+        h = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < RANK
+        if HAS_POS:
+            valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, n_rows)
+        else:
+            valid = n_rows
+        per = tl.maximum(tl.cdiv(valid, SPLITS), MIN_ROWS)
+        per = tl.cdiv(per, BLOCK_T) * BLOCK_T
+        used = tl.cdiv(valid, per)
+        every = tl.arange(0, SPLITS_P)
+        top = tl.max(tl.load(m_ptr + every * HEADS + h, mask=every < used, other=float("-inf")), axis=0)
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        norm = tl.zeros([CHUNK], dtype=tl.float32)
+        for s0 in range(0, used, CHUNK):
+            s = s0 + tl.arange(0, CHUNK)
+            s_ok = s < used
+            w = tl.exp2(tl.load(m_ptr + s * HEADS + h, mask=s_ok, other=float("-inf")) - top)
+            norm += w * tl.load(l_ptr + s * HEADS + h, mask=s_ok, other=0.0)
+            part = tl.load(acc_ptr + (s[:, None] * HEADS + h).to(tl.int64) * RANK + cols[None, :],
+                           mask=s_ok[:, None] & col_ok[None, :], other=0.0)
+            total += tl.sum(part * w[:, None], axis=0)
+        out = total / tl.sum(norm, axis=0)
+        tl.store(out_ptr + h * RANK + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                    pos: torch.Tensor | None, scale: float, *, splits: int | None = None,
+                    block_t: int | None = None, min_rows: int | None = None,
+                    warps: int | None = None, stages: int | None = None) -> torch.Tensor:
+    """softmax(([q_lat | q_pe] . cached.T) * scale, rows > pos masked) @ cached[:, :rank].
+
+    q_lat (H, 1, rank), q_pe (H, 1, rope); cached (S, rank + rope), rows may be strided (a view
+    of the whole cache); pos: a one-element int64 device tensor, rows <= pos valid (None: all).
+    Returns out_lat (H, 1, rank) in q_lat's dtype. splits: programs over the rows per block of
+    heads in all (default SPLITS shared by the head blocks); the rest: see the constants."""
+    heads, rank, rope = q_lat.shape[0], q_lat.shape[-1], q_pe.shape[-1]
+    assert cached.shape[-1] == rank + rope and cached.stride(-1) == 1
+    q_lat = q_lat.reshape(heads, rank)
+    q_pe = q_pe.reshape(heads, rope)
+    if q_lat.stride(-1) != 1:
+        q_lat = q_lat.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    head_blocks = triton.cdiv(heads, BLOCK_H)
+    # the grid depends on the number of heads alone: fixed under a captured graph
+    n_splits = splits or max(1, SPLITS // head_blocks)
+    bt = block_t or BLOCK_T
+    least = min_rows or MIN_ROWS
+    n_rows = cached.shape[0]
+    part_m = torch.empty(n_splits, heads, device=q_lat.device, dtype=torch.float32)
+    part_l = torch.empty(n_splits, heads, device=q_lat.device, dtype=torch.float32)
+    part_acc = torch.empty(n_splits, heads, rank, device=q_lat.device, dtype=torch.float32)
+    out = torch.empty(heads, rank, device=q_lat.device, dtype=q_lat.dtype)
+    has_pos = pos is not None
+    pos_arg = pos if has_pos else part_m
+    precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"  # tf32: ignored for halves
+    _mla_split[(n_splits, head_blocks)](
+        q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
+        q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * 1.4426950408889634,
+        HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
+        HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
+        PRECISION=precision, UPCAST=_INTERPRET, num_warps=warps or WARPS, num_stages=stages or STAGES)
+    block_d = min(COMBINE_D, _pow2(rank))
+    _mla_combine[(heads, triton.cdiv(rank, block_d))](
+        pos_arg, part_m, part_l, part_acc, out, n_rows, HEADS=heads, RANK=rank, HAS_POS=has_pos,
+        SPLITS=n_splits, SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt,
+        CHUNK=COMBINE_SPLITS, BLOCK_D=block_d, num_warps=4)
+    return out.view(heads, 1, rank)
