@@ -75,10 +75,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # IEEE: fp32 operands multiplied as fp32, not as tf32 (Triton's default for fp32)
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
-        return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+        if IEEE:
+            return tl.dot(a, b, acc=acc, input_precision="ieee")
+        return tl.dot(a, b, acc=acc)
 
     @triton.jit
     def _mla_split(q_lat_ptr, q_pe_ptr, kv_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, n_rows,
@@ -86,7 +89,7 @@ if triton is not None:
                    HEADS: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
                    RANK_P: tl.constexpr, ROPE_P: tl.constexpr, HAS_POS: tl.constexpr,
                    SPLITS: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         # grid: (SPLITS, head blocks). Partials per (split, head): running max m (log2 units),
         # sum l, accumulator acc (RANK) = sum_t 2^(s_t - m) latent_t.
         split = tl.program_id(0)
@@ -112,7 +115,7 @@ if triton is not None:
             q_pe = tl.load(q_pe_ptr + heads[:, None] * stride_qp + r[None, :],
                            mask=head_ok[:, None] & r_ok[None, :], other=0.0)
             m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            l = tl.zeros([BLOCK_H], dtype=tl.float32)
+            total = tl.zeros([BLOCK_H], dtype=tl.float32)
             acc = tl.zeros([BLOCK_H, RANK_P], dtype=tl.float32)
             for t0 in range(start, end, BLOCK_T):
                 rows = t0 + tl.arange(0, BLOCK_T)
@@ -121,19 +124,19 @@ if triton is not None:
                 lat = tl.load(base + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 k_pe = tl.load(base + RANK + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                 s = tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32)
-                s = _dot(q_lat, tl.trans(lat), s, PRECISION, UPCAST)
-                s = _dot(q_pe, tl.trans(k_pe), s, PRECISION, UPCAST)
+                s = _dot(q_lat, tl.trans(lat), s, IEEE, UPCAST)
+                s = _dot(q_pe, tl.trans(k_pe), s, IEEE, UPCAST)
                 s = tl.where(row_ok[None, :], s * scale_log2, float("-inf"))  # (BLOCK_H, BLOCK_T)
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, axis=1)
+                total = total * alpha + tl.sum(p, axis=1)
                 # the probabilities in the cache dtype, as the torch path rounds them
-                acc = _dot(p.to(lat.dtype), lat, acc * alpha[:, None], PRECISION, UPCAST)
+                acc = _dot(p.to(lat.dtype), lat, acc * alpha[:, None], IEEE, UPCAST)
                 m = m_new
             at = split * HEADS + heads
             tl.store(m_ptr + at, m, mask=head_ok)
-            tl.store(l_ptr + at, l, mask=head_ok)
+            tl.store(l_ptr + at, total, mask=head_ok)
             tl.store(acc_ptr + at[:, None].to(tl.int64) * RANK + d[None, :], acc,
                      mask=head_ok[:, None] & d_ok[None, :])
 
@@ -199,13 +202,12 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
     out = torch.empty(heads, rank, device=q_lat.device, dtype=q_lat.dtype)
     has_pos = pos is not None
     pos_arg = pos if has_pos else part_m
-    precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"  # tf32: ignored for halves
     _mla_split[(n_splits, head_blocks)](
         q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
         q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * 1.4426950408889634,
         HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
         HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
-        PRECISION=precision, UPCAST=_INTERPRET, num_warps=warps or WARPS, num_stages=stages or STAGES)
+        IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS, num_stages=stages or STAGES)
     block_d = min(COMBINE_D, _pow2(rank))
     _mla_combine[(heads, triton.cdiv(rank, block_d))](
         pos_arg, part_m, part_l, part_acc, out, n_rows, HEADS=heads, RANK=rank, HAS_POS=has_pos,

@@ -1,0 +1,123 @@
+"""Decode attention over the latent cache (Lite shapes, bf16, one token): the torch path of
+MLAttention._attend_absorbed (dscoder.model.attention.latent_attention: scores product, masked
+softmax, probs x latents) against the fused Triton kernel of dscoder/model/mla_decode.py, per
+configuration (splits, BLOCK_T, MIN_ROWS, warps, stages).
+
+As in the decode step, 27 calls (one per layer, each on its own layer's cache, so short caches
+are not served from L2) are captured in one CUDA graph and replayed; the time is per call, and
+GB/s counts the cache rows a call must read (the valid ones: `valid` x 576 x 2 bytes). The
+position is a device tensor (valid = pos + 1), as under the engine's graphs. Scenarios: S = 2K,
+8K, 32K rows with every row valid, and a 32K-row graph bucket holding a 2K conversation. The
+W_uk and W_uv products around attention are not included (torch in both paths).
+
+    python benchmarks/bench_mla.py            # needs CUDA and triton; about 3 minutes
+    python benchmarks/bench_mla.py --full     # a wider sweep
+    python benchmarks/bench_mla.py --eager-torch   # the torch path without torch.compile too
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
+
+HEADS, RANK, ROPE, LAYERS = 16, 512, 64, 27
+SCENARIOS = ((2048, 2048), (8192, 8192), (32768, 32768), (32768, 2048))  # (rows S, valid)
+
+
+def timed(calls: list[Callable[[], object]], reps: int = 20) -> float:
+    """Microseconds per call: the calls captured in one CUDA graph, replayed `reps` times."""
+    for fn in calls:  # compile and pick kernels outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+
+
+def configs(full: bool) -> list[dict]:
+    splits = (33, 66, 132, 264) if full else (66, 132, 264)
+    block_t = (32, 64)
+    min_rows = (32, 64, 128, 256, 512) if full else (64, 256)
+    warps = (4, 8)
+    stages = (2, 3) if full else (2,)
+    return [dict(splits=s, block_t=b, min_rows=m, warps=w, stages=st)
+            for s, b, m, w, st in itertools.product(splits, block_t, min_rows, warps, stages)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="sweep more configurations")
+    ap.add_argument("--eager-torch", action="store_true", help="also time the torch path uncompiled")
+    args = ap.parse_args()
+
+    from dscoder.config import ModelConfig
+    from dscoder.model import mla_decode
+    from dscoder.model.attention import latent_attention
+    from dscoder.random_checkpoint import LITE
+
+    torch.manual_seed(0)
+    q_lat = torch.randn(HEADS, 1, RANK, device="cuda").bfloat16()
+    q_pe = torch.randn(HEADS, 1, ROPE, device="cuda").bfloat16()
+    scale = ModelConfig.from_dict(LITE).softmax_scale
+    paths = {"torch path, compiled": torch.compile(latent_attention, dynamic=True)}
+    if args.eager_torch:
+        paths["torch path, eager"] = latent_attention
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; defaults: splits "
+          f"{mla_decode.SPLITS} BLOCK_T {mla_decode.BLOCK_T} MIN_ROWS {mla_decode.MIN_ROWS} "
+          f"warps {mla_decode.WARPS} stages {mla_decode.STAGES}", flush=True)
+    for rows, valid in SCENARIOS:
+        scenario(rows, valid, q_lat, q_pe, scale, paths, configs(args.full))
+
+
+def scenario(rows: int, valid: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float,
+             paths: dict[str, Callable], sweep: list[dict]) -> None:
+    from dscoder.model import mla_decode
+    from dscoder.model.attention import latent_attention
+    from dscoder.model.step import Step
+
+    cache = torch.randn(LAYERS, rows, RANK + ROPE, device="cuda").bfloat16()
+    pos = torch.tensor([valid - 1], device="cuda")
+    mask = Step.on_device(pos, rows).mask
+    nbytes = valid * (RANK + ROPE) * 2
+    ref = latent_attention(q_lat, q_pe, cache[0], mask, scale).float()
+    print(f"\nS={rows} valid={valid} ({nbytes / 1e6:.1f} MB a call)", flush=True)
+
+    def report(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        try:
+            err = ((fn(cache[0]).float() - ref).norm() / ref.norm()).item()
+            us = timed([lambda kv=kv: fn(kv) for kv in cache])
+        except Exception as e:  # a configuration that does not fit (shared memory): say so
+            print(f"  {name:58s} failed: {type(e).__name__}: {str(e)[:80]}", flush=True)
+            return float("inf")
+        flag = "" if err < 1e-2 else f"  WRONG (rel err {err:.1e})"
+        print(f"  {name:58s} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s{flag}", flush=True)
+        return us
+
+    for name, path in paths.items():
+        report(name, lambda kv, path=path: path(q_lat, q_pe, kv, mask, scale))
+    report("triton, defaults", lambda kv: mla_decode.absorbed_decode(q_lat, q_pe, kv, pos, scale))
+    best = (float("inf"), "")
+    for c in sweep:
+        name = "triton " + " ".join(f"{k}={v}" for k, v in c.items())
+        us = report(name, lambda kv, c=c: mla_decode.absorbed_decode(q_lat, q_pe, kv, pos, scale, **c))
+        best = min(best, (us, name))
+    print(f"  best: {best[1]} {best[0]:.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
