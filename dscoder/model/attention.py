@@ -96,6 +96,8 @@ class MLAttention(nn.Module):
             # one decode token: rows <= the device position are visible (Step.on_device), or all
             # of them (Step.at's one token)
             pos = step.start if isinstance(step.start, torch.Tensor) else None
+            if mla_decode.FUSE_UV:
+                return mla_decode.absorbed_decode(q_lat, q_pe, cached, pos, self.scale, w_uv)
             out_lat = mla_decode.absorbed_decode(q_lat, q_pe, cached, pos, self.scale)
         else:
             out_lat = latent_attention(q_lat, q_pe, cached, step.causal_mask(cached.device), self.scale)

@@ -18,7 +18,12 @@ at S = 32K with a 2K conversation spreads those 2K rows over the programs, and p
 rows return before loading anything. The grid depends only on the number of heads, so it is
 fixed at capture and never depends on the position.
 
-DSCODER_TRITON_MLA=0 sends decode attention back to the torch path, for comparison.
+DSCODER_TRITON_MLA=0 sends decode attention back to the torch path, for comparison;
+DSCODER_TRITON_MLA=uv also folds the value projection (out_lat @ W_uv.T) into the combine kernel.
+
+Not folded: the query's key projection (q_lat = q_nope @ W_uk, 2 MB of weights for Lite's 16
+heads). Every split of a head block needs the whole q_lat of its heads, so each of ~130 programs
+would read those 2 MB (about 260 MB from L2 a layer) or wait for one that computed it.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ except ImportError:  # CPU-only installs: the torch path
     triton = None
 
 ENABLED = os.environ.get("DSCODER_TRITON_MLA", "1") != "0"
+# DSCODER_TRITON_MLA=uv: the W_uv product (out_lat @ W_uv.T) runs in the combine kernel too,
+# one launch fewer a layer (a choice to measure: the combine then has fewer programs)
+FUSE_UV = os.environ.get("DSCODER_TRITON_MLA") == "uv"
 
 BLOCK_H = 16  # heads a program takes: the smallest M of a tensor-core product (Lite has 16)
 # Programs over the rows, per block of heads, in all: one per SM of an H100 or H200 (132), so
@@ -51,6 +59,10 @@ WARPS = 4
 STAGES = 2
 COMBINE_SPLITS = 16  # partials the combine kernel reads at once
 COMBINE_D = 128  # latent columns per combine program: 16 heads x 4 = 64 programs for Lite
+# With W_uv folded in, rows of W_uv[h] per combine program: 16 heads x 4 = 64 programs for Lite
+# (v = 128), each reading 32 x 512 of W_uv; each recombines its head's whole latent row, partials
+# read 4 times but from L2.
+COMBINE_V = 32
 
 
 def available(q: torch.Tensor, cached: torch.Tensor) -> bool:
@@ -68,8 +80,9 @@ def _pow2(n: int) -> int:
 
 
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) multiplies bf16 operands of tl.dot as
-# their raw 16-bit patterns: there the operands go to fp32 first, which gives the same products
-# (a product of two halves is exact in fp32) and the same fp32 sums up to their order.
+# their raw 16-bit patterns, and rounds fp32 to bf16 toward zero: there (UPCAST) the operands go
+# to fp32 first, which gives the same products (a product of two halves is exact in fp32) and
+# the same fp32 sums up to their order, and roundings to bf16 are made to the nearest, as on a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if triton is not None:
@@ -84,6 +97,28 @@ if triton is not None:
         return tl.dot(a, b, acc=acc)
 
     @triton.jit
+    def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+        # fp32 x to dtype, to the nearest (even); see _INTERPRET
+        if UPCAST:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)  # exact in bf16 now
+        return x.to(dtype)
+
+    @triton.jit
+    def _split_rows(pos_ptr, n_rows, HAS_POS: tl.constexpr, SPLITS: tl.constexpr,
+                    MIN_ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+        # (valid rows, rows per split): the valid rows cut in SPLITS shares of whole blocks,
+        # MIN_ROWS at least; split i takes rows [i * per, (i + 1) * per) below valid
+        if HAS_POS:
+            valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, n_rows)
+        else:
+            valid = n_rows
+        per = tl.maximum(tl.cdiv(valid, SPLITS), MIN_ROWS)
+        return valid, tl.cdiv(per, BLOCK_T) * BLOCK_T
+
+    @triton.jit
     def _mla_split(q_lat_ptr, q_pe_ptr, kv_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, n_rows,
                    stride_ql, stride_qp, stride_kv, scale_log2,
                    HEADS: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
@@ -94,13 +129,7 @@ if triton is not None:
         # sum l, accumulator acc (RANK) = sum_t 2^(s_t - m) latent_t.
         split = tl.program_id(0)
         hb = tl.program_id(1)
-        if HAS_POS:
-            valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, n_rows)
-        else:
-            valid = n_rows
-        # this split's rows: the valid ones cut in SPLITS shares of whole blocks, MIN_ROWS at least
-        per = tl.maximum(tl.cdiv(valid, SPLITS), MIN_ROWS)
-        per = tl.cdiv(per, BLOCK_T) * BLOCK_T
+        valid, per = _split_rows(pos_ptr, n_rows, HAS_POS, SPLITS, MIN_ROWS, BLOCK_T)
         start = split * per
         if start < valid:  # a split beyond the valid rows loads nothing
             end = tl.minimum(start + per, valid)
@@ -132,7 +161,7 @@ if triton is not None:
                 p = tl.exp2(s - m_new[:, None])
                 total = total * alpha + tl.sum(p, axis=1)
                 # the probabilities in the cache dtype, as the torch path rounds them
-                acc = _dot(p.to(lat.dtype), lat, acc * alpha[:, None], IEEE, UPCAST)
+                acc = _dot(_round(p, lat.dtype, UPCAST), lat, acc * alpha[:, None], IEEE, UPCAST)
                 m = m_new
             at = split * HEADS + heads
             tl.store(m_ptr + at, m, mask=head_ok)
@@ -141,20 +170,23 @@ if triton is not None:
                      mask=head_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _mla_combine(pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, n_rows,
-                     HEADS: tl.constexpr, RANK: tl.constexpr, HAS_POS: tl.constexpr,
-                     SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, MIN_ROWS: tl.constexpr,
-                     BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-        # grid: (HEADS, column blocks). Reads only the splits _mla_split wrote (the same layout).
+    def _mla_combine(pos_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, out_ptr, n_rows, stride_wh, stride_wv,
+                     HEADS: tl.constexpr, RANK: tl.constexpr, VDIM: tl.constexpr,
+                     HAS_POS: tl.constexpr, HAS_UV: tl.constexpr, SPLITS: tl.constexpr,
+                     SPLITS_P: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        # grid: (HEADS, blocks). The splits _mla_split wrote, weighted by 2^(m - max m) and
+        # normalised: out_lat; a block is BLOCK_D of its columns. HAS_UV: a block is BLOCK_V
+        # rows of W_uv[h] (VDIM, RANK), BLOCK_D covers the whole latent, and the output is
+        # out_lat (rounded to the output dtype, as the torch path's is) @ W_uv[h].T.
         h = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < RANK
-        if HAS_POS:
-            valid = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, n_rows)
+        if HAS_UV:
+            cols = tl.arange(0, BLOCK_D)
         else:
-            valid = n_rows
-        per = tl.maximum(tl.cdiv(valid, SPLITS), MIN_ROWS)
-        per = tl.cdiv(per, BLOCK_T) * BLOCK_T
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < RANK
+        valid, per = _split_rows(pos_ptr, n_rows, HAS_POS, SPLITS, MIN_ROWS, BLOCK_T)
         used = tl.cdiv(valid, per)
         every = tl.arange(0, SPLITS_P)
         top = tl.max(tl.load(m_ptr + every * HEADS + h, mask=every < used, other=float("-inf")), axis=0)
@@ -168,20 +200,31 @@ if triton is not None:
             part = tl.load(acc_ptr + (s[:, None] * HEADS + h).to(tl.int64) * RANK + cols[None, :],
                            mask=s_ok[:, None] & col_ok[None, :], other=0.0)
             total += tl.sum(part * w[:, None], axis=0)
-        out = total / tl.sum(norm, axis=0)
-        tl.store(out_ptr + h * RANK + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        out_lat = _round(total / tl.sum(norm, axis=0), out_ptr.dtype.element_ty, UPCAST)
+        if HAS_UV:
+            v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+            v_ok = v < VDIM
+            w_uv = tl.load(w_ptr + h * stride_wh + v[:, None] * stride_wv + cols[None, :],
+                           mask=v_ok[:, None] & col_ok[None, :], other=0.0)
+            y = tl.sum(w_uv.to(tl.float32) * out_lat.to(tl.float32)[None, :], axis=1)
+            tl.store(out_ptr + h * VDIM + v, _round(y, out_ptr.dtype.element_ty, UPCAST), mask=v_ok)
+        else:
+            tl.store(out_ptr + h * RANK + cols, out_lat, mask=col_ok)
 
 
 def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                    pos: torch.Tensor | None, scale: float, *, splits: int | None = None,
-                    block_t: int | None = None, min_rows: int | None = None,
-                    warps: int | None = None, stages: int | None = None) -> torch.Tensor:
+                    pos: torch.Tensor | None, scale: float, w_uv: torch.Tensor | None = None, *,
+                    splits: int | None = None, block_t: int | None = None,
+                    min_rows: int | None = None, warps: int | None = None,
+                    stages: int | None = None) -> torch.Tensor:
     """softmax(([q_lat | q_pe] . cached.T) * scale, rows > pos masked) @ cached[:, :rank].
 
     q_lat (H, 1, rank), q_pe (H, 1, rope); cached (S, rank + rope), rows may be strided (a view
     of the whole cache); pos: a one-element int64 device tensor, rows <= pos valid (None: all).
-    Returns out_lat (H, 1, rank) in q_lat's dtype. splits: programs over the rows per block of
-    heads in all (default SPLITS shared by the head blocks); the rest: see the constants."""
+    Returns out_lat (H, 1, rank) in q_lat's dtype; with w_uv (H, v, rank) (rows may be strided),
+    out_lat @ w_uv.T (H, 1, v), computed by the combine kernel. splits: programs over the rows
+    per block of heads in all (default SPLITS shared by the head blocks); the rest: see the
+    constants."""
     heads, rank, rope = q_lat.shape[0], q_lat.shape[-1], q_pe.shape[-1]
     assert cached.shape[-1] == rank + rope and cached.stride(-1) == 1
     q_lat = q_lat.reshape(heads, rank)
@@ -196,10 +239,10 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
     bt = block_t or BLOCK_T
     least = min_rows or MIN_ROWS
     n_rows = cached.shape[0]
-    part_m = torch.empty(n_splits, heads, device=q_lat.device, dtype=torch.float32)
-    part_l = torch.empty(n_splits, heads, device=q_lat.device, dtype=torch.float32)
-    part_acc = torch.empty(n_splits, heads, rank, device=q_lat.device, dtype=torch.float32)
-    out = torch.empty(heads, rank, device=q_lat.device, dtype=q_lat.dtype)
+    dev = q_lat.device
+    part_m = torch.empty(n_splits, heads, device=dev, dtype=torch.float32)
+    part_l = torch.empty(n_splits, heads, device=dev, dtype=torch.float32)
+    part_acc = torch.empty(n_splits, heads, rank, device=dev, dtype=torch.float32)
     has_pos = pos is not None
     pos_arg = pos if has_pos else part_m
     _mla_split[(n_splits, head_blocks)](
@@ -207,10 +250,19 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
         q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * 1.4426950408889634,
         HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
         HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
-        IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS, num_stages=stages or STAGES)
-    block_d = min(COMBINE_D, _pow2(rank))
-    _mla_combine[(heads, triton.cdiv(rank, block_d))](
-        pos_arg, part_m, part_l, part_acc, out, n_rows, HEADS=heads, RANK=rank, HAS_POS=has_pos,
-        SPLITS=n_splits, SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt,
-        CHUNK=COMBINE_SPLITS, BLOCK_D=block_d, num_warps=4)
-    return out.view(heads, 1, rank)
+        IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS,
+        num_stages=stages or STAGES)
+    if w_uv is None:
+        vdim, block_d, block_v = rank, min(COMBINE_D, _pow2(rank)), 16
+        blocks, w_arg, w_strides = triton.cdiv(rank, block_d), part_m, (0, 0)
+    else:
+        assert w_uv.shape[0] == heads and w_uv.shape[2] == rank and w_uv.stride(2) == 1
+        vdim, block_d, block_v = w_uv.shape[1], _pow2(rank), COMBINE_V
+        blocks, w_arg, w_strides = triton.cdiv(vdim, block_v), w_uv, (w_uv.stride(0), w_uv.stride(1))
+    out = torch.empty(heads, vdim, device=dev, dtype=q_lat.dtype)
+    _mla_combine[(heads, blocks)](
+        pos_arg, part_m, part_l, part_acc, w_arg, out, n_rows, *w_strides, HEADS=heads, RANK=rank,
+        VDIM=vdim, HAS_POS=has_pos, HAS_UV=w_uv is not None, SPLITS=n_splits,
+        SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt, CHUNK=COMBINE_SPLITS,
+        BLOCK_D=block_d, BLOCK_V=block_v, UPCAST=_INTERPRET, num_warps=4)
+    return out.view(heads, 1, vdim)
