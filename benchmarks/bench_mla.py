@@ -53,12 +53,12 @@ def timed(calls: list[Callable[[], object]], reps: int = 20) -> float:
 
 def configs(full: bool) -> list[dict]:
     splits = (33, 66, 132, 264) if full else (66, 132, 264)
-    block_t = (32, 64)
+    # (BLOCK_T, stages): stages - 1 blocks in flight; 64 rows x 4 stages does not fit in shared memory
+    tiles = ((32, 3), (32, 4), (64, 2), (64, 3)) if full else ((32, 4), (64, 3))
     min_rows = (32, 64, 128, 256, 512) if full else (64, 256)
     warps = (4, 8)
-    stages = (2, 3) if full else (2,)
     return [dict(splits=s, block_t=b, min_rows=m, warps=w, stages=st)
-            for s, b, m, w, st in itertools.product(splits, block_t, min_rows, warps, stages)]
+            for s, (b, st), m, w in itertools.product(splits, tiles, min_rows, warps)]
 
 
 def main() -> None:

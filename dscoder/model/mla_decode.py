@@ -48,15 +48,17 @@ BLOCK_H = 16  # heads a program takes: the smallest M of a tensor-core product (
 # same for every length: a captured graph serves a whole bucket); short contexts use fewer of
 # them (MIN_ROWS), the others return at once.
 SPLITS = 132
-# Rows of one step of a program: 64 rows x 576 bf16 = 72 kB per step; two steps in flight fit
-# the H100's 228 kB of shared memory, and the (16, 64) scores keep the softmax cheap.
+# Rows of one step of a program: 64 rows x 576 bf16 = 72 kB per step, and STAGES - 1 = 2 steps
+# in flight (cp.async double buffering): 164 kB of the H100's 227 kB of shared memory, 138
+# registers a thread at 4 warps (compiled for sm_90: no spills). One program per SM, which has
+# 144 kB in flight: enough to stream at the SM's share of 3.35 TB/s.
 BLOCK_T = 64
 # Rows a split takes at least: below this, a split's fixed cost (loading the queries, writing
 # 16 x 512 fp32 partials for the combine) is as large as its share of the cache. At 2K that is
 # 16 splits of 128 rows (two steps each, so the loads pipeline).
 MIN_ROWS = 128
 WARPS = 4
-STAGES = 2
+STAGES = 3
 COMBINE_SPLITS = 16  # partials the combine kernel reads at once
 COMBINE_D = 128  # latent columns per combine program: 16 heads x 4 = 64 programs for Lite
 # With W_uv folded in, rows of W_uv[h] per combine program: 16 heads x 4 = 64 programs for Lite
@@ -251,7 +253,7 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
         HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
         HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
         IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS,
-        num_stages=stages or STAGES)
+        num_stages=stages or (STAGES if q_lat.element_size() == 2 else 2))  # fp32: one buffer fits
     if w_uv is None:
         vdim, block_d, block_v = rank, min(COMBINE_D, _pow2(rank)), 16
         blocks, w_arg, w_strides = triton.cdiv(rank, block_d), part_m, (0, 0)
