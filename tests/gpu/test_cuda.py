@@ -214,7 +214,8 @@ def test_mla_decode_kernel_in_a_cuda_graph_follows_the_position():
 
 def test_compiled_graphed_decode_with_the_mla_kernel_matches_torch_path(tiny_checkpoint, monkeypatch):
     """The kernel inside the torch.compile'd decode layer and a CUDA graph (as the engine runs
-    it), against the same compiled graph with the torch attention path (DSCODER_TRITON_MLA=0)."""
+    it), with and without W_uv folded in, against the same compiled graph with the torch
+    attention path (DSCODER_TRITON_MLA=0)."""
     from dscoder.config import ModelConfig
     from dscoder.graphs import capture_graph
     from dscoder.model import mla_decode
@@ -228,13 +229,16 @@ def test_compiled_graphed_decode_with_the_mla_kernel_matches_torch_path(tiny_che
     cache = m.new_cache(256)
     with torch.inference_mode():
         m(ids[:-1], cache, 0)
+    cache.data[:, 40:].normal_(0, 4)  # rows past the position: garbage that only a bad mask would read
     token, pos = ids[-1:].clone(), torch.tensor([39], device="cuda")
     logits = {}
-    for enabled in (False, True):
+    for mode, enabled, fuse_uv in (("torch", False, False), ("kernel", True, False), ("uv", True, True)):
         monkeypatch.setattr(mla_decode, "ENABLED", enabled)
+        monkeypatch.setattr(mla_decode, "FUSE_UV", fuse_uv)
 
-        def step(enabled=enabled) -> None:
-            logits[enabled] = m.decode_at(token, pos, cache, 128)  # a bucket of 128 rows, 40 valid
+        def step(mode=mode) -> None:
+            logits[mode] = m.decode_at(token, pos, cache, 128)  # a bucket of 128 rows, 40 valid
 
         capture_graph(step, torch.device("cuda"), warm_up=step).replay()
-    assert rel_err(logits[True], logits[False]) < 1e-2
+    assert rel_err(logits["kernel"], logits["torch"]) < 2e-2
+    assert rel_err(logits["uv"], logits["torch"]) < 2e-2
