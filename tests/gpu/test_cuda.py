@@ -188,6 +188,9 @@ def test_mla_decode_kernel_matches_torch_path(rows, pos):
     at = torch.tensor([pos % rows], device="cuda")
     ref = latent_attention(q_lat, q_pe, cached, Step.on_device(at, rows).mask, MLA_SCALE)
     assert rel_err(absorbed_decode(q_lat, q_pe, cached, at, MLA_SCALE), ref) < 1e-2
+    w_uv = (torch.randn(16, 256, 512, device="cuda") * 512 ** -0.5).bfloat16()[:, 128:]  # kv_b_proj's v rows
+    fused = absorbed_decode(q_lat, q_pe, cached, at, MLA_SCALE, w_uv)
+    assert rel_err(fused, torch.matmul(ref, w_uv.transpose(1, 2))) < 1e-2
     if pos == -1:  # every row valid: the same without a position
         assert rel_err(absorbed_decode(q_lat, q_pe, cached, None, MLA_SCALE), ref) < 1e-2
 
