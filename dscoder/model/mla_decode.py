@@ -93,10 +93,12 @@ if triton is not None:
     def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         # IEEE: fp32 operands multiplied as fp32, not as tf32 (Triton's default for fp32)
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
-        if IEEE:
-            return tl.dot(a, b, acc=acc, input_precision="ieee")
-        return tl.dot(a, b, acc=acc)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a, b, acc=acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc=acc)
+        return acc
 
     @triton.jit
     def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
