@@ -248,7 +248,8 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
     part_l = torch.empty(n_splits, heads, device=dev, dtype=torch.float32)
     part_acc = torch.empty(n_splits, heads, rank, device=dev, dtype=torch.float32)
     has_pos = pos is not None
-    pos_arg = pos if has_pos else part_m
+    # unused pointers get an input no kernel writes (no aliasing of an output under torch.compile)
+    pos_arg = pos if has_pos else q_lat
     _mla_split[(n_splits, head_blocks)](
         q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
         q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * 1.4426950408889634,
@@ -258,7 +259,7 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
         num_stages=stages or (STAGES if q_lat.element_size() == 2 else 2))  # fp32: one buffer fits
     if w_uv is None:
         vdim, block_d, block_v = rank, min(COMBINE_D, _pow2(rank)), 16
-        blocks, w_arg, w_strides = triton.cdiv(rank, block_d), part_m, (0, 0)
+        blocks, w_arg, w_strides = triton.cdiv(rank, block_d), q_lat, (0, 0)
     else:
         assert w_uv.shape[0] == heads and w_uv.shape[2] == rank and w_uv.stride(2) == 1
         vdim, block_d, block_v = w_uv.shape[1], _pow2(rank), COMBINE_V
