@@ -65,6 +65,7 @@ COMBINE_D = 128  # latent columns per combine program: 16 heads x 4 = 64 program
 # (v = 128), each reading 32 x 512 of W_uv; each recombines its head's whole latent row, partials
 # read 4 times but from L2.
 COMBINE_V = 32
+LOG2E = 1.4426950408889634  # the kernels take exp(x) as 2^(x log2(e)): scores arrive scaled by it
 
 
 def available(q: torch.Tensor, cached: torch.Tensor) -> bool:
@@ -252,7 +253,7 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
     pos_arg = pos if has_pos else q_lat
     _mla_split[(n_splits, head_blocks)](
         q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
-        q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * 1.4426950408889634,
+        q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * LOG2E,
         HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
         HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
         IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS,
