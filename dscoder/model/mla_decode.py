@@ -53,10 +53,11 @@ SPLITS = 132
 # registers a thread at 4 warps (compiled for sm_90: no spills). One program per SM, which has
 # 144 kB in flight: enough to stream at the SM's share of 3.35 TB/s.
 BLOCK_T = 64
-# Rows a split takes at least: below this, a split's fixed cost (loading the queries, writing
-# 16 x 512 fp32 partials for the combine) is as large as its share of the cache. At 2K that is
-# 16 splits of 128 rows (two steps each, so the loads pipeline).
-MIN_ROWS = 128
+# Rows a split takes at least: below one block, a split's fixed cost (loading the queries,
+# writing 16 x 512 fp32 partials for the combine, 32 kB that stay in L2) outweighs its share of
+# the cache. At 2K that is 32 splits of one block each: one SM alone streams only about 100 GB/s,
+# so the 2.4 MB of a short cache go faster over 32 SMs (0.7 us each) than over 16 (1.3 us).
+MIN_ROWS = 64
 WARPS = 4
 STAGES = 3
 COMBINE_SPLITS = 16  # partials the combine kernel reads at once
