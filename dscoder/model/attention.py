@@ -4,7 +4,8 @@ Two paths compute the same function:
 - expanded (prefill): kv_b_proj turns the cached latents into per-head keys and values, then
   scaled-dot-product attention runs as usual;
 - absorbed (decode): kv_b_proj's key half is folded into the query and its value half into the
-  output, so attention runs directly over the 576-dim cached rows and reads far fewer bytes.
+  output, so attention runs directly over the 576-dim cached rows and reads far fewer bytes;
+  one decode token on a GPU goes through dscoder.model.mla_decode's Triton kernel.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import write_cache
+from dscoder.model import mla_decode
 from dscoder.model.layers import FusedLinear, Linear, RMSNorm
 from dscoder.model.rope import apply_rope
 from dscoder.model.step import Step
@@ -89,16 +91,32 @@ class MLAttention(nn.Module):
                          step: Step) -> torch.Tensor:
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.matmul(q_nope, w_uk)  # (H, T, rank): the key projection moved onto the query
-        # [q_lat | q_pe] against the cached [latent | k_pe] rows: one product, fp32 scores (as
-        # the prefill's fused attention keeps them), not two bf16 products added in bf16
-        scores = fp32_scores(torch.cat((q_lat, q_pe), dim=-1), cached) * self.scale
-        latent = cached[:, : self.rank]
-        mask = step.causal_mask(latent.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)
-        out_lat = torch.matmul(probs, latent)  # (H, T, rank)
+        if q_nope.shape[1] == 1 and mla_decode.available(q_lat, cached) and (
+                isinstance(step.start, torch.Tensor) or (step.mask is None and not step.causal)):
+            # one decode token: rows <= the device position are visible (Step.on_device), or all
+            # of them (Step.at's one token)
+            pos = step.start if isinstance(step.start, torch.Tensor) else None
+            if mla_decode.FUSE_UV:
+                return mla_decode.absorbed_decode(q_lat, q_pe, cached, pos, self.scale, w_uv)
+            out_lat = mla_decode.absorbed_decode(q_lat, q_pe, cached, pos, self.scale)
+        else:
+            out_lat = latent_attention(q_lat, q_pe, cached, step.causal_mask(cached.device), self.scale)
         return torch.matmul(out_lat, w_uv.transpose(1, 2))  # (H, T, v)
+
+
+def latent_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of q_lat (H, T, rank) and q_pe (H, T, rope) over the cached [latent | k_pe] rows
+    (S, rank + rope), mask (T, S) True where visible: out_lat (H, T, rank). The torch path, and
+    the reference of dscoder.model.mla_decode's kernel."""
+    # [q_lat | q_pe] against the cached [latent | k_pe] rows: one product, fp32 scores (as
+    # the prefill's fused attention keeps them), not two bf16 products added in bf16
+    scores = fp32_scores(torch.cat((q_lat, q_pe), dim=-1), cached) * scale
+    latent = cached[:, : q_lat.shape[-1]]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(latent.dtype)
+    return torch.matmul(probs, latent)  # (H, T, rank)
 
 
 def fp32_scores(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

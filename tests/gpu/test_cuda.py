@@ -163,3 +163,85 @@ def test_triton_gemv_matches_cublas(n, k):
     x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
     ref = torch.nn.functional.linear(x.float(), w.float())
     assert rel_err(gemv(x, w), ref) < 1e-2
+
+
+def _mla_inputs(rows: int, heads: int = 16, rank: int = 512, rope: int = 64):
+    """Lite's decode attention inputs in bf16: q_lat, q_pe and one layer's rows of a longer cache."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    q_lat = torch.randn(heads, 1, rank, device="cuda", generator=g).bfloat16()
+    q_pe = torch.randn(heads, 1, rope, device="cuda", generator=g).bfloat16()
+    cache = torch.randn(rows + 64, rank + rope, device="cuda", generator=g).bfloat16()
+    return q_lat, q_pe, cache[:rows]
+
+
+MLA_SCALE = 576 ** -0.5 * 2.0  # peaked enough that the softmax is not near uniform
+
+
+@pytest.mark.parametrize("rows", [2048, 32768])
+@pytest.mark.parametrize("pos", [100, 1500, -1])
+def test_mla_decode_kernel_matches_torch_path(rows, pos):
+    from dscoder.model.attention import latent_attention
+    from dscoder.model.mla_decode import absorbed_decode
+    from dscoder.model.step import Step
+
+    q_lat, q_pe, cached = _mla_inputs(rows)
+    at = torch.tensor([pos % rows], device="cuda")
+    ref = latent_attention(q_lat, q_pe, cached, Step.on_device(at, rows).mask, MLA_SCALE)
+    assert rel_err(absorbed_decode(q_lat, q_pe, cached, at, MLA_SCALE), ref) < 1e-2
+    w_uv = (torch.randn(16, 256, 512, device="cuda") * 512 ** -0.5).bfloat16()[:, 128:]  # kv_b_proj's v rows
+    fused = absorbed_decode(q_lat, q_pe, cached, at, MLA_SCALE, w_uv)
+    assert rel_err(fused, torch.matmul(ref, w_uv.transpose(1, 2))) < 1e-2
+    if pos == -1:  # every row valid: the same without a position
+        assert rel_err(absorbed_decode(q_lat, q_pe, cached, None, MLA_SCALE), ref) < 1e-2
+
+
+def test_mla_decode_kernel_in_a_cuda_graph_follows_the_position():
+    """Captured once at 32K rows, replayed at other positions: as eager, to the bit."""
+    from dscoder.graphs import capture_graph
+    from dscoder.model.mla_decode import absorbed_decode
+
+    rows = 32768
+    q_lat, q_pe, cached = _mla_inputs(rows)
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    out = {}
+
+    def step() -> None:
+        out["lat"] = absorbed_decode(q_lat, q_pe, cached, pos, MLA_SCALE)
+
+    graph = capture_graph(step, torch.device("cuda"), warm_up=step)
+    for p in (100, 1500, rows - 1, 0, 2047):
+        pos.fill_(p)
+        graph.replay()
+        assert torch.equal(out["lat"], absorbed_decode(q_lat, q_pe, cached, pos, MLA_SCALE)), p
+
+
+def test_compiled_graphed_decode_with_the_mla_kernel_matches_torch_path(tiny_checkpoint, monkeypatch):
+    """The kernel inside the torch.compile'd decode layer and a CUDA graph (as the engine runs
+    it), with and without W_uv folded in, against the same compiled graph with the torch
+    attention path (DSCODER_TRITON_MLA=0)."""
+    from dscoder.config import ModelConfig
+    from dscoder.graphs import capture_graph
+    from dscoder.model import mla_decode
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
+    m.set_context(256)
+    m.compile_decode()
+    ids = torch.randint(0, 100000, (40,), generator=torch.Generator().manual_seed(4)).cuda()
+    cache = m.new_cache(256)
+    with torch.inference_mode():
+        m(ids[:-1], cache, 0)
+    cache.data[:, 40:].normal_(0, 4)  # rows past the position: garbage that only a bad mask would read
+    token, pos = ids[-1:].clone(), torch.tensor([39], device="cuda")
+    logits = {}
+    for mode, enabled, fuse_uv in (("torch", False, False), ("kernel", True, False), ("uv", True, True)):
+        monkeypatch.setattr(mla_decode, "ENABLED", enabled)
+        monkeypatch.setattr(mla_decode, "FUSE_UV", fuse_uv)
+
+        def step(mode=mode) -> None:
+            logits[mode] = m.decode_at(token, pos, cache, 128)  # a bucket of 128 rows, 40 valid
+
+        capture_graph(step, torch.device("cuda"), warm_up=step).replay()
+    assert rel_err(logits["kernel"], logits["torch"]) < 2e-2
+    assert rel_err(logits["uv"], logits["torch"]) < 2e-2
