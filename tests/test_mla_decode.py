@@ -119,8 +119,42 @@ def run_hook() -> dict[str, float]:
                     mock.patch.object(mla_decode, "FUSE_UV", fuse_uv), \
                     mock.patch.object(mla_decode, "absorbed_decode", wraps=mla_decode.absorbed_decode) as k:
                 got = attn._attend_absorbed(q_nope, q_pe, cached, step)
-            assert k.call_count == 1 and (len(k.call_args.args) == 6) == fuse_uv
+            assert k.call_count == 1 and (k.call_args.args[5] is not None) == fuse_uv
             errors[name + ("-uv" if fuse_uv else "")] = ((got - ref).norm() / ref.norm()).item()
+    return errors
+
+
+def run_compiled() -> dict[str, float]:
+    """The same attention under torch.compile (fullgraph): the kernel is one opaque operator
+    (dscoder::mla_decode) that the compiled code calls, at two device positions."""
+    from dscoder.config import ModelConfig
+    from dscoder.model import mla_decode
+    from dscoder.model.attention import MLAttention
+    from dscoder.model.step import Step
+    from dscoder.random_checkpoint import TINY
+
+    cfg = ModelConfig.from_dict(TINY)
+    torch.manual_seed(1)
+    attn = MLAttention(cfg, 0)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    q_nope, q_pe = torch.randn(4, 1, cfg.qk_nope_head_dim), torch.randn(4, 1, cfg.qk_rope_head_dim)
+    cached = torch.randn(40, cfg.kv_cache_dim)
+
+    def attend(pos: torch.Tensor) -> torch.Tensor:
+        return attn._attend_absorbed(q_nope, q_pe, cached, Step.on_device(pos, 40))
+
+    errors = {}
+    with torch.no_grad():
+        refs = {p: attend(torch.tensor([p])) for p in (17, 30)}
+        mla_decode.available = lambda q, c: True  # as on a GPU (a plain function: Dynamo traces it)
+        for fuse_uv in (False, True):
+            mla_decode.FUSE_UV = fuse_uv
+            torch._dynamo.reset()
+            compiled = torch.compile(attend, fullgraph=True)
+            for p, ref in refs.items():
+                got = compiled(torch.tensor([p]))
+                errors[f"compiled-{p}" + ("-uv" if fuse_uv else "")] = ((got - ref).norm() / ref.norm()).item()
     return errors
 
 
@@ -148,6 +182,11 @@ def test_decode_attention_goes_through_the_kernel(interpreted, name):
     assert interpreted[name] < 1e-5
 
 
+@pytest.mark.parametrize("name", ["compiled-17", "compiled-30", "compiled-17-uv", "compiled-30-uv"])
+def test_compiled_decode_attention_calls_the_kernel_as_one_operator(interpreted, name):
+    assert interpreted[name] < 1e-5
+
+
 def test_kernel_is_not_taken_on_the_cpu():
     from dscoder.model import mla_decode
 
@@ -159,4 +198,5 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is set alrea
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {c[0]: run_case(*c[1:]) for c in CASES}
     results.update(run_hook())
+    results.update(run_compiled())
     print(json.dumps(results))

@@ -97,8 +97,8 @@ class MLAttention(nn.Module):
             # of them (Step.at's one token)
             pos = step.start if isinstance(step.start, torch.Tensor) else None
             if mla_decode.FUSE_UV:
-                return mla_decode.absorbed_decode(q_lat, q_pe, cached, pos, self.scale, w_uv)
-            out_lat = mla_decode.absorbed_decode(q_lat, q_pe, cached, pos, self.scale)
+                return mla_decode.decode(q_lat, q_pe, cached, pos, self.scale, w_uv)
+            out_lat = mla_decode.decode(q_lat, q_pe, cached, pos, self.scale)
         else:
             out_lat = latent_attention(q_lat, q_pe, cached, step.causal_mask(cached.device), self.scale)
         return torch.matmul(out_lat, w_uv.transpose(1, 2))  # (H, T, v)

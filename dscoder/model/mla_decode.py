@@ -273,3 +273,25 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
         SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt, CHUNK=COMBINE_SPLITS,
         BLOCK_D=block_d, BLOCK_V=block_v, UPCAST=_INTERPRET, num_warps=4)
     return out.view(heads, 1, vdim)
+
+
+def decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor, pos: torch.Tensor | None,
+           scale: float, w_uv: torch.Tensor | None = None) -> torch.Tensor:
+    """absorbed_decode with the default tiles, as one opaque operator (dscoder::mla_decode):
+    torch.compile calls it rather than tracing the kernels into its own Triton compile, which
+    failed on an H100 (torch 2.11, Triton 3.6: a tl.dot type assertion in Inductor's build of
+    the split kernel) while the same kernel ran correctly outside the compile."""
+    return torch.ops.dscoder.mla_decode(q_lat, q_pe, cached, pos, scale, w_uv)
+
+
+if triton is not None:
+
+    @torch.library.custom_op("dscoder::mla_decode", mutates_args=())
+    def _mla_decode_op(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                       pos: torch.Tensor | None, scale: float, w_uv: torch.Tensor | None) -> torch.Tensor:
+        return absorbed_decode(q_lat, q_pe, cached, pos, scale, w_uv)
+
+    @_mla_decode_op.register_fake
+    def _(q_lat, q_pe, cached, pos, scale, w_uv):
+        vdim = q_lat.shape[-1] if w_uv is None else w_uv.shape[1]
+        return q_lat.new_empty(q_lat.shape[0], 1, vdim)
