@@ -89,8 +89,8 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                 profile: StartupProfile | None = None, expert_dtype: str = "bf16"):
     """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
     one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
-    On a GPU the native engine compiles its decode step while the weights load and captures its
-    first graph before this returns, so that the first reply decodes as fast as the next.
+    On a GPU the native engine captures its first decode graph before this returns; its step
+    compiles in the background after the first reply (dscoder.warmup, Engine.use_compiled_step).
 
     log: details for --verbose; warn: what the user must hear (a failed page-lock); notice: facts
     worth one line (the context window a budget sets). The engine switches (settings.py reads
