@@ -299,11 +299,11 @@ class Session:
         return stepwise(lambda token: self._forward([token]))(logits, sampler, pos, limit)
 
     def _decode_ahead(self, logits: torch.Tensor, sampler: Sampler, pos: int, limit: int) -> Iterator[int]:
+        engine = self.engine
         token = int(sampler(logits, pos))
         made = 1
         while True:
             steps = min(limit - made, self._room(pos)) if made < limit else 0
-            engine = self.engine
             if engine.step_pending:
                 if made >= LONG_REPLY:
                     engine.start_compile()
