@@ -51,6 +51,7 @@ class Engine:
     capture_ahead: bool = True  # capture the next length bucket's graph in the background
     compile_step: Callable[[], Precompile] | None = None  # starts the compile (start_compile)
     precompile: Precompile | None = None  # the decode step compiling in the background
+    compile_error: BaseException | None = None  # why the background compile failed, if it did
     _session: Session | None = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     closed: bool = False
@@ -125,6 +126,8 @@ class Engine:
             self.precompile = None
             if compiled is not None:
                 swap_step(self.model, compiled)
+            else:
+                self.compile_error = pre.error
         return self.model._compiled_layer is not None
 
     def prepare(self) -> None:

@@ -1,6 +1,7 @@
 """Start-up: the profile, the compile cache's place, no recompile at a new length, parallel reads."""
 from __future__ import annotations
 
+import io
 import shutil
 import threading
 
@@ -443,3 +444,34 @@ def test_the_compile_starts_after_the_first_reply_or_once_a_reply_runs_long(tiny
     for _ in engine.generate([1, 2, 3], GenerationSettings(max_tokens=40, temperature=0), stop_ids=()):
         during.append(bool(started))
     assert during[-1] and not during[0] and 3 + 8 <= started[0] <= 3 + 8 + 4
+
+
+def test_verbose_says_once_that_the_background_compile_failed():
+    from dscoder.cli.runtime import Runtime
+    from dscoder.settings import Settings
+    from dscoder.ui.console import Terminal
+
+    def said(verbose: bool) -> str:
+        err = io.StringIO()
+        term = Terminal(io.StringIO(), io.StringIO(), err, pretty=False, err_color=False)
+        rt = Runtime(Settings(verbose=verbose, server="off"), term)
+        rt._engine = type("E", (), {"compile_error": RuntimeError("no C compiler")})()
+        rt.say_compile_failure()
+        rt.say_compile_failure()
+        return err.getvalue()
+
+    assert said(True).count("compiling the decode step failed (RuntimeError('no C compiler'))") == 1
+    assert said(False) == ""
+
+
+def test_a_failed_background_compile_is_kept_for_the_cli_to_say(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from dscoder.engine import load_engine
+
+    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
+    done, error = threading.Event(), RuntimeError("no C compiler")
+    done.set()
+    engine.precompile = SimpleNamespace(done=done, error=error, result=lambda wait=False: None)
+    assert not engine.use_compiled_step()
+    assert engine.compile_error is error and engine.precompile is None and not engine.step_pending

@@ -196,6 +196,7 @@ def reply(rt: Runtime, session: Any, convo: Conversation) -> str:
         raise
     convo.add_assistant(finished.text, interrupted=finished.reason == "cancelled")
     rt.term.stats(finished, verbose=rt.settings.verbose, load_seconds=rt.load_seconds)
+    rt.say_compile_failure()
     return typed.text
 
 

@@ -22,6 +22,7 @@ class Runtime:
     _engine: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
     load_seconds: float | None = None
+    _compile_failure_said: bool = field(default=False, repr=False)
 
     @property
     def backend(self) -> backend.Backend:
@@ -148,6 +149,16 @@ class Runtime:
         the logs of scripts stay clean."""
         if self.settings.verbose or self.term.stderr_is_tty:
             self.term.stats(finished, verbose=self.settings.verbose, load_seconds=self.load_seconds)
+        self.say_compile_failure()
+
+    def say_compile_failure(self) -> None:
+        """With --verbose, once: the decode step's background compile failed (decoding goes on,
+        uncompiled and slower; without this nothing would say why)."""
+        error = getattr(self._engine, "compile_error", None)
+        if self.settings.verbose and error is not None and not self._compile_failure_said:
+            self._compile_failure_said = True
+            self.term.info(f"compiling the decode step failed ({error!r}); decoding stays on the "
+                           "uncompiled step (DSCODER_COMPILE=0 skips the attempt)")
 
     def fim_stop_ids(self) -> set[int]:
         tok = self.tokenizer()
