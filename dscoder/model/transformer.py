@@ -169,7 +169,8 @@ class Transformer(nn.Module):
         """Fuse the decode step's small kernels with torch.compile (one graph per layer kind:
         the layers differ only in their weights, which are inputs of the compiled graph).
         The compile happens at the first call, or already happened in `compiled`'s first
-        calls (dscoder.warmup compiles it on stand-in layers while the weights load)."""
+        calls (dscoder.warmup compiles it in the background). Graphs captured before are stale
+        from now on (step_version); use graphs.swap_step while graphs may be capturing."""
         self._compiled_layer = compiled if compiled is not None else compile_decode_layer(backend)
         self.step_version += 1
 
