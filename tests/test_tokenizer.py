@@ -225,3 +225,23 @@ def test_no_heavy_imports() -> None:
             "print([m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_spliced_file_and_a_full_parse_give_the_same_tokenizer(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """load_tokenizer empties added_tokens in the file's text (no parse and re-dump of 3 MB);
+    a file in another key order goes through the full parse. Same ids, same specials, and the
+    special tokens' text stays plain text either way."""
+    from dscoder import tokenizer as tokenizer_mod
+
+    text = (tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8")
+    assert tokenizer_mod._split_added_tokens(text) is not None  # the real file takes the fast path
+    data = json.loads(text)
+    reordered = {"model": data["model"], **{k: v for k, v in data.items() if k != "model"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(reordered), encoding="utf-8")
+    assert tokenizer_mod._split_added_tokens(json.dumps(reordered)) is None
+    fast, full = load_tokenizer(tokenizer_dir), load_tokenizer(tmp_path)
+    sample = "def f(x):\n    return x  # <｜fim▁hole｜> <｜end▁of▁sentence｜> 中文 🚀"
+    assert fast.encode(sample) == full.encode(sample)
+    assert fast.fim_hole_id not in fast.encode(sample) and fast.eos_id not in fast.encode(sample)
+    assert (fast.bos_id, fast.eos_id, fast.fim_hole_id) == (full.bos_id, full.eos_id, full.fim_hole_id)
+    assert fast.decode(fast.encode(sample)) == sample
