@@ -113,7 +113,8 @@ def cli_part(args) -> dict:
     work = args.work
     args.bytecode_env = bytecode_like_an_install(work)
     prompt = source_file(work / "app.py")
-    for name, extra in (("full", []), ("12GiB", ["--gpu-memory", args.budget])):
+    for name, extra in (("full", []), ("12GiB", ["--gpu-memory", args.budget]),
+                        ("12GiB-int8", ["--gpu-memory", args.budget, "--expert-dtype", "int8"])):
         if name not in args.configs:
             continue
         cache = work / f"cache-{name}"  # empty: the cold run compiles, the warm one reuses it
@@ -210,7 +211,8 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/dscoder-lite"))
     p.add_argument("--shape", default="lite", choices=["lite", "tiny"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--configs", default="full,12GiB", help="CLI configurations: full, 12GiB")
+    p.add_argument("--configs", default="full,12GiB",
+                   help="CLI configurations: full, 12GiB, 12GiB-int8 (the budget with int8 experts)")
     p.add_argument("--budget", default="12GiB")
     p.add_argument("--tokens", type=int, default=64, help="tokens per CLI reply and sweep request")
     p.add_argument("--decode", type=int, default=128, help="tokens of the first and second reply")
