@@ -8,8 +8,8 @@ the loaded layers (one compile per layer kind: the weights are inputs of the com
 and reports ready; the engine switches at its next decode round (Engine.use_compiled_step),
 recapturing its graphs. The thread starts after the first reply, or once a reply runs long
 (Engine.start_compile), not during the load or a short reply: its imports and tracing hold the
-GIL, which slowed the reading threads (8.1 against 10-15 GB/s on an H100) and a short reply's
-decoding (126 against 171 tokens/s). A one-shot command with a short answer never pays for it.
+GIL, which slowed the reading threads (on an H100, 8.1 against 15-20 GB/s) and a short reply's
+decoding (126 against 186 tokens/s). A one-shot command with a short answer never pays for it.
 """
 from __future__ import annotations
 
