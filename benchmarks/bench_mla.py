@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import replay_us  # noqa: E402  (beside this script)
 
 HEADS, RANK, ROPE, VDIM, LAYERS = 16, 512, 64, 128, 27
 SCENARIOS = ((2048, 2048), (8192, 8192), (32768, 32768), (32768, 2048))  # (rows S, valid)
@@ -34,21 +36,11 @@ SCENARIOS = ((2048, 2048), (8192, 8192), (32768, 32768), (32768, 2048))  # (rows
 
 def timed(calls: list[Callable[[], object]], reps: int = 20) -> float:
     """Microseconds per call: the calls captured in one CUDA graph, replayed `reps` times."""
-    for fn in calls:  # compile and pick kernels outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def all_calls() -> None:
         for fn in calls:
             fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+
+    return replay_us(all_calls, reps, len(calls))
 
 
 def configs(full: bool) -> list[dict]:

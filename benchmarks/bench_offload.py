@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import Sampler, lite_checkpoint, log, random_prompt  # noqa: E402  (beside this script)
+from common import Sampler, lite_checkpoint, log, random_prompt, replay_us  # noqa: E402  (beside this script)
 
 GiB = 2**30
 
@@ -188,7 +188,6 @@ def kernel_rows(path: Path, iters: int = 200) -> list[dict]:
     checkpoint's expert shape: microseconds per call and the bandwidth of the bytes it must read
     (the chosen experts' weights, and scales). CUDA only."""
     from dscoder.config import ModelConfig
-    from dscoder.graphs import capture_graph
     from dscoder.model import moe_kernels
     from dscoder.model.quant import expert_nbytes, quantize
 
@@ -209,16 +208,7 @@ def kernel_rows(path: Path, iters: int = 200) -> list[dict]:
         def call(stacks=stacks):
             for chosen in ids:
                 moe_kernels.routed_experts_decode(x, chosen, weights, *stacks)
-        # replayed from a CUDA graph, as decode runs it: the kernels' time, not the launches'
-        graph = capture_graph(call, torch.device("cuda"), warm_up=call)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        us = start.elapsed_time(end) * 1000 / (iters * calls)
+        us = replay_us(call, iters, calls)
         nbytes = k * expert_nbytes(h, i, torch.bfloat16, name)
         rows.append({"bench": "expert kernel", "experts": name, "us_per_call": us,
                      "gb_s": nbytes / us / 1e3, "mb_read": nbytes / 1e6})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def timed(into: dict, key: str):
     yield
     sync()
     into[key] = time.perf_counter() - t
+
+
+def replay_us(fn: Callable[[], object], reps: int, calls: int = 1) -> float:
+    """Microseconds per call of fn() (which makes `calls` calls), captured in one CUDA graph and
+    replayed `reps` times, as decode runs its kernels: their time, not the launches'."""
+    from dscoder.graphs import capture_graph
+
+    graph = capture_graph(fn, torch.device("cuda"), warm_up=fn)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (reps * calls)
 
 
 def random_prompt(n: int, seed: int = 0) -> list[int]:

@@ -92,24 +92,30 @@ def run_case(heads: int, rank: int, rope: int, rows: int, pos: int | None, dtype
     return {"torch": err(got, ref), "exact": err(got, exact), "torch_exact": err(ref, exact)}
 
 
+def tiny_attention(seed: int):
+    """Tiny MLA (4 heads, rank 32, rope 8) with random weights, one query token and 40 cached rows."""
+    from dscoder.config import ModelConfig
+    from dscoder.model.attention import MLAttention
+    from dscoder.random_checkpoint import TINY
+
+    cfg = ModelConfig.from_dict(TINY)
+    torch.manual_seed(seed)
+    attn = MLAttention(cfg, 0)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    q_nope, q_pe = torch.randn(4, 1, cfg.qk_nope_head_dim), torch.randn(4, 1, cfg.qk_rope_head_dim)
+    return attn, q_nope, q_pe, torch.randn(40, cfg.kv_cache_dim)
+
+
 def run_hook() -> dict[str, float]:
     """MLAttention._attend_absorbed with the kernel taken (as on a GPU) against the torch path,
     for a device position (CUDA graphs) and an int start (eager decode)."""
     from unittest import mock
 
-    from dscoder.config import ModelConfig
     from dscoder.model import mla_decode
-    from dscoder.model.attention import MLAttention
     from dscoder.model.step import Step
-    from dscoder.random_checkpoint import TINY
 
-    cfg = ModelConfig.from_dict(TINY)  # 4 heads, rank 32, rope 8
-    torch.manual_seed(0)
-    attn = MLAttention(cfg, 0)
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    q_nope, q_pe = torch.randn(4, 1, cfg.qk_nope_head_dim), torch.randn(4, 1, cfg.qk_rope_head_dim)
-    cached = torch.randn(40, cfg.kv_cache_dim)
+    attn, q_nope, q_pe, cached = tiny_attention(0)
     errors = {}
     for name, step in (("hook-device-pos", Step.on_device(torch.tensor([17]), 40)),
                        ("hook-int-start", Step.at(39, 1, torch.device("cpu"), absorbed=True))):
@@ -127,19 +133,10 @@ def run_hook() -> dict[str, float]:
 def run_compiled() -> dict[str, float]:
     """The same attention under torch.compile (fullgraph): the kernel is one opaque operator
     (dscoder::mla_decode) that the compiled code calls, at two device positions."""
-    from dscoder.config import ModelConfig
     from dscoder.model import mla_decode
-    from dscoder.model.attention import MLAttention
     from dscoder.model.step import Step
-    from dscoder.random_checkpoint import TINY
 
-    cfg = ModelConfig.from_dict(TINY)
-    torch.manual_seed(1)
-    attn = MLAttention(cfg, 0)
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    q_nope, q_pe = torch.randn(4, 1, cfg.qk_nope_head_dim), torch.randn(4, 1, cfg.qk_rope_head_dim)
-    cached = torch.randn(40, cfg.kv_cache_dim)
+    attn, q_nope, q_pe, cached = tiny_attention(1)
 
     def attend(pos: torch.Tensor) -> torch.Tensor:
         return attn._attend_absorbed(q_nope, q_pe, cached, Step.on_device(pos, 40))
