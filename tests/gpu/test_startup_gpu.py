@@ -11,6 +11,17 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo's compiled code outlives an engine: a step compiled by an earlier test in this
+    process would be reused here, and these tests count compiles."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def greedy(engine, ids: list[int], n: int) -> tuple[int, ...]:
     from dscoder.events import GenerationSettings
 
