@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from dscoder import fx_threads
 from dscoder.compile_cache import enable_compile_caches
 from dscoder.model.transformer import Transformer, compile_decode_layer
 from dscoder.profile import StartupProfile
@@ -44,6 +45,7 @@ class Precompile:
         self.profile = profile
         self.done = threading.Event()
         self._args = (model, rows, backend)
+        fx_threads.install()  # the compiler's traces must not catch the engine's module calls
         self._thread = threading.Thread(target=self._run, name="dscoder-compile", daemon=True)
         self._thread.start()
 

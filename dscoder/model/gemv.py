@@ -16,6 +16,7 @@ DSCODER_TRITON_GEMV=0 sends the dense projections to cuBLAS instead, for compari
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,23 +44,48 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return gemv(x, w)
 
 
+class Extra(NamedTuple):
+    """Matrices appended to an expert stack's pairs: the shared experts, run as extra experts of
+    the same launch. Pair ids.numel() + p multiplies matrix p, whose row r starts at element
+    p * stride_e + (r // half) * stride_half + (r % half) * stride_n of `w` (columns contiguous,
+    rows and columns as many as the stack's). `half` splits rows in two runs: the first half
+    of a gate-and-up matrix comes from the gate rows, the second from the up rows."""
+
+    w: torch.Tensor
+    count: int
+    stride_e: int
+    stride_n: int
+    stride_half: int
+    half: int
+
+
 if triton is not None:
 
     @triton.jit
     def _gemv(x_ptr, w_ptr, scale_ptr, ids_ptr, out_ptr, x_row_div, stride_we, stride_wn,
+              extra_ptr, n_ids, stride_ee, stride_en, stride_ehalf,
               n_rows: tl.constexpr, n_cols: tl.constexpr, HAS_IDS: tl.constexpr,
-              HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # grid: (row blocks, pairs). Pair j multiplies matrix ids[j] of the stack w (matrix 0
-        # without ids) by input row j // x_row_div. HAS_SCALE: w is int8 and row r of matrix e
-        # is w[e, r] * scale[e, r]; int8 converts exactly to fp32, so only the sum is scaled.
+              HAS_SCALE: tl.constexpr, EXTRA_HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+        # grid: (row blocks, pairs). Pair j < n_ids multiplies matrix ids[j] of the stack w
+        # (matrix 0 without ids), pair n_ids + p matrix p of the extra stack (see Extra), by
+        # input row j // x_row_div. HAS_SCALE: w is int8 and row r of matrix e is
+        # w[e, r] * scale[e, r]; int8 converts exactly to fp32, so only the sum is scaled.
         j = tl.program_id(1)
         if HAS_IDS:
-            matrix = tl.load(ids_ptr + j).to(tl.int64)
+            matrix = tl.load(ids_ptr + j, mask=j < n_ids, other=0).to(tl.int64)
         else:
             matrix = 0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        w_base = w_ptr + matrix * stride_we + rows[:, None].to(tl.int64) * stride_wn
+        r = rows[:, None].to(tl.int64)
+        base = w_ptr
+        offset = matrix * stride_we + r * stride_wn
+        if j >= n_ids:
+            base = extra_ptr
+            offset = ((j - n_ids).to(tl.int64) * stride_ee + (r // EXTRA_HALF) * stride_ehalf
+                      + (r % EXTRA_HALF) * stride_en)
+        w_base = base + offset
         x_base = x_ptr + (j // x_row_div).to(tl.int64) * n_cols
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, n_cols, BLOCK_K):
@@ -82,23 +108,30 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: 
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, x_row_div: int,
-                scale: torch.Tensor | None = None, block_n: int | None = None,
-                block_k: int | None = None, warps: int | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, extra: Extra | None = None,
+                block_n: int | None = None, block_k: int | None = None,
+                warps: int | None = None) -> torch.Tensor:
     """out[j] = w[ids[j]] @ x[j // x_row_div]; x (R, K) contiguous, w (E, N, K), ids (J,);
-    with scale (E, N) contiguous, w is int8 and each row is multiplied by its scale."""
-    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps)
+    with scale (E, N) contiguous, w is int8 and each row is multiplied by its scale. extra:
+    more matrices after the J pairs (out[J + p], see Extra; not with int8 stacks)."""
+    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps, extra)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
             pairs: int, x_row_div: int, block_n: int | None, block_k: int | None,
-            warps: int | None) -> torch.Tensor:
+            warps: int | None, extra: Extra | None = None) -> torch.Tensor:
     _, n_rows, n_cols = w.shape
     assert w.stride(2) == 1, "the kernel reads rows of contiguous columns"
-    out = torch.empty(pairs, n_rows, device=x.device, dtype=x.dtype)
+    if extra is None:  # no pair reaches it
+        extra = Extra(w, 0, 0, 0, 0, 1)
+    assert scale is None or extra.count == 0, "extra matrices have no int8 scales"
+    assert extra.w.dtype == w.dtype
+    out = torch.empty(pairs + extra.count, n_rows, device=x.device, dtype=x.dtype)
     bn = block_n or BLOCK_N
-    _gemv[(triton.cdiv(n_rows, bn), pairs)](
+    _gemv[(triton.cdiv(n_rows, bn), pairs + extra.count)](
         x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
-        w.stride(0), w.stride(1), n_rows, n_cols, HAS_IDS=ids is not None,
-        HAS_SCALE=scale is not None, BLOCK_N=bn, BLOCK_K=block_k or BLOCK_K,
-        num_warps=warps or WARPS)
+        w.stride(0), w.stride(1), extra.w, pairs, extra.stride_e, extra.stride_n,
+        extra.stride_half, n_rows, n_cols, HAS_IDS=ids is not None,
+        HAS_SCALE=scale is not None, EXTRA_HALF=extra.half, BLOCK_N=bn,
+        BLOCK_K=block_k or BLOCK_K, num_warps=warps or WARPS)
     return out

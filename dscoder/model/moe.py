@@ -193,3 +193,16 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(cfg)
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+
+    def decode_both(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """The routed and the shared experts of one decode token together, the shared ones as
+        extra experts of the routed kernel's two launches; None where that does not apply (more
+        tokens, no GPU kernel, int8 or offloaded routed experts, no shared experts)."""
+        routed, shared = self.experts, self.shared_experts
+        if (shared is None or h.shape[0] != 1 or not isinstance(routed, RoutedExperts)
+                or routed.s13 is not None or not moe_kernels.available(h)
+                or not h.dtype == routed.w13.dtype == shared.gate_up_proj.weight.dtype):
+            return None
+        extra = moe_kernels.shared_as_experts(shared.gate_up_proj.weight, shared.down_proj.weight,
+                                              routed.w13.shape[1] // 2)
+        return moe_kernels.routed_experts_decode(h, ids, weights, routed.w13, routed.w2, shared=extra)

@@ -59,6 +59,10 @@ class DecoderLayer(nn.Module):
         their activations stay as small as in chunked prefill; routed experts see every token
         in one call (an offloaded layer then streams its experts once)."""
         if isinstance(self.mlp, MoE):
+            if experts is None and chunk is None:  # a resident layer: maybe one decode token
+                both = self.mlp.decode_both(route.h, route.ids, route.weights)
+                if both is not None:
+                    return x + both
             out = (experts or self.mlp.experts)(route.h, route.ids, route.weights)
             dense = self.mlp.shared_experts
         else:

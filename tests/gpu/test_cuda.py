@@ -40,6 +40,34 @@ def test_triton_expert_kernel_matches_torch():
     assert rel_err(got, ref) < 1e-2
 
 
+def test_shared_experts_join_the_routed_launches_in_lite_shapes():
+    """One decode token's routed and shared experts in the expert kernel's two launches (as the
+    compiled step runs them) against the routed kernel plus the shared SwiGLU, and both against
+    fp64 math: no further from it than the separate path, but for rounding noise."""
+    from dscoder.config import ModelConfig
+    from dscoder.model.moe import MoE
+    from dscoder.random_checkpoint import LITE
+
+    cfg = ModelConfig.from_dict(LITE)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for prm in moe.parameters():
+        torch.nn.init.normal_(prm, std=0.02)
+    exact64 = MoE(cfg).double()  # on the CPU: torch's fp64 products, no kernel
+    moe = moe.bfloat16().cuda()
+    exact64.load_state_dict({k: v.double().cpu() for k, v in moe.state_dict().items()})
+    for seed in range(3):
+        h = torch.randn(1, cfg.hidden_size, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        h = h.bfloat16()
+        ids, weights = moe.gate(h)
+        both = moe.decode_both(h, ids, weights)
+        separate = moe.experts(h, ids, weights) + moe.shared_experts(h)
+        h64, ids64, w64 = h.double().cpu(), ids.cpu(), weights.double().cpu()
+        exact = (exact64.experts(h64, ids64, w64) + exact64.shared_experts(h64)).cuda()
+        assert both is not None and rel_err(both, separate) < 1e-2
+        assert rel_err(both, exact) < 1.3 * rel_err(separate, exact) + 1e-6
+
+
 def test_cuda_fp32_logits_match_transformers(tiny_checkpoint):
     transformers = pytest.importorskip("transformers")
     from dscoder.config import ModelConfig
