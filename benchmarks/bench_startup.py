@@ -200,10 +200,14 @@ def table(result: dict) -> None:
               f"{api['second_reply_decode_tok_s']:.1f} tok/s (ratio {api['first_over_second']:.2f}); "
               f"compiled step {api['compiled_reply_decode_tok_s']:.1f} tok/s, ready "
               f"{api['compiled_ready_after_load_s'] or 0:.1f} s after load")
-        print(f"{'prompt':>7} {'first s':>8} {'steady s':>9} {'ratio':>6} {'compiles':>9} {'captures':>9}")
+        print(f"{'prompt':>7} {'first s':>8} {'steady s':>9} {'ratio':>6} {'prefill s first/steady':>23} "
+              f"{'decode tok/s first/steady':>26} {'compiles':>9} {'captures':>9}")
         for row in api["sweep"]:
+            prefill = f"{row['first_prefill_s']:.3f} / {row['steady_prefill_s']:.3f}"
+            decode = f"{row['first_decode_tok_s']:.1f} / {row['steady_decode_tok_s']:.1f}"
             print(f"{row['prompt']:>7} {row['first_s']:>8.3f} {row['steady_s']:>9.3f} "
-                  f"{row['first_over_steady']:>6.2f} {row['first_compiles']:>9} {row['first_captures']:>9}")
+                  f"{row['first_over_steady']:>6.2f} {prefill:>23} {decode:>26} "
+                  f"{row['first_compiles']:>9} {row['first_captures']:>9}")
 
 
 def main() -> None:

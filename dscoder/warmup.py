@@ -80,11 +80,13 @@ class Precompile:
 def _first_step(model: Transformer, compiled: Callable, rows: int) -> None:
     """One compiled decode step through the loaded layers (this compiles it), into a scratch
     cache (the real one may be in use) one row longer than `rows` (the two dynamic sizes must
-    differ, or Dynamo would take them for one), made as sessions make theirs: outside
-    inference mode, which Dynamo guards on."""
+    differ, or Dynamo would take them for one). Dynamo guards on whether each input is an
+    inference tensor, so each is made as the graphs' are: the cache outside inference mode, as
+    sessions make theirs, the ids and position inside it, as GraphedDecoder and its captures'
+    warm-ups make theirs (a position made outside recompiled the step at its first capture)."""
     scratch = model.new_cache(rows + 1)
-    ids = torch.zeros(1, dtype=torch.long, device=scratch.data.device)
     with torch.inference_mode():  # no synchronize: a capture may be running on another thread
+        ids = torch.zeros(1, dtype=torch.long, device=scratch.data.device)
         model.decode_at(ids, ids, scratch, rows, compiled=compiled)
 
 

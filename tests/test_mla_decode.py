@@ -184,6 +184,12 @@ def test_compiled_decode_attention_calls_the_kernel_as_one_operator(interpreted,
     assert interpreted[name] < 1e-5
 
 
+def test_eager_decode_attention_leaves_dynamo_unimported(interpreted):
+    """The uncompiled step (the first reply) calls the kernel without the custom operator,
+    whose first call imports Dynamo: about 1 s on the way to the first token."""
+    assert interpreted["eager-without-dynamo"] == 1.0
+
+
 def test_kernel_is_not_taken_on_the_cpu():
     from dscoder.model import mla_decode
 
@@ -195,5 +201,7 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is set alrea
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {c[0]: run_case(*c[1:]) for c in CASES}
     results.update(run_hook())
+    # the eager path calls the kernel directly: the operator's first call would import Dynamo
+    results["eager-without-dynamo"] = float("torch._dynamo" not in sys.modules)
     results.update(run_compiled())
     print(json.dumps(results))

@@ -124,3 +124,30 @@ def test_routed_experts_by_slot_equal_by_id():
         by_slot.apply(ex, pool13[slot_of[ex]], pool2[slot_of[ex]])
     assert torch.equal(by_slot.result(), by_id.result())
     assert (by_id.result() - want).abs().max() < 1e-4  # gathered vs grouped: same sums, other order
+
+
+def test_prefill_attention_never_takes_cudnn(pair, monkeypatch):
+    """Prefill attention runs with cuDNN's backend off (it plans each new shape: 0.7 s a new
+    prompt length on an H100), flash and memory-efficient attention on; afterwards the
+    process's settings are as they were."""
+    from dscoder.model import attention
+
+    ours = pair[0]
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    seen = []
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    ids = prompt(12)
+    with torch.no_grad():
+        ours(ids[:8], ours.new_cache(32), 0)  # the first chunk: causal
+        cache = ours.new_cache(32)
+        ours(ids[:5], cache, 0)
+        ours(ids[5:12], cache, 5)  # a later chunk: masked
+    assert seen and set(seen) == {(False, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

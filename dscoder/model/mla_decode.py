@@ -280,11 +280,15 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
 
 def decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor, pos: torch.Tensor | None,
            scale: float, w_uv: torch.Tensor | None = None) -> torch.Tensor:
-    """absorbed_decode with the default tiles, as one opaque operator (dscoder::mla_decode):
-    torch.compile calls it rather than tracing the kernels into its own Triton compile, which
-    failed on an H100 (torch 2.11, Triton 3.6: a tl.dot type assertion in Inductor's build of
-    the split kernel) while the same kernel ran correctly outside the compile."""
-    return torch.ops.dscoder.mla_decode(q_lat, q_pe, cached, pos, scale, w_uv)
+    """absorbed_decode with the default tiles. Under torch.compile, as one opaque operator
+    (dscoder::mla_decode) that the compiled code calls rather than tracing the kernels into its
+    own Triton compile, which failed on an H100 (torch 2.11, Triton 3.6: a tl.dot type assertion
+    in Inductor's build of the split kernel) while the same kernel ran correctly outside it.
+    Outside the compile, a plain call: the operator's first call imports Dynamo (about 1 s, on
+    the way to the first reply, which decodes from the uncompiled step)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dscoder.mla_decode(q_lat, q_pe, cached, pos, scale, w_uv)
+    return absorbed_decode(q_lat, q_pe, cached, pos, scale, w_uv)
 
 
 if triton is not None:
