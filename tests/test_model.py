@@ -53,6 +53,18 @@ def test_incremental_decode_matches_full_forward(pair):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_prefill_in_chunks_matches_full_forward(pair, absorbed):
+    """Later chunks see the cache and themselves causally (aligned to the lower right)."""
+    ours, _ = pair
+    ids = prompt(40, seed=3)
+    full = ours(ids, ours.new_cache(512), 0, all_logits=True)
+    cache = ours.new_cache(512)
+    parts = [ours(ids[a:b], cache, a, all_logits=True, absorbed=absorbed) for a, b in ((0, 9), (9, 25), (25, 40))]
+    assert rel_err(torch.cat(parts), full) < 1e-5
+
+
+@torch.inference_mode()
 def test_absorbed_and_expanded_attention_agree(pair):
     ours, _ = pair
     ids = prompt(40, seed=2)
@@ -142,12 +154,18 @@ def test_prefill_attention_never_takes_cudnn(pair, monkeypatch):
                      torch.backends.cuda.mem_efficient_sdp_enabled()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    class Functional:  # torch.nn.functional with the spy in place, for the attention module only
+        scaled_dot_product_attention = staticmethod(spy)
+
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+    monkeypatch.setattr(attention, "F", Functional())
     ids = prompt(12)
     with torch.no_grad():
         ours(ids[:8], ours.new_cache(32), 0)  # the first chunk: causal
         cache = ours.new_cache(32)
         ours(ids[:5], cache, 0)
-        ours(ids[5:12], cache, 5)  # a later chunk: masked
+        ours(ids[5:12], cache, 5)  # a later chunk: causal to the lower right
     assert seen and set(seen) == {(False, True, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import write_cache
@@ -24,7 +25,8 @@ from dscoder.model.step import Step
 # Prefill attention never goes to cuDNN's: it builds an execution plan for each new pair of
 # query and key lengths, which cost 0.7 s per new shape on an H100 (torch 2.11), paid by every
 # prompt of a new length (a first 8K prompt prefilled in 2.44 s, the next one in 0.29 s).
-# Flash attention (causal chunks) and memory-efficient attention (masked ones) need no set-up.
+# Flash attention (every chunk: causal, aligned to the lower right after the first) needs no
+# set-up.
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -85,9 +87,14 @@ class MLAttention(nn.Module):
             v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
         # a batch dimension of one: the fused kernels take only 4-D inputs (3-D falls back to
         # the unfused math path, which materialises every score in fp32)
+        mask, causal = step.mask, step.causal
+        if causal and step.start > 0:
+            # the queries are the last of the keys (a later prefill chunk): flash attention
+            # takes that causal mask as a flag, where a mask tensor would need another kernel
+            mask, causal = causal_lower_right(q.shape[1], total), False
         with sdpa_kernel(PREFILL_ATTENTION):
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=step.mask,
-                                                 is_causal=step.causal, scale=self.scale)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                                 is_causal=causal, scale=self.scale)
         return out[0, ..., : self.vdim]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ class Step:
     """start: the first position (an int, or a one-element device tensor for CUDA graphs, whose
     shapes cannot depend on the position); visible: how many cache rows attention reads;
     mask: (T, visible) booleans, True where a query may look, or None when it sees every row
-    (or, with causal, when the queries are the whole sequence: query i sees rows 0..i)."""
+    (or, with causal, when the queries are the last T of the visible rows: query i sees rows
+    0..start+i, a causal mask aligned to the lower right)."""
 
     start: int | torch.Tensor
     visible: int
@@ -23,7 +24,8 @@ class Step:
         """The mask spelled out, for attention code that cannot take a causal flag."""
         if not self.causal:
             return self.mask
-        return torch.ones(self.visible, self.visible, dtype=torch.bool, device=device).tril()
+        t = self.visible - self.start
+        return torch.ones(t, self.visible, dtype=torch.bool, device=device).tril(diagonal=self.start)
 
     @staticmethod
     def at(start: int, t: int, device: torch.device, absorbed: bool) -> Step:
@@ -31,10 +33,8 @@ class Step:
         visible = start + t
         if t == 1:
             return Step(start, visible, None, absorbed)
-        if start == 0:  # lets SDPA pick a fused causal kernel instead of reading a mask
-            return Step(start, visible, None, absorbed, causal=True)
-        rows = torch.arange(start, visible, device=device)[:, None]
-        return Step(start, visible, torch.arange(visible, device=device)[None, :] <= rows, absorbed)
+        # causal rather than a mask: SDPA picks a fused kernel instead of reading a mask
+        return Step(start, visible, None, absorbed, causal=True)
 
     @staticmethod
     def on_device(pos: torch.Tensor, visible: int) -> Step:
