@@ -475,3 +475,24 @@ def test_a_failed_background_compile_is_kept_for_the_cli_to_say(tiny_checkpoint)
     engine.precompile = SimpleNamespace(done=done, error=error, result=lambda wait=False: None)
     assert not engine.use_compiled_step()
     assert engine.compile_error is error and engine.precompile is None and not engine.step_pending
+
+
+def test_loading_and_a_first_reply_leave_dynamo_unimported(tiny_checkpoint):
+    """Importing Dynamo takes about 1 s; only the background compile may pay for it (some torch
+    modules import it: torch.nn.attention.bias did, from the prefill attention). A prompt of
+    several chunks, so that a later chunk's attention runs too."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dscoder.engine import load_engine\n"
+        "from dscoder.events import GenerationSettings\n"
+        "from dscoder import shapes\n"
+        "shapes.PREFILL_CHUNK = 8\n"
+        f"e = load_engine({str(tiny_checkpoint)!r}, device='cpu')\n"
+        "list(e.generate(list(range(1, 30)), GenerationSettings(max_tokens=4, temperature=0), stop_ids=()))\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -68,6 +68,28 @@ def test_shared_experts_join_the_routed_launches_in_lite_shapes():
         assert rel_err(both, exact) < 1.3 * rel_err(separate, exact) + 1e-6
 
 
+def test_prefill_in_chunks_takes_flash_attention_and_matches_one_chunk(tiny_checkpoint, monkeypatch):
+    """Later prefill chunks run flash attention with its causal flag (aligned to the lower
+    right: the chunk's queries are the last of the keys), and give the one-chunk logits."""
+    from dscoder.config import ModelConfig
+    from dscoder.model import attention
+    from dscoder.weights import load_model
+
+    flash = []
+    real = attention.can_use_flash_attention
+    monkeypatch.setattr(attention, "can_use_flash_attention", lambda p: flash.append(real(p)) or flash[-1])
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
+    m.set_context(256)
+    ids = torch.randint(0, 100000, (200,), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.inference_mode():
+        full = m(ids, m.new_cache(256), 0, all_logits=True)
+        cache = m.new_cache(256)
+        parts = [m(ids[a:b], cache, a, all_logits=True) for a, b in ((0, 64), (64, 150), (150, 200))]
+    assert flash and all(flash)
+    assert rel_err(torch.cat(parts), full) < 2e-2
+
+
 def test_cuda_fp32_logits_match_transformers(tiny_checkpoint):
     transformers = pytest.importorskip("transformers")
     from dscoder.config import ModelConfig
