@@ -169,3 +169,22 @@ def test_prefill_attention_never_takes_cudnn(pair, monkeypatch):
         ours(ids[5:12], cache, 5)  # a later chunk: causal to the lower right
     assert seen and set(seen) == {(False, True, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_compiled_decode_router_picks_the_eager_experts():
+    """Under torch.compile one token's router sums and sorts (fused by Inductor) instead of
+    F.linear and torch.topk; the same experts, the same weights."""
+    from dscoder.config import ModelConfig
+    from dscoder.model.moe import Router
+    from dscoder.random_checkpoint import LITE
+
+    router = Router(ModelConfig.from_dict(LITE))
+    torch.nn.init.normal_(router.weight, std=0.02)
+    compiled = torch.compile(router.forward, fullgraph=True)
+    for seed in range(3):
+        x = torch.randn(1, router.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+        ids, weights = router(x)
+        got_ids, got_weights = compiled(x)
+        order, got_order = ids[0].argsort(), got_ids[0].argsort()
+        assert torch.equal(ids[0][order], got_ids[0][got_order])
+        assert torch.allclose(weights[0][order], got_weights[0][got_order], rtol=1e-5, atol=1e-7)

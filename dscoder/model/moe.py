@@ -31,15 +31,24 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> (expert ids (T, k), weights (T, k) fp32)."""
+        if x.shape[0] == 1 and self.method != "group_limited_greedy" and torch.compiler.is_compiling():
+            # one token in the compiled decode step: the product as a sum and the top k by a
+            # sort of the E scores, which Inductor fuses into two kernels; F.linear and
+            # torch.topk are a cuBLAS GEMV, its reduction, a softmax and a top-k kernel, about
+            # 10 us a layer on an H100 (eager, the same ops would be slower than those)
+            scores = (x.float() * self.weight.float()).sum(dim=-1)[None].softmax(dim=-1)
+            weights, ids = (t[:, : self.top_k] for t in scores.sort(dim=-1, descending=True))
+            return ids, self._normalise(weights)
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         if self.method == "group_limited_greedy":
             scores = self._mask_groups(scores)
         weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return ids, self._normalise(weights)
+
+    def _normalise(self, weights: torch.Tensor) -> torch.Tensor:
         if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            weights = weights * self.scaling
-        return ids, weights
+            return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling
 
     def _mask_groups(self, scores: torch.Tensor) -> torch.Tensor:
         # keep only the experts of the topk_group groups whose best expert scores highest
