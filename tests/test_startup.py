@@ -204,9 +204,9 @@ def test_the_background_compile_serves_every_layer_and_length(tiny_checkpoint):
     compiled = pre.result(wait=True)
     assert pre.error is None and compiled is not None and len(graphs) == 2  # a dense and a MoE layer
     swap_step(model, compiled)
-    cache, pos = model.new_cache(4096), torch.tensor([100])  # made as a session makes them
+    cache = model.new_cache(4096)  # made as a session makes it; ids and position as the graphs'
     with torch.inference_mode():
-        model.decode_at(torch.tensor([3]), pos, cache, 2048)
+        model.decode_at(torch.tensor([3]), torch.tensor([100]), cache, 2048)
     assert len(graphs) == 2
     assert profile.counts["compiles"] == 2 and "compile (background)" in profile.seconds
 
