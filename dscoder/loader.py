@@ -17,7 +17,7 @@ from dscoder.events import GenerationSettings
 from dscoder.profile import StartupProfile, recording
 from dscoder.shapes import BUCKET
 from dscoder.warmup import Precompile, warm_up
-from dscoder.weights import Progress, start_load
+from dscoder.weights import Progress, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -173,36 +173,26 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
             profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
             if notice and budget_plan.window_notice():
                 notice(budget_plan.window_notice())
-            loading = None
         else:
             budget_plan = None
-            # the weights are read on a background thread while the first decode graph is
-            # captured below: a capture needs only the tensors' addresses (its warm-up decodes
-            # from whatever they hold yet, into a cache row that no reply has reached)
-            loading = start_load(model_dir, cfg, device=dev, dtype=dt, progress=progress,
-                                 expert_dtype=expert_dtype, background=dev.type == "cuda")
-            net = loading.model
-        try:
-            if routing_trace:
-                from dscoder.offload.setup import install_trace
+            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
+                             expert_dtype=expert_dtype)
+        if routing_trace:
+            from dscoder.offload.setup import install_trace
 
-                install_trace(net, routing_trace)
-            net.set_context(ctx)
-            # a model resident on the GPU decodes from CUDA graphs, and compiles its step in
-            # the background (dscoder.warmup); a routing trace needs the host at every layer:
-            # no graphs
-            use_graphs = dev.type == "cuda" and graphs
-            engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
-                            defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
-                            budget_plan=budget_plan, startup_profile=profile,
-                            capture_ahead=capture_ahead)
-            if use_graphs:
-                warm_up(engine, profile)
-                if compile and net.offload is None:  # after the first reply (Engine.start_compile)
-                    engine.compile_step = partial(Precompile, net, BUCKET, profile)
-        finally:  # no reading thread outlives the load, whatever happened beside it
-            if loading is not None:
-                loading.wait()
+            install_trace(net, routing_trace)
+        net.set_context(ctx)
+        # a model resident on the GPU decodes from CUDA graphs, and compiles its step in the
+        # background (dscoder.warmup); a routing trace needs the host at every layer: no graphs
+        use_graphs = dev.type == "cuda" and graphs
+        engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
+                        defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
+                        budget_plan=budget_plan, startup_profile=profile,
+                        capture_ahead=capture_ahead)
+        if use_graphs:
+            warm_up(engine, profile)
+            if compile and net.offload is None:  # after the first reply (Engine.start_compile)
+                engine.compile_step = partial(Precompile, net, BUCKET, profile)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
                           "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e

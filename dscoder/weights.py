@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -152,50 +151,6 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
                expert_dtype: str | None = None) -> Transformer:
     """Build the model on the meta device, then fill every parameter from the checkpoint.
     expert_dtype "int8": the routed experts are quantized as they load (dscoder.model.quant)."""
-    loading = start_load(model_dir, cfg, device=device, dtype=dtype, expert_device=expert_device,
-                         pin_experts=pin_experts, progress=progress, profile=profile,
-                         expert_dtype=expert_dtype, background=False)
-    loading.wait()
-    return loading.model
-
-
-class Loading:
-    """A model whose parameters exist (their addresses are final) while threads may still be
-    reading their values: work that needs only the addresses, such as capturing CUDA graphs,
-    can run meanwhile. wait() returns once every parameter holds the checkpoint's value."""
-
-    def __init__(self, model: Transformer, fill: Callable[[], None], background: bool) -> None:
-        self.model = model
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        if not background:
-            fill()
-            return
-
-        def run() -> None:
-            try:
-                fill()
-            except BaseException as e:  # wait() re-raises it
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="dscoder-load", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise self._error
-
-
-def start_load(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
-               expert_device: torch.device | None = None, pin_experts: bool = False,
-               progress: Progress | None = None, profile: StartupProfile | None = None,
-               expert_dtype: str | None = None, background: bool = True) -> Loading:
-    """The model with every parameter allocated, filled by reading threads (on a background
-    thread of their own with `background`, where the experts are not quantized as they load:
-    those are read after the rest, one stack at a time)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     index = shard_index(model_dir)
@@ -222,34 +177,29 @@ def start_load(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed if key not in later]
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
     total = sum(entry(key).nbytes for key in needed)
+    t = time.perf_counter()
+    read_parallel(jobs, _offset(progress, 0, total))
+    done = sum(e.nbytes for e, _ in jobs)
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, keys in quantized.items():  # one stack at a time: never two full copies in RAM
+        stack = torch.empty(meta[name].shape, dtype=dtype, device=device)
+        part = [(entry(key), _slot(lambda _, s=stack: s, _target(key, {}), cfg)) for key in keys]
+        read_parallel(part, _offset(progress, done, total))
+        done += sum(e.nbytes for e, _ in part)
+        scales[name] = _quantized(stack, expert_device or device)
+        del stack
     profile = profile or current()
-    if not quantized:  # every parameter is allocated: the model can hold them now
-        model.load_state_dict(tensors, assign=True, strict=True)
-
-    def fill() -> None:
-        t = time.perf_counter()
-        read_parallel(jobs, _offset(progress, 0, total))
-        done = sum(e.nbytes for e, _ in jobs)
-        scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, keys in quantized.items():  # one stack at a time: never two full copies in RAM
-            stack = torch.empty(meta[name].shape, dtype=dtype, device=device)
-            part = [(entry(key), _slot(lambda _, s=stack: s, _target(key, {}), cfg)) for key in keys]
-            read_parallel(part, _offset(progress, done, total))
-            done += sum(e.nbytes for e, _ in part)
-            scales[name] = _quantized(stack, expert_device or device)
-            del stack
-        if profile is not None:
-            profile.add("load weights", time.perf_counter() - t)
-            profile.count("bytes loaded", total)
-        if quantized:
-            result = model.load_state_dict(tensors, assign=True, strict=False)
-            if result.unexpected_keys or set(result.missing_keys) != set(quantized):
-                raise AssertionError(f"quantized load left {result}")  # a bug, not a bad checkpoint
-            for name in {n.rsplit(".", 1)[0] for n in quantized}:
-                (q13, s13), (q2, s2) = scales[f"{name}.w13"], scales[f"{name}.w2"]
-                model.get_submodule(name).set_quantized(q13, s13, q2, s2)
-
-    return Loading(model, fill, background and not quantized)
+    if profile is not None:
+        profile.add("load weights", time.perf_counter() - t)
+        profile.count("bytes loaded", total)
+    result = model.load_state_dict(tensors, assign=True, strict=not quantized)
+    if quantized:
+        if result.unexpected_keys or set(result.missing_keys) != set(quantized):
+            raise AssertionError(f"quantized load left {result}")  # a bug, not a bad checkpoint
+        for name in {n.rsplit(".", 1)[0] for n in quantized}:
+            (q13, s13), (q2, s2) = scales[f"{name}.w13"], scales[f"{name}.w2"]
+            model.get_submodule(name).set_quantized(q13, s13, q2, s2)
+    return model
 
 
 def _stacks(needed: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:

@@ -496,39 +496,3 @@ def test_loading_and_a_first_reply_leave_dynamo_unimported(tiny_checkpoint):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
-
-
-def test_a_background_load_gives_the_model_its_final_tensors_at_once(tiny_checkpoint):
-    """start_load hands out the model with every parameter allocated, before the reading
-    threads are done (a graph captured meanwhile keeps these addresses); wait() leaves the
-    same tensors holding what a plain load gives."""
-    from dscoder.config import ModelConfig
-    from dscoder.weights import load_model, start_load
-
-    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
-    cpu = torch.device("cpu")
-    loading = start_load(tiny_checkpoint, cfg, device=cpu, dtype=torch.float32, background=True)
-    addresses = {k: v.data_ptr() for k, v in loading.model.state_dict().items()}
-    assert not any(v.is_meta for v in loading.model.state_dict().values())
-    loading.wait()
-    plain = load_model(tiny_checkpoint, cfg, device=cpu, dtype=torch.float32).state_dict()
-    got = loading.model.state_dict()
-    assert {k: v.data_ptr() for k, v in got.items()} == addresses
-    assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)
-
-
-def test_a_read_error_on_the_background_load_reaches_wait(tiny_checkpoint, monkeypatch):
-    """An error in a reading thread (a disk failing mid-read) is raised by wait(), not lost."""
-    from dscoder import shard_reader
-    from dscoder.config import ModelConfig
-    from dscoder.weights import start_load
-
-    def failing(*args):
-        raise OSError("the disk went away")
-
-    monkeypatch.setattr(shard_reader, "_read_one", failing)
-    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
-    loading = start_load(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32,
-                         background=True)
-    with pytest.raises(OSError, match="the disk went away"):
-        loading.wait()
