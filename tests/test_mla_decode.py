@@ -190,6 +190,25 @@ def test_eager_decode_attention_leaves_dynamo_unimported(interpreted):
     assert interpreted["eager-without-dynamo"] == 1.0
 
 
+@pytest.mark.parametrize("per_sm, forced, taken", [(228 << 10, False, True), (164 << 10, False, False),
+                                                   (100 << 10, False, False), (100 << 10, True, True)])
+def test_kernel_only_where_its_tiles_fit_unless_forced(monkeypatch, per_sm, forced, taken):
+    """By default the kernel runs where a device has the shared memory its tiles want (an H100's
+    228 kB per SM), not on an A100 (164 kB) or a consumer card (about 100 kB), where it could not
+    launch; DSCODER_TRITON_MLA=1 forces it."""
+    from types import SimpleNamespace
+
+    from dscoder.model import mla_decode
+
+    monkeypatch.setattr(mla_decode, "_FITS", {})
+    monkeypatch.setattr(mla_decode, "FORCED", forced)
+    monkeypatch.setattr(mla_decode, "triton", mla_decode.triton or object())
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(shared_memory_per_multiprocessor=per_sm))
+    q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    assert mla_decode.available(q, SimpleNamespace(dtype=torch.bfloat16)) == taken
+
+
 def test_kernel_is_not_taken_on_the_cpu():
     from dscoder.model import mla_decode
 

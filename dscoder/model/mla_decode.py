@@ -38,9 +38,15 @@ try:
 except ImportError:  # CPU-only installs: the torch path
     triton = None
 
-# On unless DSCODER_TRITON_MLA=0: inside the compiled decode step on an H100 it took decode from
-# 301.7 to 318.1 tok/s at a 2K context and from 187.3 to 272.1 at 32K (BENCHMARKS.md)
-ENABLED = os.environ.get("DSCODER_TRITON_MLA", "1") != "0"
+# On by default where the device has the shared memory for the tiles below (Hopper: 228 kB per
+# SM): inside the compiled decode step on an H100 it took decode from 301.7 to 318.1 tok/s at a
+# 2K context and from 187.3 to 272.1 at 32K (BENCHMARKS.md). Cards with less (A100: 164 kB,
+# consumer cards about 100 kB) could not launch it: the torch path there. DSCODER_TRITON_MLA=0
+# turns it off everywhere, =1 (or uv) on everywhere (where the tiles do not fit, the launch fails).
+_SWITCH = os.environ.get("DSCODER_TRITON_MLA", "")
+ENABLED = _SWITCH != "0"
+FORCED = _SWITCH in ("1", "uv")
+SHARED_MEMORY = 200 << 10  # bytes of shared memory per SM the default tiles want (about 164 kB)
 # DSCODER_TRITON_MLA=uv: the W_uv product (out_lat @ W_uv.T) runs in the combine kernel too,
 # one launch fewer a layer (a choice to measure: the combine then has fewer programs)
 FUSE_UV = os.environ.get("DSCODER_TRITON_MLA") == "uv"
@@ -73,9 +79,23 @@ LOG2E = 1.4426950408889634  # the kernels take exp(x) as 2^(x log2(e)): scores a
 
 
 def available(q: torch.Tensor, cached: torch.Tensor) -> bool:
-    """Whether the kernel takes this call: triton installed, CUDA, half precision, switch on."""
+    """Whether the kernel takes this call: triton installed, CUDA, half precision, switch on, and
+    a device with the shared memory its tiles need (or the switch forced on)."""
     return (ENABLED and triton is not None and q.is_cuda
-            and q.dtype in (torch.bfloat16, torch.float16) and cached.dtype == q.dtype)
+            and q.dtype in (torch.bfloat16, torch.float16) and cached.dtype == q.dtype
+            and (FORCED or fits(q.device)))
+
+
+_FITS: dict[int, bool] = {}  # device index -> fits (a plain dict: compiled code reads it too)
+
+
+def fits(device: torch.device) -> bool:
+    """Whether `device` has the shared memory per SM that the default tiles need."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FITS:
+        props = torch.cuda.get_device_properties(index)
+        _FITS[index] = getattr(props, "shared_memory_per_multiprocessor", 0) >= SHARED_MEMORY
+    return _FITS[index]
 
 
 def _pow2(n: int) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import LatentKVCache
+from dscoder.model import mla_decode
 from dscoder.model.attention import MLAttention
 from dscoder.model.layers import Linear, RMSNorm, SwiGLU
 from dscoder.model.moe import MoE
@@ -116,8 +117,12 @@ class Transformer(nn.Module):
         self.offload = None  # dscoder.offload's runtime when routed experts live in host memory
 
     def set_context(self, length: int) -> None:
-        """Precompute the rotary table for positions [0, length)."""
-        self.rope = rope_table(self.cfg, length, self.lm_head.weight.device)
+        """Precompute the rotary table for positions [0, length), and on a GPU whether the MLA
+        decode kernel fits it (asked now, eagerly: compiled code then only reads the answer)."""
+        device = self.lm_head.weight.device
+        self.rope = rope_table(self.cfg, length, device)
+        if device.type == "cuda":
+            mla_decode.fits(device)
 
     def forward(self, ids: torch.Tensor, cache: LatentKVCache, start: int, *,
                 all_logits: bool = False, absorbed: bool | None = None) -> torch.Tensor:
