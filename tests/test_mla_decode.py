@@ -190,11 +190,16 @@ def test_eager_decode_attention_leaves_dynamo_unimported(interpreted):
     assert interpreted["eager-without-dynamo"] == 1.0
 
 
-@pytest.mark.parametrize("per_sm, forced, taken", [(228 << 10, False, True), (164 << 10, False, False),
-                                                   (100 << 10, False, False), (100 << 10, True, True)])
-def test_kernel_only_where_its_tiles_fit_unless_forced(monkeypatch, per_sm, forced, taken):
-    """By default the kernel runs where a device has the shared memory its tiles want (an H100's
-    228 kB per SM), not on an A100 (164 kB) or a consumer card (about 100 kB), where it could not
+@pytest.mark.parametrize("props, forced, taken", [
+    ({"shared_memory_per_block_optin": 227 << 10, "shared_memory_per_multiprocessor": 228 << 10}, False, True),
+    ({"shared_memory_per_block_optin": 163 << 10, "shared_memory_per_multiprocessor": 164 << 10}, False, False),
+    ({"shared_memory_per_block_optin": 99 << 10, "shared_memory_per_multiprocessor": 100 << 10}, False, False),
+    ({"shared_memory_per_multiprocessor": 228 << 10}, False, True),  # a torch without the opt-in limit
+    ({}, False, False),  # nor the SM's
+    ({"shared_memory_per_block_optin": 99 << 10}, True, True)])
+def test_kernel_only_where_its_tiles_fit_unless_forced(monkeypatch, props, forced, taken):
+    """By default the kernel runs where a program may have the shared memory its tiles want (an
+    H100's 227 kB), not on an A100 (163 kB) or a consumer card (99 kB), where it could not
     launch; DSCODER_TRITON_MLA=1 forces it."""
     from types import SimpleNamespace
 
@@ -204,7 +209,7 @@ def test_kernel_only_where_its_tiles_fit_unless_forced(monkeypatch, per_sm, forc
     monkeypatch.setattr(mla_decode, "FORCED", forced)
     monkeypatch.setattr(mla_decode, "triton", mla_decode.triton or object())
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index: SimpleNamespace(shared_memory_per_multiprocessor=per_sm))
+                        lambda index: SimpleNamespace(**props))
     q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
     assert mla_decode.available(q, SimpleNamespace(dtype=torch.bfloat16)) == taken
 

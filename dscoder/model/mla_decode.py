@@ -38,15 +38,15 @@ try:
 except ImportError:  # CPU-only installs: the torch path
     triton = None
 
-# On by default where the device has the shared memory for the tiles below (Hopper: 228 kB per
-# SM): inside the compiled decode step on an H100 it took decode from 301.7 to 318.1 tok/s at a
-# 2K context and from 187.3 to 272.1 at 32K (BENCHMARKS.md). Cards with less (A100: 164 kB,
-# consumer cards about 100 kB) could not launch it: the torch path there. DSCODER_TRITON_MLA=0
-# turns it off everywhere, =1 (or uv) on everywhere (where the tiles do not fit, the launch fails).
+# On by default where a program may have the shared memory the tiles below want (Hopper: 227 kB):
+# inside the compiled decode step on an H100 it took decode from 301.7 to 318.1 tok/s at a 2K
+# context and from 187.3 to 272.1 at 32K (BENCHMARKS.md). Cards with less (A100: 163 kB, consumer
+# cards about 99 kB) could not launch it: the torch path there. DSCODER_TRITON_MLA=0 turns it off
+# everywhere, =1 (or uv) on everywhere (where the tiles do not fit, the launch fails).
 _SWITCH = os.environ.get("DSCODER_TRITON_MLA", "")
 ENABLED = _SWITCH != "0"
 FORCED = _SWITCH in ("1", "uv")
-SHARED_MEMORY = 200 << 10  # bytes of shared memory per SM the default tiles want (about 164 kB)
+SHARED_MEMORY = 200 << 10  # bytes of shared memory a program may have, enough for the tiles (164 kB)
 # DSCODER_TRITON_MLA=uv: the W_uv product (out_lat @ W_uv.T) runs in the combine kernel too,
 # one launch fewer a layer (a choice to measure: the combine then has fewer programs)
 FUSE_UV = os.environ.get("DSCODER_TRITON_MLA") == "uv"
@@ -90,11 +90,14 @@ _FITS: dict[int, bool] = {}  # device index -> fits (a plain dict: compiled code
 
 
 def fits(device: torch.device) -> bool:
-    """Whether `device` has the shared memory per SM that the default tiles need."""
+    """Whether a program on `device` may have the shared memory that the default tiles need (the
+    opt-in limit per block; a torch without it: the SM's, which is a few kB more)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _FITS:
         props = torch.cuda.get_device_properties(index)
-        _FITS[index] = getattr(props, "shared_memory_per_multiprocessor", 0) >= SHARED_MEMORY
+        limit = (getattr(props, "shared_memory_per_block_optin", 0)
+                 or getattr(props, "shared_memory_per_multiprocessor", 0))
+        _FITS[index] = limit >= SHARED_MEMORY
     return _FITS[index]
 
 
