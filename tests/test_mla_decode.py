@@ -118,7 +118,7 @@ def run_hook() -> dict[str, float]:
     attn, q_nope, q_pe, cached = tiny_attention(0)
     errors = {}
     for name, step in (("hook-device-pos", Step.on_device(torch.tensor([17]), 40)),
-                       ("hook-int-start", Step.at(39, 1, torch.device("cpu"), absorbed=True))):
+                       ("hook-int-start", Step.at(39, 1, absorbed=True))):
         ref = attn._attend_absorbed(q_nope, q_pe, cached, step)
         for fuse_uv in (False, True):
             with mock.patch.object(mla_decode, "available", return_value=True), \

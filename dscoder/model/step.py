@@ -28,7 +28,7 @@ class Step:
         return torch.ones(t, self.visible, dtype=torch.bool, device=device).tril(diagonal=self.start)
 
     @staticmethod
-    def at(start: int, t: int, device: torch.device, absorbed: bool) -> Step:
+    def at(start: int, t: int, absorbed: bool) -> Step:
         """A step for t tokens at a known position: causal inside the new tokens."""
         visible = start + t
         if t == 1:

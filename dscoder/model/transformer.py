@@ -131,7 +131,7 @@ class Transformer(nn.Module):
         t = ids.shape[0]
         if absorbed is None:
             absorbed = t == 1  # decode reads the latent cache directly; prefill expands it
-        step = Step.at(start, t, ids.device, absorbed)
+        step = Step.at(start, t, absorbed)
         return self.run(ids, self.rope[start:start + t], cache, step, all_logits)
 
     def prefill_by_layer(self, ids: torch.Tensor, cache: LatentKVCache, start: int,
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
             kv = cache.layer(i)
             for c0 in range(0, t, chunk):
                 c1 = min(c0 + chunk, t)
-                step = Step.at(start + c0, c1 - c0, ids.device, absorbed=False)
+                step = Step.at(start + c0, c1 - c0, absorbed=False)
                 x[c0:c1] = layer.attend(x[c0:c1], self.rope[start + c0:start + c1], kv, step)
             x = layer.feed_forward(x, layer.route(x), chunk=chunk)
         return self.lm_head(self.model.norm(x[-1:])).float()
