@@ -68,28 +68,6 @@ def test_shared_experts_join_the_routed_launches_in_lite_shapes():
         assert rel_err(both, exact) < 1.3 * rel_err(separate, exact) + 1e-6
 
 
-def test_prefill_in_chunks_takes_flash_attention_and_matches_one_chunk(tiny_checkpoint, monkeypatch):
-    """Later prefill chunks run flash attention with its causal flag (aligned to the lower
-    right: the chunk's queries are the last of the keys), and give the one-chunk logits."""
-    from dscoder.config import ModelConfig
-    from dscoder.model import attention
-    from dscoder.weights import load_model
-
-    flash = []
-    real = attention.can_use_flash_attention
-    monkeypatch.setattr(attention, "can_use_flash_attention", lambda p: flash.append(real(p)) or flash[-1])
-    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
-    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
-    m.set_context(256)
-    ids = torch.randint(0, 100000, (200,), generator=torch.Generator().manual_seed(5)).cuda()
-    with torch.inference_mode():
-        full = m(ids, m.new_cache(256), 0, all_logits=True)
-        cache = m.new_cache(256)
-        parts = [m(ids[a:b], cache, a, all_logits=True) for a, b in ((0, 64), (64, 150), (150, 200))]
-    assert flash and all(flash)
-    assert rel_err(torch.cat(parts), full) < 2e-2
-
-
 def test_cuda_fp32_logits_match_transformers(tiny_checkpoint):
     transformers = pytest.importorskip("transformers")
     from dscoder.config import ModelConfig
@@ -161,19 +139,27 @@ def test_grouped_prefill_matches_per_expert_in_bf16(tiny_checkpoint, monkeypatch
     assert rel_err(grouped, looped) < 2e-2
 
 
-def test_chunked_prefill_on_cuda_matches_one_pass(tiny_checkpoint):
+@pytest.mark.parametrize("dtype, tolerance, flash", [(torch.float32, 1e-4, False), (torch.bfloat16, 2e-2, True)])
+def test_chunked_prefill_on_cuda_matches_one_pass(tiny_checkpoint, monkeypatch, dtype, tolerance, flash):
+    """Later prefill chunks see the cache and themselves causally (aligned to the lower right):
+    in half precision through flash attention's causal flag, in fp32 through a spelled-out mask."""
     from dscoder.config import ModelConfig
+    from dscoder.model import attention
     from dscoder.weights import load_model
 
+    asked = []
+    real = attention.can_use_flash_attention
+    monkeypatch.setattr(attention, "can_use_flash_attention", lambda p: asked.append(real(p)) or asked[-1])
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
-    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.float32)
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=dtype)
     m.set_context(512)
     ids = torch.randint(0, 100000, (300,), generator=torch.Generator().manual_seed(3)).cuda()
     with torch.inference_mode():
         whole = m(ids, m.new_cache(512), 0, all_logits=True)
         cache = m.new_cache(512)
-        parts = [m(ids[:100], cache, 0, all_logits=True), m(ids[100:], cache, 100, all_logits=True)]
-    assert rel_err(torch.cat(parts), whole) < 1e-4
+        parts = [m(ids[a:b], cache, a, all_logits=True) for a, b in ((0, 100), (100, 230), (230, 300))]
+    assert asked and set(asked) == {flash}
+    assert rel_err(torch.cat(parts), whole) < tolerance
 
 
 def test_ids_sampled_on_the_device_are_the_host_samplers(tiny_checkpoint, monkeypatch):
