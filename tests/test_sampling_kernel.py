@@ -1,0 +1,61 @@
+"""The sampling noise kernel (dscoder.sampling_kernel) against sampling's torch arithmetic, on the
+CPU under Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so the
+comparison runs in a child process: this file run as a script). Skipped without triton.
+tests/gpu/test_cuda.py compares the compiled kernel on a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run_cases() -> dict[str, float]:
+    from dscoder import sampling, sampling_kernel
+
+    out: dict[str, float] = {}
+    ids = torch.randperm(5000)  # not a multiple of the block: the last block is masked
+    for seed, pos in ((3, 17), (2**32 - 1, 123456), (0, 0)):
+        s, p = torch.tensor([seed]), torch.tensor([pos])
+        got = sampling_kernel.exponential_noise(s, p, ids)
+        want = sampling.exponential_noise(s, p, ids)
+        # the hash is integer arithmetic, the log fp32: at most an ulp or two apart
+        out[f"{seed}-{pos}"] = ((got - want).abs() / want).max().item()
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, float]:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_noise_kernel_matches_the_torch_hash(interpreted):
+    assert len(interpreted) == 3
+    for case, rel in interpreted.items():
+        assert rel < 3e-7, case
+
+
+def test_blockwise_argmax_is_the_first_maximum():
+    """sampling.blockwise_argmax (the GPU's argmax) against torch.argmax, ties included."""
+    from dscoder import sampling
+
+    torch.manual_seed(0)
+    block = 1024
+    for case in range(4):
+        logits = torch.randn(1, 16 * block)
+        if case:
+            top = logits.max()
+            for at in torch.randperm(16 * block)[:case]:  # ties at the maximum
+                logits[0, at] = top
+        assert torch.equal(sampling.blockwise_argmax(logits, block), logits.argmax(dim=-1)), case
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(json.dumps(run_cases()))
