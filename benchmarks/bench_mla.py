@@ -2,7 +2,7 @@
 MLAttention._attend_absorbed (dscoder.model.attention.latent_attention: scores product, masked
 softmax, probs x latents) against the fused Triton kernel of dscoder/model/mla_decode.py, per
 configuration (splits, BLOCK_T, MIN_ROWS, warps, stages); then, with the W_uv product after it,
-torch's bmm against the kernel's combine step doing it (DSCODER_TRITON_MLA=uv).
+torch's bmm against the kernel's combine step doing it (the default; DSCODER_TRITON_MLA=nouv: bmm).
 
 As in the decode step, 27 calls (one per layer, each on its own layer's cache, so short caches
 are not served from L2) are captured in one CUDA graph and replayed; the time is per call, and
@@ -121,9 +121,9 @@ def scenario(rows: int, valid: int, q_lat: torch.Tensor, q_pe: torch.Tensor, sca
     for name, path in paths.items():
         report(name + " + W_uv", lambda i, path=path: torch.matmul(
             path(q_lat, q_pe, cache[i], mask, scale), w_uv[i].transpose(1, 2)), uv=True)
-    report("triton + torch W_uv", lambda i: torch.matmul(
+    report("triton + torch W_uv (DSCODER_TRITON_MLA=nouv)", lambda i: torch.matmul(
         mla_decode.absorbed_decode(q_lat, q_pe, cache[i], pos, scale), w_uv[i].transpose(1, 2)), uv=True)
-    report("triton, W_uv in the combine kernel (DSCODER_TRITON_MLA=uv)",
+    report("triton, W_uv in the combine kernel (the default)",
            lambda i: mla_decode.absorbed_decode(q_lat, q_pe, cache[i], pos, scale, w_uv[i]), uv=True)
 
 

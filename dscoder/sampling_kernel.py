@@ -14,10 +14,11 @@ import triton.language as tl
 
 from dscoder.sampling import _GOLDEN, _MUL
 
-_M0: tl.constexpr = _MUL[0]
-_M1: tl.constexpr = _MUL[1]
-_M2: tl.constexpr = _MUL[2]
-_G: tl.constexpr = _GOLDEN
+# globals a kernel reads must be constexpr instances
+_M0 = tl.constexpr(_MUL[0])
+_M1 = tl.constexpr(_MUL[1])
+_M2 = tl.constexpr(_MUL[2])
+_G = tl.constexpr(_GOLDEN)
 BLOCK = 1024
 
 

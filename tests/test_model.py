@@ -188,3 +188,19 @@ def test_compiled_decode_router_picks_the_eager_experts():
         order, got_order = ids[0].argsort(), got_ids[0].argsort()
         assert torch.equal(ids[0][order], got_ids[0][got_order])
         assert torch.allclose(weights[0][order], got_weights[0][got_order], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])
+def test_compiled_query_absorption_is_the_product(dtype, tolerance):
+    """Under torch.compile one token's q_nope @ W_uk is a sum in fp32 (one Inductor reduction)
+    instead of a batched product: the same values (in bf16 both sum in fp32 and round once, so
+    they differ by at most one rounding, from the order of the sum)."""
+    from dscoder.model.attention import absorb_query
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(16, 1, 128, generator=g).to(dtype)
+    w = (torch.randn(16, 128, 512, generator=g) * 0.05).to(dtype)
+    compiled = torch.compile(absorb_query, fullgraph=True)(q, w)
+    eager = absorb_query(q, w)
+    assert compiled.shape == eager.shape == (16, 1, 512) and compiled.dtype == dtype
+    assert torch.allclose(compiled.float(), eager.float(), rtol=tolerance, atol=tolerance)

@@ -65,14 +65,12 @@ if triton is not None:
     def _gemv(x_ptr, w_ptr, scale_ptr, ids_ptr, out_ptr, x_row_div, stride_we, stride_wn,
               extra_ptr, n_ids, stride_ee, stride_en, stride_ehalf,
               n_rows: tl.constexpr, n_cols: tl.constexpr, HAS_IDS: tl.constexpr,
-              HAS_SCALE: tl.constexpr, EXTRA_HALF: tl.constexpr, GLU: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_SCALE: tl.constexpr, EXTRA_HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
         # grid: (row blocks, pairs). Pair j < n_ids multiplies matrix ids[j] of the stack w
         # (matrix 0 without ids), pair n_ids + p matrix p of the extra stack (see Extra), by
         # input row j // x_row_div. HAS_SCALE: w is int8 and row r of matrix e is
         # w[e, r] * scale[e, r]; int8 converts exactly to fp32, so only the sum is scaled.
-        # GLU: an input row is [gate | up] (2 * n_cols) and the vector is silu(gate) * up,
-        # rounded to the input's dtype as a separate kernel would store it.
         j = tl.program_id(1)
         if HAS_IDS:
             matrix = tl.load(ids_ptr + j, mask=j < n_ids, other=0).to(tl.int64)
@@ -88,7 +86,7 @@ if triton is not None:
             offset = ((j - n_ids).to(tl.int64) * stride_ee + (r // EXTRA_HALF) * stride_ehalf
                       + (r % EXTRA_HALF) * stride_en)
         w_base = base + offset
-        x_base = x_ptr + (j // x_row_div).to(tl.int64) * n_cols * (2 if GLU else 1)
+        x_base = x_ptr + (j // x_row_div).to(tl.int64) * n_cols
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -96,10 +94,6 @@ if triton is not None:
             w = tl.load(w_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
             x = tl.load(x_base + cols, mask=col_ok, other=0.0)
-            if GLU:
-                gate = x.to(tl.float32)
-                up = tl.load(x_base + n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)
-                x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
             acc += w.to(tl.float32) * x[None, :].to(tl.float32)
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
@@ -114,23 +108,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: 
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, x_row_div: int,
-                scale: torch.Tensor | None = None, extra: Extra | None = None, glu: bool = False,
+                scale: torch.Tensor | None = None, extra: Extra | None = None,
                 block_n: int | None = None, block_k: int | None = None,
                 warps: int | None = None) -> torch.Tensor:
     """out[j] = w[ids[j]] @ x[j // x_row_div]; x (R, K) contiguous, w (E, N, K), ids (J,);
     with scale (E, N) contiguous, w is int8 and each row is multiplied by its scale. extra:
-    more matrices after the J pairs (out[J + p], see Extra; not with int8 stacks). glu: x is
-    (R, 2K), gate then up, and the vector multiplied is silu(gate) * up (SwiGLU's product,
-    without a kernel of its own)."""
-    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps, extra, glu)
+    more matrices after the J pairs (out[J + p], see Extra; not with int8 stacks)."""
+    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps, extra)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
             pairs: int, x_row_div: int, block_n: int | None, block_k: int | None,
-            warps: int | None, extra: Extra | None = None, glu: bool = False) -> torch.Tensor:
+            warps: int | None, extra: Extra | None = None) -> torch.Tensor:
     _, n_rows, n_cols = w.shape
     assert w.stride(2) == 1, "the kernel reads rows of contiguous columns"
-    assert x.is_contiguous() and x.shape[-1] == n_cols * (2 if glu else 1)
     if extra is None:  # no pair reaches it
         extra = Extra(w, 0, 0, 0, 0, 1)
     assert scale is None or extra.count == 0, "extra matrices have no int8 scales"
@@ -141,6 +132,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: t
         x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
         w.stride(0), w.stride(1), extra.w, pairs, extra.stride_e, extra.stride_n,
         extra.stride_half, n_rows, n_cols, HAS_IDS=ids is not None,
-        HAS_SCALE=scale is not None, EXTRA_HALF=extra.half, GLU=glu, BLOCK_N=bn,
+        HAS_SCALE=scale is not None, EXTRA_HALF=extra.half, BLOCK_N=bn,
         BLOCK_K=block_k or BLOCK_K, num_warps=warps or WARPS)
     return out

@@ -18,9 +18,10 @@ at S = 32K with a 2K conversation spreads those 2K rows over the programs, and p
 rows return before loading anything. The grid depends only on the number of heads, so it is
 fixed at capture and never depends on the position.
 
-On by default where Triton and CUDA are there; DSCODER_TRITON_MLA=0 sends decode attention back
-to the torch path, DSCODER_TRITON_MLA=uv also folds the value projection (out_lat @ W_uv.T) into
-the combine kernel.
+On by default where Triton and CUDA are there and the tiles fit (Hopper), with the value
+projection (out_lat @ W_uv.T) folded into the combine kernel; DSCODER_TRITON_MLA=0 sends decode
+attention back to the torch path, DSCODER_TRITON_MLA=nouv leaves the value projection to cuBLAS
+after the kernel.
 
 Not folded: the query's key projection (q_lat = q_nope @ W_uk, 2 MB of weights for Lite's 16
 heads). Every split of a head block needs the whole q_lat of its heads, so each of ~130 programs
@@ -42,14 +43,15 @@ except ImportError:  # CPU-only installs: the torch path
 # inside the compiled decode step on an H100 it took decode from 301.7 to 318.1 tok/s at a 2K
 # context and from 187.3 to 272.1 at 32K (BENCHMARKS.md). Cards with less (A100: 163 kB, consumer
 # cards about 99 kB) could not launch it: the torch path there. DSCODER_TRITON_MLA=0 turns it off
-# everywhere, =1 (or uv) on everywhere (where the tiles do not fit, the launch fails).
+# everywhere, =1 on everywhere (where the tiles do not fit, the launch fails).
 _SWITCH = os.environ.get("DSCODER_TRITON_MLA", "")
 ENABLED = _SWITCH != "0"
-FORCED = _SWITCH in ("1", "uv")
+FORCED = _SWITCH == "1"
 SHARED_MEMORY = 200 << 10  # bytes of shared memory a program may have, enough for the tiles (164 kB)
-# DSCODER_TRITON_MLA=uv: the W_uv product (out_lat @ W_uv.T) runs in the combine kernel too,
-# one launch fewer a layer (a choice to measure: the combine then has fewer programs)
-FUSE_UV = os.environ.get("DSCODER_TRITON_MLA") == "uv"
+# The W_uv product (out_lat @ W_uv.T) runs in the combine kernel: one cuBLAS launch fewer a
+# layer. Decode at 2K on an H100 went from 341.3 to 350.4 tok/s, at 32K from 287.5 to 298.7
+# (BENCHMARKS.md). DSCODER_TRITON_MLA=nouv: the product by cuBLAS after the kernel, to compare.
+FUSE_UV = _SWITCH != "nouv"
 
 BLOCK_H = 16  # heads a program takes: the smallest M of a tensor-core product (Lite has 16)
 # Programs over the rows, per block of heads, in all: one per SM of an H100 or H200 (132), so

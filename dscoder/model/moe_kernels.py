@@ -13,6 +13,7 @@ kernels a layer.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dscoder.model.gemv import Extra, available, expert_gemv
 
@@ -33,7 +34,9 @@ def routed_experts_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     n = extra13.count if extra13 is not None else 0
     assert n == 0 or t == 1, "shared experts join the launch for one token"
     gu = expert_gemv(x.contiguous(), w13, flat, k + n, s13, extra13)  # (T*k + n, 2I)
-    y = expert_gemv(gu, w2, flat, 1, s2, extra2, glu=True).float()  # (T*k + n, H)
+    g, u = gu.chunk(2, dim=-1)
+    h = (F.silu(g) * u).contiguous()
+    y = expert_gemv(h, w2, flat, 1, s2, extra2).float()  # (T*k + n, H)
     out = (y[:t * k] * weights.reshape(-1, 1)).view(t, k, -1).sum(dim=1)
     if n:
         out = out + y[t * k:].sum(dim=0)

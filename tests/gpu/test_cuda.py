@@ -190,9 +190,8 @@ def test_ids_sampled_on_the_device_are_the_host_samplers(tiny_checkpoint, monkey
     assert ahead == [True, False]  # the graphed engine sampled in its sampling graph
 
 
-def test_sampling_noise_kernel_and_argmax_on_the_gpu():
-    """The noise kernel computes the torch hash (up to the log's last bit), and the two-step
-    argmax over Lite's vocabulary is torch's, ties included."""
+def test_sampling_noise_kernel_on_the_gpu():
+    """The noise kernel computes the torch hash (up to the log's last bit)."""
     from dscoder import sampling
 
     ids = torch.randperm(102400, device="cuda")
@@ -202,11 +201,6 @@ def test_sampling_noise_kernel_and_argmax_on_the_gpu():
         got = sampling.exponential_noise(s, p, ids)  # the kernel
         want = sampling.exponential_noise(s.cpu(), p.cpu(), ids.cpu())  # torch's arithmetic
         assert ((got.cpu() - want).abs() / want).max() < 3e-7
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for ties in (0, 3):
-        logits = torch.randn(1, 102400, device="cuda", generator=g)
-        logits[0, torch.randperm(102400, device="cuda")[:ties]] = logits.max()
-        assert torch.equal(sampling.argmax(logits), logits.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("n,k", [(3648, 2048), (2048, 2816), (1000, 700), (7, 64)])
