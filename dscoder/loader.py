@@ -193,9 +193,17 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
             warm_up(engine, profile)
             if compile and net.offload is None:  # after the first reply (Engine.start_compile)
                 engine.compile_step = partial(Precompile, net, BUCKET, profile)
-    except torch.cuda.OutOfMemoryError as e:
-        raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
-                          "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
+    except BaseException as e:
+        if gpu_memory:
+            from dscoder.offload.setup import lift_budget
+
+            # the budget capped the whole process: a failed load must not leave the cap on for
+            # the next engine (a server loads another model, the GPU tests go on)
+            lift_budget(dev)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise OutOfMemory("The model does not fit in GPU memory; set a budget with --gpu-memory "
+                              "(for example --gpu-memory 12GiB) to keep experts in host memory.") from e
+        raise
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return engine
@@ -230,5 +238,6 @@ def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
             clear()
         torch.cuda.empty_cache()
         if uncap:
-            torch.cuda.set_per_process_memory_fraction(1.0, device.index if device.index is not None
-                                                       else torch.cuda.current_device())
+            from dscoder.offload.setup import lift_budget
+
+            lift_budget(device)

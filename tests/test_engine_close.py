@@ -6,6 +6,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 from dscoder.errors import UsageError
 from dscoder.events import GenerationSettings
@@ -77,3 +78,30 @@ def test_with_closes(tiny_checkpoint):
         ref = weakref.ref(engine.model.lm_head.weight)
     gc.collect()
     assert engine.closed and ref() is None
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])
+def test_a_failed_load_lifts_the_budget_it_set(tiny_checkpoint, monkeypatch, error):
+    """A budget caps the whole process's allocator: a load that fails after setting it (out of
+    memory while loading or capturing) lifts it again, so the next engine is not capped."""
+    from test_offload_model import budget_for
+
+    from dscoder.engine import load_engine
+    from dscoder.errors import OutOfMemory
+    from dscoder.offload import setup
+
+    lifted = []
+    monkeypatch.setattr(setup, "lift_budget", lambda device: lifted.append(device))
+
+    def fail(*args, **kwargs):
+        raise error("no room")
+
+    monkeypatch.setattr(setup, "load_with_budget", fail)
+    expected = OutOfMemory if error is torch.cuda.OutOfMemoryError else RuntimeError
+    with pytest.raises(expected):
+        load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512,
+                    gpu_memory=budget_for(tiny_checkpoint, 7))
+    assert lifted == [torch.device("cpu")]
+    lifted.clear()
+    load_engine(tiny_checkpoint, device="cpu", dtype="float32", context_length=512).close()
+    assert lifted == []  # no budget, nothing to lift

@@ -86,6 +86,13 @@ def enforce_budget(plan: Plan, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_bytes / total), index)
 
 
+def lift_budget(device: torch.device) -> None:
+    """Undo enforce_budget: the allocator may use the whole device again."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
 def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                      gpu_memory: str, context: int, context_fixed: bool, *, progress=None,
                      log: Log | None = None, warn: Log | None = None, policy: str = DEFAULT_POLICY,
