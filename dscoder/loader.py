@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dscoder.compile_cache import configure_cache_dirs
+from dscoder.compile_cache import configure_cache_dirs, prefetch_triton_key
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
@@ -160,6 +160,8 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
     with profile.phase("tokenizer"):
         tokenizer = load_tokenizer(model_dir)
     configure_cache_dirs()  # before anything compiles (Triton kernels included)
+    if dev.type == "cuda":
+        prefetch_triton_key()  # ready by the first graph capture, which runs Triton kernels
     try:
         if gpu_memory:  # a budget: plan it, and offload the routed experts if they don't fit
             from dscoder.offload.setup import load_with_budget

@@ -145,6 +145,7 @@ def run_compiled() -> dict[str, float]:
     with torch.no_grad():
         refs = {p: attend(torch.tensor([p])) for p in (17, 30)}
         mla_decode.available = lambda q, c: True  # as on a GPU (a plain function: Dynamo traces it)
+        mla_decode.register_op()  # as compile_decode_layer does
         for fuse_uv in (False, True):
             mla_decode.FUSE_UV = fuse_uv
             torch._dynamo.reset()

@@ -201,6 +201,7 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
     # disabled on the fly..."); they reached our users' terminals in the middle of a chat
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    mla_decode.register_op()  # the operator the compiled attention calls
     return torch.compile(_decode_layer, backend=backend, dynamic=None)
 
 
