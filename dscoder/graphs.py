@@ -39,7 +39,6 @@ AHEAD_ROWS = 256  # start capturing bucket b+1 when decoding is this close to th
 # per-token work (detokenizing, stop strings, the consumer) runs while they do; a reply that
 # stops computes at most this many steps that nobody reads
 AHEAD_STEPS = 4
-STOP_WAIT_S = 5.0  # at exit, how long to wait for a capture in progress
 Report = Callable[[float, bool], None]  # (seconds, on the background thread): the profile listens
 
 
@@ -144,7 +143,7 @@ class GraphedDecoder:
     def capture(self, visible: int) -> None:
         """Capture the graph for `visible` rows in this thread (waiting for any other capture)."""
         if not self.fresh(visible):
-            with CAPTURE_LOCK:
+            with _CAPTURE_LOCK:
                 if not self.fresh(visible):
                     self._capture(visible)
 
@@ -223,7 +222,7 @@ def swap_step(model: Transformer, compiled: Callable) -> None:
     """Make `compiled` the model's decode layer. Under the capture lock, so that no capture is
     half of the old step and half of the new; graphs of the old step are then stale, and each
     decoder recaptures them when next needed (GraphedDecoder.graph)."""
-    with CAPTURE_LOCK:
+    with _CAPTURE_LOCK:
         model.compile_decode(compiled=compiled)
 
 
@@ -239,7 +238,7 @@ def capture_graph(fn: Callable[[], object], device: torch.device, *,
     capture_begin/end rather than torch.cuda.graph(), whose device-wide synchronize would wait
     for a prefill running on another thread; thread_local: that thread may keep decoding and
     allocating while this one captures."""
-    with CAPTURE_LOCK:
+    with _CAPTURE_LOCK:
         side = _capture_stream(device)
         if after is not None:
             side.wait_stream(after)
@@ -309,18 +308,11 @@ class _Worker:
 
     def stop(self) -> None:
         self.stopping = True
-        # held for good: the capture in progress ends (tens of ms), no other starts. Not waiting
-        # longer: the holder may be the background compile's first step (seconds), which can
-        # be left to die with the process.
-        CAPTURE_LOCK.acquire(timeout=STOP_WAIT_S)
+        _CAPTURE_LOCK.acquire()  # held for good: the capture in progress ends, no other starts
 
 
-# One capture at a time, in whichever thread (re-entrant: capture_graph takes it too). Also
-# held by GPU work on other threads that may synchronize the whole device (the background
-# compile's first step: Inductor benchmarks its kernels between device-wide synchronizes), which
-# would invalidate a capture running meanwhile ("operation failed due to a previous error during
-# capture", seen in the GPU tests on an H100).
-CAPTURE_LOCK = threading.RLock()
+# one capture at a time, in whichever thread (re-entrant: capture_graph takes it too)
+_CAPTURE_LOCK = threading.RLock()
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _THREAD = "dscoder-capture"
 _WORKER = _Worker()

@@ -6,8 +6,7 @@ nothing waits for it: the model decodes from CUDA graphs of the uncompiled step 
 captured at load) while a background thread imports the compiler, compiles the step through
 the loaded layers (one compile per layer kind: the weights are inputs of the compiled graph)
 and reports ready; the engine switches at its next decode round (Engine.use_compiled_step),
-recapturing its graphs. The compile's first step holds the capture lock (dscoder.graphs): a
-graph that must be captured meanwhile waits for it. The thread starts after the first reply, or once a reply runs long
+recapturing its graphs. The thread starts after the first reply, or once a reply runs long
 (Engine.start_compile), not during the load or a short reply: its imports and tracing hold the
 GIL, which slowed the reading threads (on an H100, 8.1 against 15-20 GB/s) and a short reply's
 decoding (126 against 186 tokens/s). A one-shot command with a short answer never pays for it.
@@ -23,7 +22,6 @@ import torch
 
 from dscoder import fx_threads
 from dscoder.compile_cache import enable_compile_caches
-from dscoder.graphs import CAPTURE_LOCK
 from dscoder.model.transformer import Transformer, compile_decode_layer
 from dscoder.profile import StartupProfile
 
@@ -62,8 +60,7 @@ class Precompile:
         try:
             enable_compile_caches()  # imports Inductor: seconds
             compiled = compile_decode_layer(backend)
-            with CAPTURE_LOCK:  # its benchmarking synchronizes the device: no capture meanwhile
-                _first_step(model, compiled, rows)
+            _first_step(model, compiled, rows)
             self.compiled = compiled
         except BaseException as e:  # decoding stays on the uncompiled step
             self.error = e
