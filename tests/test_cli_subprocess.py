@@ -160,3 +160,22 @@ def test_bundled_tokenizer_on_a_fresh_machine(tmp_path, tokenizer_dir):
     other = _run(["-m", "dscoder", "--model", "someone/other-model", "chat", "--show-prompt", "hi"],
                  **env)
     assert other.returncode == 2 and "not in the Hugging Face cache" in other.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_the_cli_asks_for_huge_pages_before_torch_is_imported(preset, expected):
+    """main() sets THP_MEM_ALLOC_ENABLE (which torch reads once, at import) before the command
+    runs, unless the user set it."""
+    code = ("import os, sys\n"
+            "import dscoder.cli.app as app\n"
+            "def run():\n"
+            "    print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)\n"
+            "    return 0\n"
+            "app.run = run\n"
+            "app.main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [expected, "False"]

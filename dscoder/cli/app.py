@@ -332,9 +332,20 @@ def _silence_stdout() -> None:
         pass
 
 
+def prefer_huge_pages(env: dict[str, str] | os._Environ = os.environ) -> None:
+    """Ask torch's CPU allocator for transparent huge pages (tensors of 2 MB and more), unless the
+    user said otherwise; torch reads THP_MEM_ALLOC_ENABLE once, when it is imported. The expert
+    store of an offloaded model (about 20 GB of host memory that CUDA page-locks) then pins and
+    unpins in 2 MB pages: at --gpu-memory 12GiB on an H100 host, a warm one-shot command ran in
+    9.7-9.9 s instead of 12.4-12.5 s (page-locking 1.0 s instead of 1.4-1.5 s, the process exit
+    0.7 s instead of 2.1-2.3 s). A kernel with THP off ignores the request."""
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main() -> None:
     from dscoder.cli.streams import flush_at_exit
 
+    prefer_huge_pages()  # before anything imports torch
     code = run()
     flush_at_exit()
     if "torch" in sys.modules:
