@@ -13,6 +13,7 @@ request's temperature, top-k, top-p and seed.
 """
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ def exponential_noise(seed: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) 
     return -torch.log(uniform)
 
 
+@functools.cache
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401

@@ -1,9 +1,10 @@
 """dscoder.sampling's exponential noise as one Triton kernel, for CUDA.
 
 The torch spelling of the hash (sampling._hash32) is about thirty elementwise kernels of one
-element (the step's key) and thirty over the vocabulary; in a captured sampling step those small
-launches, not the sort, were most of the 0.2 ms a sampled token cost over a greedy one. This is
-the same integer arithmetic in one launch, bit for bit; the log is fp32 as in torch.
+element (the step's key) and thirty over the vocabulary. In a captured sampling step they cost
+about 0.09 ms a token of the 0.22 ms a sampled token took over a greedy one (H100: sampled
+decode at 2K went from 320.2 to 329.6 tok/s, greedy 344.8). This is the same integer
+arithmetic in one launch; only the final fp32 log may differ from torch's in the last bit.
 tests/gpu/test_cuda.py compares the two on a GPU.
 """
 from __future__ import annotations

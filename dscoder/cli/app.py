@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Callable, Mapping, Optional
+from typing import Annotated, Any, Callable, Mapping, MutableMapping, Optional
 
 import typer
 
@@ -332,7 +332,7 @@ def _silence_stdout() -> None:
         pass
 
 
-def prefer_huge_pages(env: dict[str, str] | os._Environ = os.environ) -> None:
+def prefer_huge_pages(env: MutableMapping[str, str] = os.environ) -> None:
     """Ask torch's CPU allocator for transparent huge pages (tensors of 2 MB and more), unless the
     user said otherwise; torch reads THP_MEM_ALLOC_ENABLE once, when it is imported. The expert
     store of an offloaded model (about 20 GB of host memory that CUDA page-locks) then pins and
