@@ -1,11 +1,16 @@
-"""The decode step's dense projections (Lite shapes, bf16, one row): cuBLAS (F.linear) against
-the Triton GEMV of dscoder/model/gemv.py, per tile configuration. Microseconds and GB/s.
+"""The decode step's matrix-vector products (Lite shapes, bf16, one token) through the Triton
+GEMV of dscoder/model/gemv.py, per tile configuration, as the step runs them: replayed from a
+CUDA graph, each shape's weights in enough copies (or layers) that they come from HBM, not L2.
+Dense projections also through cuBLAS (F.linear); the experts' two launches with the two shared
+experts joined (gemv.Extra), 6 routed experts picked. Prints GB/s and microseconds a call for
+the default tiles and the three best configurations.
 
-    python benchmarks/bench_gemv.py          # needs CUDA and triton
+    python benchmarks/bench_gemv.py          # needs CUDA and triton; about a minute on an H100
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,37 +18,77 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
 
-SHAPES = {"q + kv-a (fused)": (3648, 2048), "o_proj": (2048, 2048), "shared gate + up (fused)": (5632, 2048),
-          "shared down": (2048, 2816), "dense gate + up (layer 0)": (21888, 2048), "lm_head": (102400, 2048)}
-CONFIGS = ((8, 512, 4), (16, 256, 4), (4, 512, 4), (8, 1024, 8), (16, 512, 8), (32, 256, 8), (2, 1024, 4))
+DENSE = {"q + kv-a (fused)": (3648, 2048), "o_proj": (2048, 2048), "lm_head": (102400, 2048),
+         "dense gate + up (layer 0)": (21888, 2048), "dense down (layer 0)": (2048, 10944)}
+EXPERTS, INTER, HIDDEN, ROUTED, SHARED = 64, 1408, 2048, 6, 2
+CONFIGS = [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024, 2048) for w in (4, 8)
+           if bn * bk <= 8192]
+BF16 = torch.bfloat16
 
 
-def shape(name: str, n: int, k: int) -> None:
-    import triton
+def graph_us(fn: Callable[[], object], reps: int = 20) -> float:
+    """Microseconds a replay of a CUDA graph of fn() takes."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1000
 
-    from dscoder.model.gemv import gemv
 
-    # several copies, cycled, so that the weight is read from HBM and not from L2
-    copies = max(1, (256 << 20) // (n * k * 2))
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    nbytes = n * k * 2
-    turn = iter(range(1 << 60))
+def report(name: str, nbytes: int, calls: int, run: Callable[[tuple[int, int, int]], object],
+           cublas: Callable[[], object] | None = None) -> None:
+    from dscoder.model import gemv
 
-    def bench(fn) -> float:
-        return triton.testing.do_bench(lambda: fn(ws[next(turn) % copies]), warmup=25, rep=100) * 1000
-
-    us = bench(lambda w: F.linear(x, w))
-    print(f"{name:28s} {n}x{k}: cuBLAS {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s", flush=True)
-    for bn, bk, warps in CONFIGS:
-        us = bench(lambda w, bn=bn, bk=bk, warps=warps: gemv(x, w, bn, bk, warps))
-        print(f"{'':28s} triton BLOCK_N={bn:3d} BLOCK_K={bk:4d} warps={warps}: {us:7.1f} us "
-              f"{nbytes / us / 1e3:6.0f} GB/s", flush=True)
+    rows = sorted(((nbytes / us / 1e3, us / calls, c) for c in CONFIGS
+                   for us in [graph_us(lambda c=c: run(c))]), reverse=True)
+    default = next(r for r in rows if r[2] == (gemv.BLOCK_N, gemv.BLOCK_K, gemv.WARPS))
+    line = f"{name:26s} default {default[0]:5.0f} GB/s {default[1]:6.1f} us | best " + ", ".join(
+        f"{gbs:5.0f} GB/s {us:6.1f} us ({bn}x{bk} w{w})" for gbs, us, (bn, bk, w) in rows[:3])
+    if cublas is not None:
+        us = graph_us(cublas)
+        line += f" | cuBLAS {nbytes / us / 1e3:5.0f} GB/s {us / calls:6.1f} us"
+    print(line, flush=True)
 
 
 def main() -> None:
-    for name, (n, k) in SHAPES.items():
-        shape(name, n, k)
+    from dscoder.model.gemv import expert_gemv, gemv
+    from dscoder.model.moe_kernels import shared_as_experts
+
+    with torch.inference_mode():
+        for name, (n, k) in DENSE.items():
+            copies = max(1, (256 << 20) // (n * k * 2))
+            ws = [torch.randn(n, k, device="cuda", dtype=BF16) for _ in range(copies)]
+            x = torch.randn(1, k, device="cuda", dtype=BF16)
+            report(name, n * k * 2 * copies, copies,
+                   lambda c, ws=ws, x=x: [gemv(x, w, *c) for w in ws],
+                   lambda ws=ws, x=x: [F.linear(x, w) for w in ws])
+        ids = torch.randperm(EXPERTS, device="cuda")[:ROUTED]
+        pairs = ROUTED + SHARED
+        for name, gate_up in (("experts gate + up", True), ("experts down", False)):
+            layers = []
+            for _ in range(3):  # three layers' stacks: 3.3 GB, far past L2
+                shape = (EXPERTS, 2 * INTER, HIDDEN) if gate_up else (EXPERTS, HIDDEN, INTER)
+                shared = shared_as_experts(torch.randn(2 * SHARED * INTER, HIDDEN, device="cuda", dtype=BF16),
+                                           torch.randn(HIDDEN, SHARED * INTER, device="cuda", dtype=BF16), INTER)
+                layers.append((torch.randn(shape, device="cuda", dtype=BF16), shared[0 if gate_up else 1]))
+            x = torch.randn(1 if gate_up else pairs, HIDDEN if gate_up else INTER, device="cuda", dtype=BF16)
+            per_layer = pairs * (2 * INTER * HIDDEN if gate_up else HIDDEN * INTER) * 2
+            report(name, per_layer * len(layers), len(layers),
+                   lambda c, layers=layers, x=x, gate_up=gate_up: [
+                       expert_gemv(x, w, ids, pairs if gate_up else 1, extra=extra, block_n=c[0],
+                                   block_k=c[1], warps=c[2]) for w, extra in layers])
 
 
 if __name__ == "__main__":
