@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interpreter import run_under_interpreter
 
 E, H, INTER, N_SHARED = 8, 64, 48, 2  # experts, hidden, expert intermediate, shared experts
 
@@ -82,12 +81,8 @@ def run_cases() -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, float]:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.splitlines()[-1])
+def interpreted() -> dict:
+    return run_under_interpreter(__file__)
 
 
 def test_dense_gemv_on_a_strided_weight(interpreted):

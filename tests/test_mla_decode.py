@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from triton_interpreter import run_under_interpreter
 
 # (name, heads, rank, rope, rows S, position (None: every row valid), dtype, kernel options)
 LITE = (16, 512, 64)
@@ -157,13 +157,8 @@ def run_compiled() -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, float]:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.splitlines()[-1])
+def interpreted() -> dict:
+    return run_under_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
