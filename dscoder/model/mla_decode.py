@@ -324,9 +324,10 @@ _registered = False
 
 def register_op() -> None:
     """Define dscoder::mla_decode, the operator decode() calls under torch.compile. Whoever
-    compiles calls this first (dscoder.model.transformer.compile_decode_layer): at import, the
-    definition cost 0.4 s of every start on an H100 (cProfile of a warm `dscoder complete`),
-    for a compile that a one-shot command never runs."""
+    compiles calls this first (dscoder.model.transformer.compile_decode_layer), not the import:
+    only the compile needs it, and a one-shot command never compiles. (A cProfile of a warm
+    `dscoder complete` on an H100 put 0.4 s in the definition, but the import phase did not
+    measurably shorten without it: probably the profiler's own cost.)"""
     global _registered
     with _REGISTERED:
         if _registered or triton is None:
