@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dscoder without installing it
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import replay_us  # noqa: E402  (beside this script)
 
 DENSE = {"q + kv-a (fused)": (3648, 2048), "o_proj": (2048, 2048), "lm_head": (102400, 2048),
          "dense gate + up (layer 0)": (21888, 2048), "dense down (layer 0)": (2048, 10944)}
@@ -24,41 +26,22 @@ EXPERTS, INTER, HIDDEN, ROUTED, SHARED = 64, 1408, 2048, 6, 2
 CONFIGS = [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024, 2048) for w in (4, 8)
            if bn * bk <= 8192]
 BF16 = torch.bfloat16
-
-
-def graph_us(fn: Callable[[], object], reps: int = 20) -> float:
-    """Microseconds a replay of a CUDA graph of fn() takes."""
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1000
+REPS = 20
 
 
 def report(name: str, nbytes: int, calls: int, run: Callable[[tuple[int, int, int]], object],
            cublas: Callable[[], object] | None = None) -> None:
     from dscoder.model import gemv
 
-    rows = sorted(((nbytes / us / 1e3, us / calls, c) for c in CONFIGS
-                   for us in [graph_us(lambda c=c: run(c))]), reverse=True)
+    # replay_us: microseconds a call; the bytes are those of all `calls` calls of one replay
+    rows = sorted(((nbytes / calls / us / 1e3, us, c) for c in CONFIGS
+                   for us in [replay_us(lambda c=c: run(c), REPS, calls)]), reverse=True)
     default = next(r for r in rows if r[2] == (gemv.BLOCK_N, gemv.BLOCK_K, gemv.WARPS))
     line = f"{name:26s} default {default[0]:5.0f} GB/s {default[1]:6.1f} us | best " + ", ".join(
         f"{gbs:5.0f} GB/s {us:6.1f} us ({bn}x{bk} w{w})" for gbs, us, (bn, bk, w) in rows[:3])
     if cublas is not None:
-        us = graph_us(cublas)
-        line += f" | cuBLAS {nbytes / us / 1e3:5.0f} GB/s {us / calls:6.1f} us"
+        us = replay_us(cublas, REPS, calls)
+        line += f" | cuBLAS {nbytes / calls / us / 1e3:5.0f} GB/s {us:6.1f} us"
     print(line, flush=True)
 
 
