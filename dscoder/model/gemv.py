@@ -16,10 +16,13 @@ DSCODER_TRITON_GEMV=0 sends the dense projections to cuBLAS instead, for compari
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from dscoder.model import pdl
 
 try:
     import triton
@@ -69,11 +72,16 @@ if triton is not None:
               extra_ptr, n_ids, stride_ee, stride_en, stride_ehalf,
               n_rows: tl.constexpr, n_cols: tl.constexpr, HAS_IDS: tl.constexpr,
               HAS_SCALE: tl.constexpr, EXTRA_HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
         # grid: (row blocks, pairs). Pair j < n_ids multiplies matrix ids[j] of the stack w
         # (matrix 0 without ids), pair n_ids + p matrix p of the extra stack (see Extra), by
         # input row j // x_row_div. HAS_SCALE: w is int8 and row r of matrix e is
         # w[e, r] * scale[e, r]; int8 converts exactly to fp32, so only the sum is scaled.
+        # PDL: see dscoder.model.pdl. PRELOAD (one dense matrix): its first tile is read before
+        # the wait, the rest of the kernel after it
+        if PDL and not PRELOAD:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         j = tl.program_id(1)
         if HAS_IDS:
             matrix = tl.load(ids_ptr + j, mask=j < n_ids, other=0).to(tl.int64)
@@ -91,7 +99,17 @@ if triton is not None:
         w_base = base + offset
         x_base = x_ptr + (j // x_row_div).to(tl.int64) * n_cols
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, n_cols, BLOCK_K):
+        if PRELOAD:  # the first tile, then the wait; the loop takes the other tiles
+            cols = tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            w = tl.load(w_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            x = tl.load(x_base + cols, mask=col_ok, other=0.0)
+            acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+        for k0 in range(BLOCK_K if PRELOAD else 0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
             w = tl.load(w_base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
@@ -129,12 +147,51 @@ def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: t
         extra = Extra(w, 0, 0, 0, 0, 1)
     assert scale is None or extra.count == 0, "extra matrices have no int8 scales"
     assert extra.w.dtype == w.dtype
-    out = torch.empty(pairs + extra.count, n_rows, device=x.device, dtype=x.dtype)
-    bn = block_n or BLOCK_N
-    _gemv[(triton.cdiv(n_rows, bn), pairs + extra.count)](
+    args = (x, w, ids, scale, pairs, x_row_div, block_n or BLOCK_N, block_k or BLOCK_K,
+            warps or WARPS, *extra)
+    if torch.compiler.is_compiling():  # an opaque operator, see register_op
+        return torch.ops.dscoder.gemv(*args)
+    return _run(*args)
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
+         pairs: int, x_row_div: int, bn: int, bk: int, warps: int, extra_w: torch.Tensor,
+         extra_count: int, stride_e: int, stride_n: int, stride_half: int, half: int) -> torch.Tensor:
+    """The launch, its arguments flat (_launch's, with the tiles and the Extra's fields)."""
+    _, n_rows, n_cols = w.shape
+    out = torch.empty(pairs + extra_count, n_rows, device=x.device, dtype=x.dtype)
+    _gemv[(triton.cdiv(n_rows, bn), pairs + extra_count)](
         x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
-        w.stride(0), w.stride(1), extra.w, pairs, extra.stride_e, extra.stride_n,
-        extra.stride_half, n_rows, n_cols, HAS_IDS=ids is not None,
-        HAS_SCALE=scale is not None, EXTRA_HALF=extra.half, BLOCK_N=bn,
-        BLOCK_K=block_k or BLOCK_K, num_warps=warps or WARPS)
+        w.stride(0), w.stride(1), extra_w, pairs, stride_e, stride_n, stride_half, n_rows, n_cols,
+        HAS_IDS=ids is not None, HAS_SCALE=scale is not None, EXTRA_HALF=half, BLOCK_N=bn,
+        BLOCK_K=bk, PDL=pdl.enabled(x.device), PRELOAD=ids is None, num_warps=warps,
+        **pdl.launch_options(x.device))
     return out
+
+
+_REGISTERED = threading.Lock()
+_registered = False
+
+
+def register_op() -> None:
+    """Define dscoder::gemv, which compiled code calls instead of tracing the kernel: Inductor
+    launches a traced Triton kernel itself, without PDL's launch attribute. Whoever compiles calls
+    this first (dscoder.model.transformer.compile_decode_layer)."""
+    global _registered
+    with _REGISTERED:
+        if not _registered and triton is not None:
+            _define_op()
+            _registered = True
+
+
+def _define_op() -> None:
+    @torch.library.custom_op("dscoder::gemv", mutates_args=())
+    def _gemv_op(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
+                 pairs: int, x_row_div: int, bn: int, bk: int, warps: int, extra_w: torch.Tensor,
+                 extra_count: int, stride_e: int, stride_n: int, stride_half: int, half: int) -> torch.Tensor:
+        return _run(x, w, ids, scale, pairs, x_row_div, bn, bk, warps, extra_w, extra_count,
+                    stride_e, stride_n, stride_half, half)
+
+    @_gemv_op.register_fake
+    def _(x, w, ids, scale, pairs, x_row_div, bn, bk, warps, extra_w, extra_count, *rest):
+        return x.new_empty(pairs + extra_count, w.shape[1])

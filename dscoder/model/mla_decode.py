@@ -34,6 +34,8 @@ import threading
 
 import torch
 
+from dscoder.model import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -159,9 +161,13 @@ if triton is not None:
                    HEADS: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
                    RANK_P: tl.constexpr, ROPE_P: tl.constexpr, HAS_POS: tl.constexpr,
                    SPLITS: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   PDL: tl.constexpr):
         # grid: (SPLITS, head blocks). Partials per (split, head): running max m (log2 units),
         # sum l, accumulator acc (RANK) = sum_t 2^(s_t - m) latent_t.
+        if PDL:  # dscoder.model.pdl: all it reads was written just before (the query, the new row)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         split = tl.program_id(0)
         hb = tl.program_id(1)
         valid, per = _split_rows(pos_ptr, n_rows, HAS_POS, SPLITS, MIN_ROWS, BLOCK_T)
@@ -210,11 +216,16 @@ if triton is not None:
                      HAS_POS: tl.constexpr, HAS_UV: tl.constexpr, SPLITS: tl.constexpr,
                      SPLITS_P: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
                      CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, PDL: tl.constexpr):
         # grid: (HEADS, blocks). The splits _mla_split wrote, weighted by 2^(m - max m) and
         # normalised: out_lat; a block is BLOCK_D of its columns. HAS_UV: a block is BLOCK_V
         # rows of W_uv[h] (VDIM, RANK), BLOCK_D covers the whole latent, and the output is
         # out_lat (rounded to the output dtype, as the torch path's is) @ W_uv[h].T.
+        # (Reading W_uv before the PDL wait was slower: the tile held in registers across the
+        # loop over splits cut decode at 32K by a tenth on an H100.)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         h = tl.program_id(0)
         if HAS_UV:
             cols = tl.arange(0, BLOCK_D)
@@ -281,13 +292,15 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
     has_pos = pos is not None
     # unused pointers get an input no kernel writes (no aliasing of an output under torch.compile)
     pos_arg = pos if has_pos else q_lat
+    use_pdl = pdl.enabled(dev)
     _mla_split[(n_splits, head_blocks)](
         q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
         q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * LOG2E,
         HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
         HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
         IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS,
-        num_stages=stages or (STAGES if q_lat.element_size() == 2 else 2))  # fp32: one buffer fits
+        num_stages=stages or (STAGES if q_lat.element_size() == 2 else 2),  # fp32: one buffer fits
+        PDL=use_pdl, **pdl.launch_options(dev))
     if w_uv is None:
         vdim, block_d, block_v = rank, min(COMBINE_D, _pow2(rank)), 16
         blocks, w_arg, w_strides = triton.cdiv(rank, block_d), q_lat, (0, 0)
@@ -300,7 +313,8 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
         pos_arg, part_m, part_l, part_acc, w_arg, out, n_rows, *w_strides, HEADS=heads, RANK=rank,
         VDIM=vdim, HAS_POS=has_pos, HAS_UV=w_uv is not None, SPLITS=n_splits,
         SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt, CHUNK=COMBINE_SPLITS,
-        BLOCK_D=block_d, BLOCK_V=block_v, UPCAST=_INTERPRET, num_warps=4)
+        BLOCK_D=block_d, BLOCK_V=block_v, UPCAST=_INTERPRET, num_warps=4, PDL=use_pdl,
+        **pdl.launch_options(dev))
     return out.view(heads, 1, vdim)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import LatentKVCache
-from dscoder.model import mla_decode
+from dscoder.model import gemv, mla_decode, pdl
 from dscoder.model.attention import MLAttention
 from dscoder.model.layers import Linear, RMSNorm, SwiGLU
 from dscoder.model.moe import MoE
@@ -201,7 +201,10 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
     # disabled on the fly..."); they reached our users' terminals in the middle of a chat
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    mla_decode.register_op()  # the operator the compiled attention calls
+    mla_decode.register_op()  # the operators the compiled step calls
+    gemv.register_op()
+    if backend == "inductor":
+        return torch.compile(_decode_layer, backend=backend, dynamic=None, options=pdl.inductor_options())
     return torch.compile(_decode_layer, backend=backend, dynamic=None)
 
 

@@ -294,3 +294,45 @@ def test_compiled_graphed_decode_with_the_mla_kernel_matches_torch_path(tiny_che
         capture_graph(step, torch.device("cuda"), warm_up=step).replay()
     assert rel_err(logits["kernel"], logits["torch"]) < 2e-2
     assert rel_err(logits["uv"], logits["torch"]) < 2e-2
+
+
+def test_programmatic_dependent_launch_changes_when_kernels_start_not_what_they_compute(
+        tiny_checkpoint, monkeypatch):
+    """The compiled, graphed decode step with PDL (dscoder.model.pdl) on Hopper: replays of one
+    graph give bit-identical logits (a kernel reading a buffer before the kernel that writes it
+    had finished would make them vary), close to the same step without PDL."""
+    from dscoder.config import ModelConfig
+    from dscoder.graphs import capture_graph
+    from dscoder.model import pdl
+    from dscoder.weights import load_model
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9.0")
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    m = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
+    m.set_context(256)
+    ids = torch.randint(0, 100000, (40,), generator=torch.Generator().manual_seed(5)).cuda()
+    cache = m.new_cache(256)
+    with torch.inference_mode():
+        m(ids[:-1], cache, 0)
+    token, pos = ids[-1:].clone(), torch.tensor([39], device="cuda")
+    replays = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "SWITCH", on)
+        assert pdl.enabled(torch.device("cuda")) == on
+        m.compile_decode()  # Inductor's kernels with or without PDL; ours decide at capture
+        held = {}
+
+        def step(held=held) -> None:
+            held["logits"] = m.decode_at(token, pos, cache, 128)
+
+        graph = capture_graph(step, torch.device("cuda"), warm_up=step)
+        logits = held["logits"]  # written by the capture: each replay rewrites it
+        results = []
+        for _ in range(20):
+            graph.replay()
+            results.append(logits.clone())
+        replays[on] = results
+    first = replays[True][0]
+    assert all(torch.equal(r, first) for r in replays[True])
+    assert rel_err(first, replays[False][0]) < 1e-2

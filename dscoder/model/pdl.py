@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (PDL) for the kernels of the decode step (Hopper and later).
+
+A graph-replayed decode step of Lite is about 470 kernels in a row, most a few microseconds
+long. Normally a kernel's programs start only once the kernel before has finished and its
+writes are flushed, and the SMs idle while each kernel ramps up. Launched with PDL, a kernel's
+programs are scheduled as soon as every program of the kernel before has signalled
+(gdc_launch_dependents), and wait (gdc_wait) only before they read what earlier kernels wrote:
+a dense matrix-vector product reads its first tile of weights before it waits.
+
+The rule every PDL kernel here keeps, as Inductor's own do: wait before signalling. A kernel
+that signalled has then seen the kernel before it finish, and that one the kernel before it, so
+whatever a kernel reads after its wait is complete, however far back it was written; and nothing
+is written before the wait (the kernel before may still be reading a buffer that is reused).
+
+dscoder's Triton kernels (dscoder.model.gemv, the MLA split and combine of
+dscoder.model.mla_decode) launch with PDL, and so do Inductor's kernels of the compiled step
+(torch._inductor.config.triton.enable_pdl). On an H100 decode went from 362.7 to 384.1 tok/s at a
+2K context and from 308.0 to 319.1 at 32K (BENCHMARKS.md). DSCODER_PDL=0 turns it off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+SWITCH = os.environ.get("DSCODER_PDL", "1") != "0"
+# Triton's interpreter (the CPU tests) has no grid dependency control: the kernels run without it
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CAPABLE: dict[int, bool] = {}  # device index -> compute capability 9.0 or later
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels launched on `device` use PDL (a CUDA device of compute capability 9.0 or
+    later: griddepcontrol does not exist before Hopper)."""
+    if not SWITCH or _INTERPRET or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _CAPABLE[index]
+
+
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """The keyword arguments of a Triton launch: launch_pdl where enabled(device)."""
+    return {"launch_pdl": True} if enabled(device) else {}
+
+
+def inductor_options() -> dict[str, bool]:
+    """torch.compile options that give Inductor's kernels of the compiled step PDL too (Inductor
+    checks the device itself); for this compile only, not every compile of the process."""
+    if not SWITCH:
+        return {}
+    import torch._inductor.config as inductor_config
+
+    return {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
