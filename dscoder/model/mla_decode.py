@@ -57,15 +57,18 @@ SHARED_MEMORY = 200 << 10  # bytes of shared memory a program may have, enough f
 FUSE_UV = _SWITCH != "nouv"
 
 BLOCK_H = 16  # heads a program takes: the smallest M of a tensor-core product (Lite has 16)
-# Programs over the rows, per block of heads, in all: one per SM of an H100 or H200 (132), so
-# that at 32K every SM streams its own 250 rows (290 kB) in one wave. The grid is fixed (the
-# same for every length: a captured graph serves a whole bucket); short contexts use fewer of
-# them (MIN_ROWS), the others return at once.
-SPLITS = 132
+# Programs over the rows, per block of heads, in all: half the SMs of an H100 or H200, so that
+# at 32K each streams 500 rows (580 kB). One per SM (132) was the choice before the kernels
+# launched with PDL (dscoder.model.pdl); with it, the kernels around attention start on the
+# SMs left free: decode on an H100 at 2K / 32K, one machine, 379.3 / 318.8 tok/s with 132 and
+# 381.5 / 324.2 with 66 (BENCHMARKS.md). The grid is fixed (the same for every length: a
+# captured graph serves a whole bucket); short contexts use fewer of them (MIN_ROWS), the
+# others return at once.
+SPLITS = 66
 # Rows of one step of a program: 64 rows x 576 bf16 = 72 kB per step, and STAGES - 1 = 2 steps
 # in flight (cp.async double buffering): 164 kB of the H100's 227 kB of shared memory, 138
-# registers a thread at 4 warps (compiled for sm_90: no spills). One program per SM, which has
-# 144 kB in flight: enough to stream at the SM's share of 3.35 TB/s.
+# registers a thread at 4 warps (compiled for sm_90: no spills). One program fits on an SM,
+# with 144 kB in flight.
 BLOCK_T = 64
 # Rows a split takes at least: below one block, a split's fixed cost (loading the queries,
 # writing 16 x 512 fp32 partials for the combine, 32 kB that stay in L2) outweighs its share of
