@@ -91,7 +91,8 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
     """Fill each destination tensor with its entry's data (converting dtype where they differ)."""
     total = sum(e.nbytes for e, _ in jobs)
     fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
-    local = threading.local()
+    stagings: list[_Staging] = []
+    local = _Local(stagings)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
     try:
@@ -105,26 +106,30 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
                     done_bytes += futures[f]
                 if progress and done:
                     progress(done_bytes, total)
-        if any(dst.is_cuda for _, dst in jobs):
-            torch.cuda.synchronize()  # the last staged copies
+        # the last staged copies: their streams alone, not the device (a device-wide synchronize
+        # fails, and breaks the capture, while another engine's thread captures a CUDA graph)
+        for staging in stagings:
+            staging.stream.synchronize()
     finally:
         sys.setswitchinterval(switch)
         for fd in fds.values():
             os.close(fd)
 
 
-def _read_one(entry: ShardEntry, dst: torch.Tensor, fd: int, local: threading.local) -> None:
+def _read_one(entry: ShardEntry, dst: torch.Tensor, fd: int, local: _Local) -> None:
     # inference mode is per thread: a destination made under the caller's inference_mode can
     # only be written to under it
     with torch.inference_mode(dst.is_inference()):
         _read_into(entry, dst, fd, local)
 
 
-def _read_into(entry: ShardEntry, dst: torch.Tensor, fd: int, local: threading.local) -> None:
+def _read_into(entry: ShardEntry, dst: torch.Tensor, fd: int, local: _Local) -> None:
     if dst.dtype != entry.dtype or not dst.is_contiguous():
         tmp = torch.empty(entry.shape, dtype=entry.dtype)  # a conversion (fp32 routers): small
         _pread(fd, _bytes(tmp), entry)
         dst.copy_(tmp)
+        if dst.is_cuda:  # done before read_parallel returns (it waits on no other stream)
+            torch.cuda.current_stream(dst.device).synchronize()
     elif dst.is_cuda:
         _staged(fd, _bytes(dst), entry, _staging(local, dst.device))
     else:
@@ -165,9 +170,19 @@ class _Staging:
         return i, self.buffers[i]
 
 
-def _staging(local: threading.local, device: torch.device) -> _Staging:
-    if getattr(local, "staging", None) is None:
+class _Local(threading.local):
+    """A worker thread's staging, made at its first staged copy; `everyone` lists them all (one
+    list, shared by the threads)."""
+
+    def __init__(self, everyone: list[_Staging]) -> None:
+        self.staging: _Staging | None = None
+        self.everyone = everyone
+
+
+def _staging(local: _Local, device: torch.device) -> _Staging:
+    if local.staging is None:
         local.staging = _Staging(device)
+        local.everyone.append(local.staging)
     return local.staging
 
 

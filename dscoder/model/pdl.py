@@ -14,8 +14,9 @@ is written before the wait (the kernel before may still be reading a buffer that
 
 dscoder's Triton kernels (dscoder.model.gemv, the MLA split and combine of
 dscoder.model.mla_decode) launch with PDL, and so do Inductor's kernels of the compiled step
-(torch._inductor.config.triton.enable_pdl). On an H100 decode went from 362.7 to 384.1 tok/s at a
-2K context and from 308.0 to 319.1 at 32K (BENCHMARKS.md). DSCODER_PDL=0 turns it off.
+(torch._inductor.config.triton.enable_pdl). On an H100 decode went from 363.2 to 380.0 tok/s at a
+2K context and from 308.7 to 319.3 at 32K (BENCHMARKS.md, two runs each on one machine).
+DSCODER_PDL=0 turns it off.
 """
 from __future__ import annotations
 

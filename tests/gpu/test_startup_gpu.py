@@ -114,3 +114,54 @@ def test_close_after_captures_ahead_frees_the_gpu(tiny_checkpoint, monkeypatch):
     engine.close()
     gc.collect()
     assert torch.cuda.memory_allocated() <= base, "a background capture kept GPU memory alive"
+
+
+def test_loading_weights_while_another_thread_captures_a_graph(tmp_path):
+    """The shard reader waits on its own copy streams, not the device: a device-wide synchronize
+    fails while another thread captures a CUDA graph (an engine's capture ahead), and breaks that
+    capture. test_new_lengths_and_cache_growth_never_recompile's second load failed so, now and
+    then, when the first engine was still capturing the next bucket."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from dscoder.shard_reader import read_header, read_parallel
+
+    tensors = {"w": torch.randn(3000, 700).bfloat16(), "router": torch.randn(64, 32)}
+    save_file(tensors, tmp_path / "s.safetensors")
+    entries = read_header(tmp_path / "s.safetensors")
+    # "router" arrives as fp32 into a bf16 destination: the converting path
+    dst = {k: torch.empty(v.shape, dtype=torch.bfloat16, device="cuda") for k, v in tensors.items()}
+    counter = torch.zeros(4, device="cuda")
+    capturing, loaded = threading.Event(), threading.Event()
+    done: dict = {}
+
+    def capture() -> None:
+        try:
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(capture_error_mode="thread_local")
+                counter.add_(1)
+                capturing.set()
+                loaded.wait(60)
+                graph.capture_end()
+            done["graph"] = graph
+        except Exception as e:  # reported below, in the test's thread
+            done["error"] = e
+            capturing.set()
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    capturing.wait(60)
+    try:
+        read_parallel([(entries[k], dst[k]) for k in tensors], threads=2)
+    finally:
+        loaded.set()
+        thread.join(60)
+    assert "error" not in done, done.get("error")
+    done["graph"].replay()
+    torch.cuda.synchronize()
+    assert counter.tolist() == [1.0] * 4  # the capture survived: its replay ran once
+    for k, v in tensors.items():
+        assert torch.equal(dst[k].cpu(), v.bfloat16())
