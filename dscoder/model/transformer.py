@@ -203,9 +203,8 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     mla_decode.register_op()  # the operators the compiled step calls
     gemv.register_op()
-    if backend == "inductor":
-        return torch.compile(_decode_layer, backend=backend, dynamic=None, options=pdl.inductor_options())
-    return torch.compile(_decode_layer, backend=backend, dynamic=None)
+    options = pdl.inductor_options() if backend == "inductor" else None  # Inductor's own options
+    return torch.compile(_decode_layer, backend=backend, dynamic=None, options=options)
 
 
 def _decode_layer(layer: DecoderLayer, x: torch.Tensor, rope: torch.Tensor, kv: torch.Tensor,
