@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import write_cache
-from dscoder.model import mla_decode
+from dscoder.model import latent_row, mla_decode
 from dscoder.model.layers import FusedLinear, Linear, RMSNorm
 from dscoder.model.rope import apply_rope
 from dscoder.model.step import Step
@@ -67,7 +67,13 @@ class MLAttention(nn.Module):
         kv: this layer's cache rows (capacity, rank + rope)."""
         q, c = self.q_kv_a_proj(x)
         q_nope, q_pe = self._query(q, rope)
-        cached = write_cache(kv, step.start, self._latent(c, rope), step.visible)
+        if isinstance(step.start, torch.Tensor) and latent_row.available(c, kv, self.rank):
+            # one decode token at a device position: the row in one kernel
+            norm = self.kv_a_layernorm
+            latent_row.write(c, norm.weight, norm.eps, rope, step.start, kv)
+            cached = kv[:step.visible]
+        else:
+            cached = write_cache(kv, step.start, self._latent(c, rope), step.visible)
         attend = self._attend_absorbed if step.absorbed else self._attend_expanded
         out = attend(q_nope, q_pe, cached, step)
         return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.heads * self.vdim))
