@@ -5,7 +5,8 @@ Two paths compute the same function:
   scaled-dot-product attention runs as usual;
 - absorbed (decode): kv_b_proj's key half is folded into the query and its value half into the
   output, so attention runs directly over the 576-dim cached rows and reads far fewer bytes;
-  one decode token on a GPU goes through dscoder.model.mla_decode's Triton kernel.
+  one decode token on a GPU goes through dscoder.model.mla_decode's Triton kernel, and its cache
+  row through dscoder.model.latent_row's.
 """
 from __future__ import annotations
 
