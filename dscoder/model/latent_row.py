@@ -5,7 +5,7 @@ In the compiled decode step these were three kernels a layer (the norm, the rota
 concatenated row, the index_copy into the cache), each about a microsecond on an H100 for 576
 numbers. H100, one machine, alternated twice: decode 381.6 -> 389.4 tok/s at 2K, 324.2 -> 330.3
 at 32K, and 187.1 -> 218.9 with graphs of the uncompiled step (the first reply's), where the
-torch path was about ten eager kernels (BENCHMARKS.md).
+torch path was many small eager kernels (BENCHMARKS.md).
 
 The arithmetic is the eager torch path's (MLAttention._latent with write_cache, and the
 reference's order): the norm in fp32 rounded to the cache dtype, then scaled by the weight; the
