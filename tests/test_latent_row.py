@@ -71,7 +71,7 @@ def test_compiled_code_mutates_the_cache_in_place(interpreted, dtype):
     assert interpreted[f"{dtype}-compiled-reads-the-row"] == 0.0
 
 
-def test_not_taken_off_the_gpu_or_for_a_batch():
+def test_not_taken_on_the_cpu_or_for_sizes_that_are_not_powers_of_two():
     from dscoder.model import latent_row
 
     kv = torch.zeros(4, RANK + ROPE, dtype=torch.bfloat16)
