@@ -16,13 +16,12 @@ DSCODER_TRITON_GEMV=0 sends the dense projections to cuBLAS instead, for compari
 from __future__ import annotations
 
 import os
-import threading
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from dscoder.model import pdl
+from dscoder.model import custom_ops, pdl
 
 try:
     import triton
@@ -169,19 +168,11 @@ def _run(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torc
     return out
 
 
-_REGISTERED = threading.Lock()
-_registered = False
-
-
 def register_op() -> None:
-    """Define dscoder::gemv, which compiled code calls instead of tracing the kernel: Inductor
-    launches a traced Triton kernel itself, without PDL's launch attribute. Whoever compiles calls
-    this first (dscoder.model.transformer.compile_decode_layer)."""
-    global _registered
-    with _REGISTERED:
-        if not _registered and triton is not None:
-            _define_op()
-            _registered = True
+    """Define dscoder::gemv, which compiled code calls instead of tracing the kernel (see
+    dscoder.model.custom_ops)."""
+    if triton is not None:
+        custom_ops.define_once("dscoder::gemv", _define_op)
 
 
 def _define_op() -> None:

@@ -15,11 +15,9 @@ kernel against 3.55e-2 before (transformers' bf16: 4.20e-2).
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from dscoder.model import pdl
+from dscoder.model import custom_ops, pdl
 
 try:
     import triton
@@ -86,24 +84,18 @@ def _run(c: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor, 
                       PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
 
 
-_REGISTERED = threading.Lock()
-_registered = False
-
-
 def register_op() -> None:
-    """Define dscoder::latent_row, which compiled code calls (see dscoder.model.gemv.register_op)."""
-    global _registered
-    with _REGISTERED:
-        if _registered or triton is None:
-            return
+    """Define dscoder::latent_row, which compiled code calls (see dscoder.model.custom_ops)."""
+    if triton is not None:
+        custom_ops.define_once("dscoder::latent_row", _define_op)
 
-        @torch.library.custom_op("dscoder::latent_row", mutates_args=("kv",))
-        def _latent_row_op(c: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor,
-                           pos: torch.Tensor, kv: torch.Tensor) -> None:
-            _run(c, weight, eps, rope, pos, kv)
 
-        @_latent_row_op.register_fake
-        def _(c, weight, eps, rope, pos, kv):
-            return None
+def _define_op() -> None:
+    @torch.library.custom_op("dscoder::latent_row", mutates_args=("kv",))
+    def _latent_row_op(c: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor,
+                       pos: torch.Tensor, kv: torch.Tensor) -> None:
+        _run(c, weight, eps, rope, pos, kv)
 
-        _registered = True
+    @_latent_row_op.register_fake
+    def _(c, weight, eps, rope, pos, kv):
+        return None

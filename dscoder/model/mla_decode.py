@@ -30,11 +30,10 @@ would read those 2 MB (about 260 MB from L2 a layer) or wait for one that comput
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
-from dscoder.model import pdl
+from dscoder.model import custom_ops, pdl
 
 try:
     import triton
@@ -335,29 +334,22 @@ def decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor, pos: t
     return absorbed_decode(q_lat, q_pe, cached, pos, scale, w_uv)
 
 
-_REGISTERED = threading.Lock()
-_registered = False
-
-
 def register_op() -> None:
-    """Define dscoder::mla_decode, the operator decode() calls under torch.compile. Whoever
-    compiles calls this first (dscoder.model.transformer.compile_decode_layer), not the import:
-    only the compile needs it, and a one-shot command never compiles. (A cProfile of a warm
-    `dscoder complete` on an H100 put 0.4 s in the definition, but the import phase did not
-    measurably shorten without it: probably the profiler's own cost.)"""
-    global _registered
-    with _REGISTERED:
-        if _registered or triton is None:
-            return
+    """Define dscoder::mla_decode, the operator decode() calls under torch.compile (see
+    dscoder.model.custom_ops). (A cProfile of a warm `dscoder complete` on an H100 put 0.4 s in
+    the definition, but the import phase did not measurably shorten without it: probably the
+    profiler's own cost.)"""
+    if triton is not None:
+        custom_ops.define_once("dscoder::mla_decode", _define_op)
 
-        @torch.library.custom_op("dscoder::mla_decode", mutates_args=())
-        def _mla_decode_op(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                           pos: torch.Tensor | None, scale: float, w_uv: torch.Tensor | None) -> torch.Tensor:
-            return absorbed_decode(q_lat, q_pe, cached, pos, scale, w_uv)
 
-        @_mla_decode_op.register_fake
-        def _(q_lat, q_pe, cached, pos, scale, w_uv):
-            vdim = q_lat.shape[-1] if w_uv is None else w_uv.shape[1]
-            return q_lat.new_empty(q_lat.shape[0], 1, vdim)
+def _define_op() -> None:
+    @torch.library.custom_op("dscoder::mla_decode", mutates_args=())
+    def _mla_decode_op(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                       pos: torch.Tensor | None, scale: float, w_uv: torch.Tensor | None) -> torch.Tensor:
+        return absorbed_decode(q_lat, q_pe, cached, pos, scale, w_uv)
 
-        _registered = True
+    @_mla_decode_op.register_fake
+    def _(q_lat, q_pe, cached, pos, scale, w_uv):
+        vdim = q_lat.shape[-1] if w_uv is None else w_uv.shape[1]
+        return q_lat.new_empty(q_lat.shape[0], 1, vdim)
