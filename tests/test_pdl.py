@@ -13,6 +13,7 @@ def cuda_capability(monkeypatch):
     monkeypatch.setattr(pdl, "_CAPABLE", {})
     monkeypatch.setattr(pdl, "_INTERPRET", False)
     monkeypatch.setattr(pdl, "SWITCH", True)
+    monkeypatch.setattr(pdl, "_triton_has_pdl", True)
     major = {"value": 9}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (major["value"], 0))
     return major
@@ -35,6 +36,20 @@ def test_never_on_the_cpu_under_the_interpreter_or_switched_off(cuda_capability,
     monkeypatch.setattr(pdl, "SWITCH", False)  # DSCODER_PDL=0
     assert not pdl.enabled(torch.device("cuda", 0))
     assert pdl.inductor_options() == {}
+
+
+def test_not_with_a_triton_that_cannot_launch_with_it(cuda_capability, monkeypatch):
+    monkeypatch.setattr(pdl, "_triton_has_pdl", False)  # Triton 3.2: no gdc_wait, no launch_pdl
+    assert not pdl.enabled(torch.device("cuda", 0))
+
+
+def test_the_installed_triton_is_asked_once(monkeypatch):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(pdl, "_triton_has_pdl", None)
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    assert pdl._triton_supports() is ((major, minor) >= (3, 4))  # in 3.4, not in 3.3.0
+    monkeypatch.setattr(pdl, "_triton_has_pdl", "cached")  # a second call reads the answer
+    assert pdl._triton_supports() == "cached"
 
 
 def test_inductor_gets_it_through_this_compile_s_options(monkeypatch):

@@ -28,17 +28,33 @@ SWITCH = os.environ.get("DSCODER_PDL", "1") != "0"
 # Triton's interpreter (the CPU tests) has no grid dependency control: the kernels run without it
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CAPABLE: dict[int, bool] = {}  # device index -> compute capability 9.0 or later
+_triton_has_pdl: bool | None = None  # asked once: see _triton_supports
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` use PDL (a CUDA device of compute capability 9.0 or
-    later: griddepcontrol does not exist before Hopper)."""
-    if not SWITCH or _INTERPRET or device.type != "cuda":
+    later: griddepcontrol does not exist before Hopper; and a Triton that can launch with it)."""
+    if not SWITCH or _INTERPRET or device.type != "cuda" or not _triton_supports():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:
         _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
     return _CAPABLE[index]
+
+
+def _triton_supports() -> bool:
+    """Whether the installed Triton has gdc_wait and the launch_pdl option (added after Triton
+    3.3.0, triton-lang/triton#6394; the project allows 3.2, which torch 2.6 ships)."""
+    global _triton_has_pdl
+    if _triton_has_pdl is None:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+            from triton.language.extra.cuda import gdc_wait  # noqa: F401
+
+            _triton_has_pdl = "launch_pdl" in CUDAOptions.__dataclass_fields__
+        except (ImportError, AttributeError):
+            _triton_has_pdl = False
+    return _triton_has_pdl
 
 
 def launch_options(device: torch.device) -> dict[str, bool]:
