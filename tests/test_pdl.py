@@ -57,6 +57,7 @@ def test_inductor_gets_it_through_this_compile_s_options(monkeypatch):
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(pdl, "SWITCH", True)
+    monkeypatch.setattr(pdl, "_triton_has_pdl", True)
     before = inductor_config.triton.enable_pdl
     assert pdl.inductor_options() == {"triton.enable_pdl": True}
     assert inductor_config.triton.enable_pdl == before

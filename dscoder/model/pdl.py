@@ -65,7 +65,7 @@ def launch_options(device: torch.device) -> dict[str, bool]:
 def inductor_options() -> dict[str, bool]:
     """torch.compile options that give Inductor's kernels of the compiled step PDL too (Inductor
     checks the device itself); for this compile only, not every compile of the process."""
-    if not SWITCH:
+    if not SWITCH or not _triton_supports():
         return {}
     import torch._inductor.config as inductor_config
 
