@@ -24,8 +24,8 @@ attention back to the torch path, DSCODER_TRITON_MLA=nouv leaves the value proje
 after the kernel.
 
 Not folded: the query's key projection (q_lat = q_nope @ W_uk, 2 MB of weights for Lite's 16
-heads). Every split of a head block needs the whole q_lat of its heads, so each of ~130 programs
-would read those 2 MB (about 260 MB from L2 a layer) or wait for one that computed it.
+heads). Every split of a head block needs the whole q_lat of its heads, so each of the 66
+programs would read those 2 MB (about 130 MB from L2 a layer) or wait for one that computed it.
 """
 from __future__ import annotations
 

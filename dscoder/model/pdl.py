@@ -1,7 +1,8 @@
 """Programmatic dependent launch (PDL) for the kernels of the decode step (Hopper and later).
 
-A graph-replayed decode step of Lite is several hundred kernels in a row (about 20 a layer),
-most a few microseconds long. Normally a kernel's programs start only once the kernel before has finished and its
+A graph-replayed decode step of Lite is several hundred kernels in a row (an MoE layer had 18 in
+the H100 profile before the cache row kernel: 4 GEMVs, 2 MLA kernels, 12 of Inductor's), most a
+few microseconds long. Normally a kernel's programs start only once the kernel before has finished and its
 writes are flushed, and the SMs idle while each kernel ramps up. Launched with PDL, a kernel's
 programs are scheduled as soon as every program of the kernel before has signalled
 (gdc_launch_dependents), and wait (gdc_wait) only before they read what earlier kernels wrote:
