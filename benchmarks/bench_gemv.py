@@ -2,7 +2,8 @@
 GEMV of dscoder/model/gemv.py, per tile configuration, as the step runs them: replayed from a
 CUDA graph, each shape's weights in enough copies (or layers) that they come from HBM, not L2.
 Dense projections also through cuBLAS (F.linear); the experts' two launches with the two shared
-experts joined (gemv.Extra), 6 routed experts picked. Prints GB/s and microseconds a call for
+experts joined (gemv.Extra), 6 routed experts picked; gate + up also with the SwiGLU product
+in the launch (glu: a tile's BLOCK_N counts outputs, each two weight rows). Prints GB/s and microseconds a call for
 the default tiles and the three best configurations.
 
     python benchmarks/bench_gemv.py          # needs CUDA and triton; about a minute on an H100
@@ -59,7 +60,8 @@ def main() -> None:
                    lambda ws=ws, x=x: [F.linear(x, w) for w in ws])
         ids = torch.randperm(EXPERTS, device="cuda")[:ROUTED]
         pairs = ROUTED + SHARED
-        for name, gate_up in (("experts gate + up", True), ("experts down", False)):
+        for name, gate_up, glu in (("experts gate + up", True, False), ("experts gate+up, SwiGLU", True, True),
+                                   ("experts down", False, False)):
             layers = []
             for _ in range(3):  # three layers' stacks: 3.3 GB, far past L2
                 shape = (EXPERTS, 2 * INTER, HIDDEN) if gate_up else (EXPERTS, HIDDEN, INTER)
@@ -69,9 +71,9 @@ def main() -> None:
             x = torch.randn(1 if gate_up else pairs, HIDDEN if gate_up else INTER, device="cuda", dtype=BF16)
             per_layer = pairs * (2 * INTER * HIDDEN if gate_up else HIDDEN * INTER) * 2
             report(name, per_layer * len(layers), len(layers),
-                   lambda c, layers=layers, x=x, gate_up=gate_up: [
+                   lambda c, layers=layers, x=x, gate_up=gate_up, glu=glu: [
                        expert_gemv(x, w, ids, pairs if gate_up else 1, extra=extra, block_n=c[0],
-                                   block_k=c[1], warps=c[2]) for w, extra in layers])
+                                   block_k=c[1], warps=c[2], glu=glu) for w, extra in layers])
 
 
 if __name__ == "__main__":

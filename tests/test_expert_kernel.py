@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from triton_interpreter import run_under_interpreter
 
 E, H, INTER, N_SHARED = 8, 64, 48, 2  # experts, hidden, expert intermediate, shared experts
@@ -44,7 +45,8 @@ def run_cases() -> dict[str, float]:
 
     from dscoder.model import gemv as gemv_module
     from dscoder.model import moe_kernels
-    from dscoder.model.gemv import gemv
+    from dscoder.model.gemv import expert_gemv, gemv
+    from dscoder.model.quant import dequantize, quantize
 
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -60,6 +62,24 @@ def run_cases() -> dict[str, float]:
         gemv_module.register_op()
         out["compiled-dense"] = (torch.compile(gemv, backend="eager", fullgraph=True)(x, w)
                                  - gemv(x, w)).abs().max().item()
+        # glu: silu(gate) * up of a gate-over-up weight in the launch; 37 outputs, so two rows a
+        # program leave a partial last tile
+        wg = torch.randn(2 * 37, 40)
+        glu_ref = F.silu(x @ wg[:37].T) * (x @ wg[37:].T)
+        out["glu-dense"] = _rel(gemv(x, wg, glu=True), glu_ref)
+        out["glu-dense-tiles"] = _rel(gemv(x, wg, block_n=2, block_k=16, glu=True), glu_ref)
+        out["compiled-glu"] = (torch.compile(lambda x, w: gemv(x, w, glu=True), backend="eager",
+                                             fullgraph=True)(x, wg) - gemv(x, wg, glu=True)).abs().max().item()
+        # bf16: the halves rounded as the unfused step stores them, the product in fp32
+        xb, wb = x.bfloat16(), wg.bfloat16()
+        gate, up = gemv(xb, wb).float().chunk(2, dim=-1)
+        out["glu-bf16"] = _rel(gemv(xb, wb, glu=True), (F.silu(gate) * up).bfloat16())
+        # int8 experts: each half's sums scaled before the product
+        q, scale = quantize(torch.randn(E, 2 * INTER, H))
+        xe, pick = torch.randn(1, H), torch.tensor([3, 5])
+        gate, up = torch.einsum("jnk,k->jn", dequantize(q, scale, torch.float32)[pick], xe[0]).chunk(2, dim=-1)
+        out["glu-int8"] = _rel(expert_gemv(xe, q, pick, 2, scale, glu=True), F.silu(gate) * up)
+
         moe, h, ids, weights = tiny_moe(torch.float32)
         extra = moe_kernels.shared_as_experts(moe.shared_experts.gate_up_proj.weight,
                                               moe.shared_experts.down_proj.weight, INTER)
@@ -106,7 +126,18 @@ def test_dense_gemv_on_a_strided_weight(interpreted):
     assert interpreted["dense-tiles"] < 1e-5
 
 
-@pytest.mark.parametrize("case", ["compiled-dense", "compiled-experts"])
+def test_glu_launch_applies_the_swiglu_product_to_its_sums(interpreted):
+    """One launch gives silu(gate . x) * (up . x) for a gate-over-up weight: dense (whole and
+    in partial tiles), int8 experts (scaled before the product), and in bf16 as the unfused
+    step rounds it (the halves stored in bf16, the product in fp32) but for the interpreter's
+    rounding toward zero."""
+    assert interpreted["glu-dense"] < 1e-5
+    assert interpreted["glu-dense-tiles"] < 1e-5
+    assert interpreted["glu-int8"] < 1e-5
+    assert interpreted["glu-bf16"] < 1e-2
+
+
+@pytest.mark.parametrize("case", ["compiled-dense", "compiled-experts", "compiled-glu"])
 def test_compiled_code_calls_the_kernel_as_an_operator_with_the_same_result(interpreted, case):
     """torch.compile traces dscoder::gemv (its fake gives the shapes), which launches the same
     kernel: the results are bit-identical to the plain call's."""

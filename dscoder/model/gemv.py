@@ -70,14 +70,17 @@ if triton is not None:
     def _gemv(x_ptr, w_ptr, scale_ptr, ids_ptr, out_ptr, x_row_div, stride_we, stride_wn,
               extra_ptr, n_ids, stride_ee, stride_en, stride_ehalf,
               n_rows: tl.constexpr, n_cols: tl.constexpr, HAS_IDS: tl.constexpr,
-              HAS_SCALE: tl.constexpr, EXTRA_HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
+              HAS_SCALE: tl.constexpr, EXTRA_HALF: tl.constexpr, GLU: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+              PRELOAD: tl.constexpr):
         # grid: (row blocks, pairs). Pair j < n_ids multiplies matrix ids[j] of the stack w
         # (matrix 0 without ids), pair n_ids + p matrix p of the extra stack (see Extra), by
         # input row j // x_row_div. HAS_SCALE: w is int8 and row r of matrix e is
         # w[e, r] * scale[e, r]; int8 converts exactly to fp32, so only the sum is scaled.
         # PDL: see dscoder.model.pdl. PRELOAD (one dense matrix): its first tile is read before
-        # the wait, the rest of the kernel after it
+        # the wait, the rest of the kernel after it. GLU (0 or 1): each matrix is a gate half
+        # over an up half, and output row r is silu(gate row r . x) * (up row r . x): a
+        # program reads both rows of each of its BLOCK_N outputs
         if PDL and not PRELOAD:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -86,8 +89,15 @@ if triton is not None:
             matrix = tl.load(ids_ptr + j, mask=j < n_ids, other=0).to(tl.int64)
         else:
             matrix = 0
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_rows
+        n_out: tl.constexpr = n_rows // (1 + GLU)
+        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if GLU:  # weight rows in pairs: gate row r, then up row r + n_out
+            i = tl.arange(0, 2 * BLOCK_N)
+            rows = tl.program_id(0) * BLOCK_N + i // 2 + (i % 2) * n_out
+            row_ok = tl.program_id(0) * BLOCK_N + i // 2 < n_out
+        else:
+            rows = out_rows
+            row_ok = rows < n_rows
         r = rows[:, None].to(tl.int64)
         base = w_ptr
         offset = matrix * stride_we + r * stride_wn
@@ -97,7 +107,7 @@ if triton is not None:
                       + (r % EXTRA_HALF) * stride_en)
         w_base = base + offset
         x_base = x_ptr + (j // x_row_div).to(tl.int64) * n_cols
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N * (1 + GLU), BLOCK_K], dtype=tl.float32)
         if PRELOAD:  # the first tile, then the wait; the loop takes the other tiles
             cols = tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
@@ -118,52 +128,74 @@ if triton is not None:
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
             out *= tl.load(scale_ptr + matrix * n_rows + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + j.to(tl.int64) * n_rows + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+        dtype = out_ptr.dtype.element_ty
+        if GLU:
+            gate, up = tl.split(tl.reshape(out, [BLOCK_N, 2]))
+            # rounded as the unfused step rounds: gate and up stored in the output dtype, then
+            # the SwiGLU product in fp32 (as Inductor's fused kernel computes it)
+            gate = gate.to(dtype).to(tl.float32)
+            out = gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)
+        tl.store(out_ptr + j.to(tl.int64) * n_out + out_rows, out.to(dtype), mask=out_rows < n_out)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
-         warps: int | None = None) -> torch.Tensor:
-    """x (1, K) @ w (N, K).T -> (1, N); w's rows may be strided (a slice of a fused weight)."""
-    return _launch(x.contiguous(), w.unsqueeze(0), None, None, 1, 1, block_n, block_k, warps)
+         warps: int | None = None, glu: bool = False) -> torch.Tensor:
+    """x (1, K) @ w (N, K).T -> (1, N); w's rows may be strided (a slice of a fused weight).
+    glu: w is a gate half over an up half and the result silu(gate) * up, (1, N / 2)."""
+    return _launch(x.contiguous(), w.unsqueeze(0), None, None, 1, 1, block_n, block_k, warps, glu=glu)
 
 
 def expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, x_row_div: int,
                 scale: torch.Tensor | None = None, extra: Extra | None = None,
                 block_n: int | None = None, block_k: int | None = None,
-                warps: int | None = None) -> torch.Tensor:
+                warps: int | None = None, glu: bool = False) -> torch.Tensor:
     """out[j] = w[ids[j]] @ x[j // x_row_div]; x (R, K) contiguous, w (E, N, K), ids (J,);
     with scale (E, N) contiguous, w is int8 and each row is multiplied by its scale. extra:
-    more matrices after the J pairs (out[J + p], see Extra; not with int8 stacks)."""
-    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps, extra)
+    more matrices after the J pairs (out[J + p], see Extra; not with int8 stacks). glu: each
+    matrix is a gate half over an up half, out[j] = silu(gate . x) * (up . x), N / 2 wide."""
+    return _launch(x, w, ids, scale, ids.numel(), x_row_div, block_n, block_k, warps, extra, glu)
+
+
+def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of (gate, up) = F.linear(x, w) split in halves: the first half of a
+    SwiGLU, one product; one row on a GPU in half precision through the kernel, which applies
+    the SwiGLU product to its sums (no separate elementwise kernel)."""
+    if (not ENABLED or x.shape[0] != 1 or not available(x)
+            or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype):
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return gemv(x, w, glu=True)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
             pairs: int, x_row_div: int, block_n: int | None, block_k: int | None,
-            warps: int | None, extra: Extra | None = None) -> torch.Tensor:
+            warps: int | None, extra: Extra | None = None, glu: bool = False) -> torch.Tensor:
     _, n_rows, n_cols = w.shape
     assert w.stride(2) == 1, "the kernel reads rows of contiguous columns"
+    assert not glu or n_rows % 2 == 0, "a gate half over an up half"
     if extra is None:  # no pair reaches it
         extra = Extra(w, 0, 0, 0, 0, 1)
     assert scale is None or extra.count == 0, "extra matrices have no int8 scales"
     assert extra.w.dtype == w.dtype
     args = (x, w, ids, scale, pairs, x_row_div, block_n or BLOCK_N, block_k or BLOCK_K,
-            warps or WARPS, *extra)
+            warps or WARPS, glu, *extra)
     if torch.compiler.is_compiling():  # an opaque operator, see register_op
         return torch.ops.dscoder.gemv(*args)
     return _run(*args)
 
 
 def _run(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
-         pairs: int, x_row_div: int, bn: int, bk: int, warps: int, extra_w: torch.Tensor,
+         pairs: int, x_row_div: int, bn: int, bk: int, warps: int, glu: bool, extra_w: torch.Tensor,
          extra_count: int, stride_e: int, stride_n: int, stride_half: int, half: int) -> torch.Tensor:
     """The launch, its arguments flat (_launch's, with the tiles and the Extra's fields)."""
     _, n_rows, n_cols = w.shape
-    out = torch.empty(pairs + extra_count, n_rows, device=x.device, dtype=x.dtype)
-    _gemv[(triton.cdiv(n_rows, bn), pairs + extra_count)](
+    n_out = n_rows // 2 if glu else n_rows
+    out = torch.empty(pairs + extra_count, n_out, device=x.device, dtype=x.dtype)
+    _gemv[(triton.cdiv(n_out, bn), pairs + extra_count)](
         x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
         w.stride(0), w.stride(1), extra_w, pairs, stride_e, stride_n, stride_half, n_rows, n_cols,
-        HAS_IDS=ids is not None, HAS_SCALE=scale is not None, EXTRA_HALF=half, BLOCK_N=bn,
-        BLOCK_K=bk, PDL=pdl.enabled(x.device), PRELOAD=ids is None, num_warps=warps,
+        HAS_IDS=ids is not None, HAS_SCALE=scale is not None, EXTRA_HALF=half, GLU=int(glu),
+        BLOCK_N=bn, BLOCK_K=bk, PDL=pdl.enabled(x.device), PRELOAD=ids is None, num_warps=warps,
         **pdl.launch_options(x.device))
     return out
 
@@ -178,11 +210,12 @@ def register_op() -> None:
 def _define_op() -> None:
     @torch.library.custom_op("dscoder::gemv", mutates_args=())
     def _gemv_op(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
-                 pairs: int, x_row_div: int, bn: int, bk: int, warps: int, extra_w: torch.Tensor,
-                 extra_count: int, stride_e: int, stride_n: int, stride_half: int, half: int) -> torch.Tensor:
-        return _run(x, w, ids, scale, pairs, x_row_div, bn, bk, warps, extra_w, extra_count,
+                 pairs: int, x_row_div: int, bn: int, bk: int, warps: int, glu: bool,
+                 extra_w: torch.Tensor, extra_count: int, stride_e: int, stride_n: int,
+                 stride_half: int, half: int) -> torch.Tensor:
+        return _run(x, w, ids, scale, pairs, x_row_div, bn, bk, warps, glu, extra_w, extra_count,
                     stride_e, stride_n, stride_half, half)
 
     @_gemv_op.register_fake
-    def _(x, w, ids, scale, pairs, x_row_div, bn, bk, warps, extra_w, extra_count, *rest):
-        return x.new_empty(pairs + extra_count, w.shape[1])
+    def _(x, w, ids, scale, pairs, x_row_div, bn, bk, warps, glu, extra_w, extra_count, *rest):
+        return x.new_empty(pairs + extra_count, w.shape[1] // 2 if glu else w.shape[1])

@@ -25,6 +25,8 @@ try:
 except ImportError:  # CPU-only installs: the torch path
     triton = None
 
+ROUND_NORMED = True  # the normalised latent rounded to the cache dtype before the weight
+
 
 def available(c: torch.Tensor, kv: torch.Tensor, rank: int) -> bool:
     """Whether write() takes this row: one token on a GPU, half precision, triton installed,
@@ -43,7 +45,7 @@ if triton is not None:
 
     @triton.jit
     def _latent_row(c_ptr, w_ptr, rope_ptr, pos_ptr, kv_ptr, stride_kv, eps,
-                    RANK: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+                    RANK: tl.constexpr, HALF: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr):
         # one program: c = [latent (RANK) | k_pe (2 * HALF, pairs interleaved)] of the token,
         # rope (HALF, 2) its cos and sin; row pos of kv gets [norm(latent) * w | rotated k_pe]
         if PDL:  # dscoder.model.pdl: c was written by the kernel before
@@ -52,9 +54,11 @@ if triton is not None:
         row = kv_ptr + tl.load(pos_ptr).to(tl.int64) * stride_kv
         d = tl.arange(0, RANK)
         x = tl.load(c_ptr + d).to(tl.float32)
-        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / RANK + eps)).to(c_ptr.dtype.element_ty)
+        normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / RANK + eps)
+        if ROUND:
+            normed = normed.to(c_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + d).to(tl.float32)
-        tl.store(row + d, (w * normed.to(tl.float32)).to(kv_ptr.dtype.element_ty))
+        tl.store(row + d, (w * normed).to(kv_ptr.dtype.element_ty))
         p = tl.arange(0, HALF)
         x0 = tl.load(c_ptr + RANK + 2 * p).to(tl.float32)
         x1 = tl.load(c_ptr + RANK + 2 * p + 1).to(tl.float32)
@@ -81,7 +85,7 @@ def _run(c: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor, 
     half = (c.shape[-1] - rank) // 2
     assert c.stride(-1) == 1 and kv.stride(-1) == 1
     _latent_row[(1,)](c, weight, rope.contiguous(), pos, kv, kv.stride(0), eps, RANK=rank, HALF=half,
-                      PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
+                      ROUND=ROUND_NORMED, PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
 
 
 def register_op() -> None:

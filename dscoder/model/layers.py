@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dscoder.model.gemv import linear
+from dscoder.model.gemv import linear, linear_glu
 
 
 class RMSNorm(nn.Module):
@@ -56,5 +55,5 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        # gate and up are the two halves of one fused weight (FusedLinear's order)
+        return self.down_proj(linear_glu(x, self.gate_up_proj.weight))

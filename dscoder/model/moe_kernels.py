@@ -13,7 +13,6 @@ kernels a layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dscoder.model.gemv import Extra, available, expert_gemv
 
@@ -33,9 +32,7 @@ def routed_experts_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     extra13, extra2 = shared if shared is not None else (None, None)
     n = extra13.count if extra13 is not None else 0
     assert n == 0 or t == 1, "shared experts join the launch for one token"
-    gu = expert_gemv(x.contiguous(), w13, flat, k + n, s13, extra13)  # (T*k + n, 2I)
-    g, u = gu.chunk(2, dim=-1)
-    h = (F.silu(g) * u).contiguous()
+    h = expert_gemv(x.contiguous(), w13, flat, k + n, s13, extra13, glu=True)  # (T*k + n, I)
     y = expert_gemv(h, w2, flat, 1, s2, extra2).float()  # (T*k + n, H)
     out = (y[:t * k] * weights.reshape(-1, 1)).view(t, k, -1).sum(dim=1)
     if n:
