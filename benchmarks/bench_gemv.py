@@ -3,8 +3,8 @@ GEMV of dscoder/model/gemv.py, per tile configuration, as the step runs them: re
 CUDA graph, each shape's weights in enough copies (or layers) that they come from HBM, not L2.
 Dense projections also through cuBLAS (F.linear); the experts' two launches with the two shared
 experts joined (gemv.Extra), 6 routed experts picked; gate + up also with the SwiGLU product
-in the launch (glu: a tile's BLOCK_N counts outputs, each two weight rows). Prints GB/s and microseconds a call for
-the default tiles and the three best configurations.
+in the launch (glu: a tile's BLOCK_N counts outputs, each two weight rows). Prints GB/s and
+microseconds a call for the default tiles (gemv.default_tiles) and the three best ones.
 
     python benchmarks/bench_gemv.py          # needs CUDA and triton; about a minute on an H100
 """
@@ -30,14 +30,14 @@ BF16 = torch.bfloat16
 REPS = 20
 
 
-def report(name: str, nbytes: int, calls: int, run: Callable[[tuple[int, int, int]], object],
+def report(name: str, cols: int, nbytes: int, calls: int, run: Callable[[tuple[int, int, int]], object],
            cublas: Callable[[], object] | None = None) -> None:
     from dscoder.model import gemv
 
     # replay_us: microseconds a call; the bytes are those of all `calls` calls of one replay
     rows = sorted(((nbytes / calls / us / 1e3, us, c) for c in CONFIGS
                    for us in [replay_us(lambda c=c: run(c), REPS, calls)]), reverse=True)
-    default = next(r for r in rows if r[2] == (gemv.BLOCK_N, gemv.BLOCK_K, gemv.WARPS))
+    default = next(r for r in rows if r[2] == gemv.default_tiles(cols))
     line = f"{name:26s} default {default[0]:5.0f} GB/s {default[1]:6.1f} us | best " + ", ".join(
         f"{gbs:5.0f} GB/s {us:6.1f} us ({bn}x{bk} w{w})" for gbs, us, (bn, bk, w) in rows[:3])
     if cublas is not None:
@@ -55,7 +55,7 @@ def main() -> None:
             copies = max(1, (256 << 20) // (n * k * 2))
             ws = [torch.randn(n, k, device="cuda", dtype=BF16) for _ in range(copies)]
             x = torch.randn(1, k, device="cuda", dtype=BF16)
-            report(name, n * k * 2 * copies, copies,
+            report(name, k, n * k * 2 * copies, copies,
                    lambda c, ws=ws, x=x: [gemv(x, w, *c) for w in ws],
                    lambda ws=ws, x=x: [F.linear(x, w) for w in ws])
         ids = torch.randperm(EXPERTS, device="cuda")[:ROUTED]
@@ -70,7 +70,7 @@ def main() -> None:
                 layers.append((torch.randn(shape, device="cuda", dtype=BF16), shared[0 if gate_up else 1]))
             x = torch.randn(1 if gate_up else pairs, HIDDEN if gate_up else INTER, device="cuda", dtype=BF16)
             per_layer = pairs * (2 * INTER * HIDDEN if gate_up else HIDDEN * INTER) * 2
-            report(name, per_layer * len(layers), len(layers),
+            report(name, HIDDEN if gate_up else INTER, per_layer * len(layers), len(layers),
                    lambda c, layers=layers, x=x, gate_up=gate_up, glu=glu: [
                        expert_gemv(x, w, ids, pairs if gate_up else 1, extra=extra, block_n=c[0],
                                    block_k=c[1], warps=c[2], glu=glu) for w, extra in layers])

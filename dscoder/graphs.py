@@ -30,6 +30,7 @@ from functools import partial
 import torch
 
 from dscoder import shapes
+from dscoder.cuda_capture import CAPTURE_LOCK  # one capture at a time, in whichever thread
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model.transformer import Transformer
 from dscoder.sampling import Sampler, SamplingParams, sample
@@ -143,7 +144,7 @@ class GraphedDecoder:
     def capture(self, visible: int) -> None:
         """Capture the graph for `visible` rows in this thread (waiting for any other capture)."""
         if not self.fresh(visible):
-            with _CAPTURE_LOCK:
+            with CAPTURE_LOCK:
                 if not self.fresh(visible):
                     self._capture(visible)
 
@@ -222,7 +223,7 @@ def swap_step(model: Transformer, compiled: Callable) -> None:
     """Make `compiled` the model's decode layer. Under the capture lock, so that no capture is
     half of the old step and half of the new; graphs of the old step are then stale, and each
     decoder recaptures them when next needed (GraphedDecoder.graph)."""
-    with _CAPTURE_LOCK:
+    with CAPTURE_LOCK:
         model.compile_decode(compiled=compiled)
 
 
@@ -238,7 +239,7 @@ def capture_graph(fn: Callable[[], object], device: torch.device, *,
     capture_begin/end rather than torch.cuda.graph(), whose device-wide synchronize would wait
     for a prefill running on another thread; thread_local: that thread may keep decoding and
     allocating while this one captures."""
-    with _CAPTURE_LOCK:
+    with CAPTURE_LOCK:
         side = _capture_stream(device)
         if after is not None:
             side.wait_stream(after)
@@ -308,11 +309,9 @@ class _Worker:
 
     def stop(self) -> None:
         self.stopping = True
-        _CAPTURE_LOCK.acquire()  # held for good: the capture in progress ends, no other starts
+        CAPTURE_LOCK.acquire()  # held for good: the capture in progress ends, no other starts
 
 
-# one capture at a time, in whichever thread (re-entrant: capture_graph takes it too)
-_CAPTURE_LOCK = threading.RLock()
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _THREAD = "dscoder-capture"
 _WORKER = _Worker()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dscoder import cuda_capture
 from dscoder.compile_cache import configure_cache_dirs, prefetch_triton_key
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
@@ -232,7 +233,7 @@ def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
         _dynamo.reset()  # its caches hold the compiled step's guards and constants
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        cuda_capture.synchronize(device)  # not while another engine captures a graph
         # cuBLAS keeps a workspace per handle and stream (32 MiB each on Hopper) in the caching
         # allocator; they belong to the engine's streams, so they go too
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dscoder.cuda_capture import CAPTURE_LOCK
 from dscoder.errors import BadCheckpoint
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -96,7 +97,9 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
     try:
-        with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, len(jobs)))) as pool:
+        # no CUDA graph capture may run meanwhile: the workers synchronize copy streams and
+        # events, which can fail and break another thread's capture (dscoder.cuda_capture)
+        with CAPTURE_LOCK, ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, len(jobs)))) as pool:
             futures = {pool.submit(_read_one, e, dst, fds[e.path], local): e.nbytes for e, dst in jobs}
             done_bytes, pending = 0, set(futures)
             while pending:
@@ -106,10 +109,10 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
                     done_bytes += futures[f]
                 if progress and done:
                     progress(done_bytes, total)
-        # the last staged copies: their streams alone, not the device (a device-wide synchronize
-        # fails, and breaks the capture, while another engine's thread captures a CUDA graph)
-        for staging in stagings:
-            staging.stream.synchronize()
+            # the last staged copies: their streams alone, not the device (whose synchronize
+            # would also wait for other engines' work)
+            for staging in stagings:
+                staging.stream.synchronize()
     finally:
         sys.setswitchinterval(switch)
         for fd in fds.values():

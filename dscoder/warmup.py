@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from dscoder import fx_threads
+from dscoder import cuda_capture, fx_threads
 from dscoder.compile_cache import enable_compile_caches
 from dscoder.model.transformer import Transformer, compile_decode_layer
 from dscoder.profile import StartupProfile
@@ -93,5 +93,5 @@ def _first_step(model: Transformer, compiled: Callable, rows: int) -> None:
 def warm_up(engine, profile: StartupProfile) -> None:
     """Capture the first bucket's graph now rather than inside the first reply. Later buckets
     are captured ahead (dscoder.graphs)."""
-    with profile.phase("graph capture", torch.cuda.synchronize):
+    with profile.phase("graph capture", cuda_capture.synchronize):
         engine.prepare()

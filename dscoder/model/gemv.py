@@ -30,11 +30,20 @@ except ImportError:  # CPU-only installs: torch paths everywhere
     triton = None
 
 ENABLED = os.environ.get("DSCODER_TRITON_GEMV", "1") != "0"
-# Tiles: one row a program, 1024 columns a step, 4 warps. In benchmarks/bench_gemv.py's sweep
-# (H100, CUDA graphs) as fast as the best configuration for every decode shape of Lite, within
-# 1-3%; the experts' down projection (1,408 columns) ran at 2,695 GB/s against 2,375 with two
-# rows a program, layer 0's down projection at 2,494 against 2,264.
+# Tiles: one row a program, 1024 columns a step, 4 warps; rows of at most 2048 columns that are
+# not a multiple of 1024 (the experts' down projection: 1,408) two rows a program in one step
+# of 2048 columns, not a full step and a mostly masked one. benchmarks/bench_gemv.py, H100,
+# CUDA graphs: the experts' down projection 16.8-17.1 us against 20.6 with the first tiles; the
+# first tiles within 1-3% of the best swept for every other decode shape of Lite.
 BLOCK_N, BLOCK_K, WARPS = 1, 1024, 4
+SHORT_ROW_TILES = (2, 2048, 4)
+
+
+def default_tiles(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for rows of n_cols columns (see above)."""
+    if n_cols <= SHORT_ROW_TILES[1] and n_cols % BLOCK_K:
+        return SHORT_ROW_TILES
+    return BLOCK_N, BLOCK_K, WARPS
 
 
 def available(t: torch.Tensor) -> bool:
@@ -177,8 +186,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: t
         extra = Extra(w, 0, 0, 0, 0, 1)
     assert scale is None or extra.count == 0, "extra matrices have no int8 scales"
     assert extra.w.dtype == w.dtype
-    args = (x, w, ids, scale, pairs, x_row_div, block_n or BLOCK_N, block_k or BLOCK_K,
-            warps or WARPS, glu, *extra)
+    bn, bk, nw = default_tiles(n_cols)
+    args = (x, w, ids, scale, pairs, x_row_div, block_n or bn, block_k or bk, warps or nw, glu, *extra)
     if torch.compiler.is_compiling():  # an opaque operator, see register_op
         return torch.ops.dscoder.gemv(*args)
     return _run(*args)

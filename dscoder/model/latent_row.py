@@ -7,11 +7,12 @@ numbers. H100, one machine, alternated twice: decode 381.6 -> 389.4 tok/s at 2K,
 at 32K, and 187.1 -> 218.9 with graphs of the uncompiled step (the first reply's), where the
 torch path was many small eager kernels (BENCHMARKS.md).
 
-The arithmetic is the eager torch path's (MLAttention._latent with write_cache, and the
-reference's order): the norm in fp32 rounded to the cache dtype, then scaled by the weight; the
-rotation in fp32 with the fp32 table, rounded once. Inductor's fused kernels may skip the first
-rounding; the prompt's last rows decoded by the compiled step were 3.71e-2 from fp32 with this
-kernel against 3.55e-2 before (transformers' bf16: 4.20e-2).
+The arithmetic is the torch path's (MLAttention._latent with write_cache) but for one rounding:
+the norm and the weight multiply in fp32 and round once, as Inductor's fused kernel of the
+compiled step did before this kernel; the eager path (and the reference) rounds the normalised
+latent to the cache dtype first. Rounding it too took the prompt's last rows decoded by the
+compiled step from 3.55e-2 to 3.71e-2 off fp32 (transformers' bf16: 4.20e-2; H100, one run,
+BENCHMARKS.md). The rotation is in fp32 with the fp32 table, rounded once.
 """
 from __future__ import annotations
 
@@ -24,8 +25,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch path
     triton = None
-
-ROUND_NORMED = True  # the normalised latent rounded to the cache dtype before the weight
 
 
 def available(c: torch.Tensor, kv: torch.Tensor, rank: int) -> bool:
@@ -45,7 +44,7 @@ if triton is not None:
 
     @triton.jit
     def _latent_row(c_ptr, w_ptr, rope_ptr, pos_ptr, kv_ptr, stride_kv, eps,
-                    RANK: tl.constexpr, HALF: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr):
+                    RANK: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
         # one program: c = [latent (RANK) | k_pe (2 * HALF, pairs interleaved)] of the token,
         # rope (HALF, 2) its cos and sin; row pos of kv gets [norm(latent) * w | rotated k_pe]
         if PDL:  # dscoder.model.pdl: c was written by the kernel before
@@ -54,9 +53,7 @@ if triton is not None:
         row = kv_ptr + tl.load(pos_ptr).to(tl.int64) * stride_kv
         d = tl.arange(0, RANK)
         x = tl.load(c_ptr + d).to(tl.float32)
-        normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / RANK + eps)
-        if ROUND:
-            normed = normed.to(c_ptr.dtype.element_ty).to(tl.float32)
+        normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / RANK + eps)  # not rounded: see the docstring
         w = tl.load(w_ptr + d).to(tl.float32)
         tl.store(row + d, (w * normed).to(kv_ptr.dtype.element_ty))
         p = tl.arange(0, HALF)
@@ -85,7 +82,7 @@ def _run(c: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor, 
     half = (c.shape[-1] - rank) // 2
     assert c.stride(-1) == 1 and kv.stride(-1) == 1
     _latent_row[(1,)](c, weight, rope.contiguous(), pos, kv, kv.stride(0), eps, RANK=rank, HALF=half,
-                      ROUND=ROUND_NORMED, PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
+                      PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
 
 
 def register_op() -> None:

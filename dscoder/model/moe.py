@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscoder.config import ModelConfig
-from dscoder.model import moe_kernels
+from dscoder.model import moe_kernels, route_kernel
 from dscoder.model.layers import SwiGLU
 from dscoder.model.quant import dequantize
 
@@ -31,15 +31,23 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> (expert ids (T, k), weights (T, k) fp32)."""
-        if x.shape[0] == 1 and self.method != "group_limited_greedy" and torch.compiler.is_compiling():
-            # one token in the compiled decode step: the product as a sum and the top k by a
-            # sort of the E scores, which Inductor fuses into two kernels; F.linear and
-            # torch.topk are a cuBLAS GEMV, its reduction, a softmax and a top-k kernel, about
-            # 10 us a layer on an H100 (eager, the same ops would be slower than those)
-            scores = (x.float() * self.weight.float()).sum(dim=-1)[None].softmax(dim=-1)
+        one = x.shape[0] == 1 and self.method != "group_limited_greedy"
+        if one and torch.compiler.is_compiling():
+            # one token in the compiled decode step: the product as a sum, which Inductor makes
+            # one reduction kernel (F.linear, a cuBLAS GEMV, with torch.topk, a softmax and a
+            # top-k kernel took about 10 us a layer on an H100)
+            logits = (x.float() * self.weight.float()).sum(dim=-1)[None]
+        else:
+            logits = F.linear(x.float(), self.weight.float())
+        if one and route_kernel.available(logits, self.top_k):
+            # softmax, top k and weights in one kernel (dscoder.model.route_kernel)
+            return route_kernel.top_k(logits, self.top_k, self.top_k > 1 and self.norm_topk_prob,
+                                      self.scaling)
+        scores = logits.softmax(dim=-1)
+        if one and torch.compiler.is_compiling():
+            # no kernel (no triton): the top k by a sort, which Inductor fuses with the softmax
             weights, ids = (t[:, : self.top_k] for t in scores.sort(dim=-1, descending=True))
             return ids, self._normalise(weights)
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         if self.method == "group_limited_greedy":
             scores = self._mask_groups(scores)
         weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)

@@ -10,7 +10,7 @@ from torch import nn
 
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import LatentKVCache
-from dscoder.model import gemv, latent_row, mla_decode, pdl
+from dscoder.model import gemv, latent_row, mla_decode, pdl, route_kernel
 from dscoder.model.attention import MLAttention
 from dscoder.model.layers import Linear, RMSNorm, SwiGLU
 from dscoder.model.moe import MoE
@@ -204,6 +204,7 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
     mla_decode.register_op()  # the operators the compiled step calls
     gemv.register_op()
     latent_row.register_op()
+    route_kernel.register_op()
     options = pdl.inductor_options() if backend == "inductor" else None  # Inductor's own options
     return torch.compile(_decode_layer, backend=backend, dynamic=None, options=options)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dscoder import cuda_capture
 from dscoder.config import ModelConfig
 from dscoder.errors import UsageError
 from dscoder.offload.device_cache import CopyEngine, ExpertCache
@@ -176,7 +177,7 @@ def release_offload(model: torch.nn.Module) -> None:
     if runtime is None:
         return
     if runtime.copier.cuda:
-        torch.cuda.synchronize(runtime.copier.device)  # no copy may still read the host store
+        cuda_capture.synchronize(runtime.copier.device)  # no copy may still read the host store
     runtime.store.release()
     cache, empty = runtime.cache, torch.empty(0)
     cache.w13 = cache.w2 = runtime.staging_w13 = runtime.staging_w2 = empty

@@ -117,14 +117,17 @@ def test_close_after_captures_ahead_frees_the_gpu(tiny_checkpoint, monkeypatch):
 
 
 def test_loading_weights_while_another_thread_captures_a_graph(tmp_path):
-    """The shard reader waits on its own copy streams, not the device: a device-wide synchronize
-    fails while another thread captures a CUDA graph (an engine's capture ahead), and breaks that
-    capture. test_new_lengths_and_cache_growth_never_recompile's second load failed so, now and
-    then, when the first engine was still capturing the next bucket."""
+    """The shard reader holds the capture lock (dscoder.cuda_capture), as every capture does: its
+    workers' stream and event synchronizes failed now and then with "operation not permitted
+    when stream is capturing" while another engine captured a graph ahead, in
+    test_new_lengths_and_cache_growth_never_recompile's second load (H100). A load that starts
+    during a capture now reads once the capture has ended, and both succeed."""
     import threading
+    import time
 
     from safetensors.torch import save_file
 
+    from dscoder.cuda_capture import CAPTURE_LOCK
     from dscoder.shard_reader import read_header, read_parallel
 
     tensors = {"w": torch.randn(3000, 700).bfloat16(), "router": torch.randn(64, 32)}
@@ -133,19 +136,21 @@ def test_loading_weights_while_another_thread_captures_a_graph(tmp_path):
     # "router" arrives as fp32 into a bf16 destination: the converting path
     dst = {k: torch.empty(v.shape, dtype=torch.bfloat16, device="cuda") for k, v in tensors.items()}
     counter = torch.zeros(4, device="cuda")
-    capturing, loaded = threading.Event(), threading.Event()
+    capturing = threading.Event()
     done: dict = {}
 
     def capture() -> None:
         try:
-            side = torch.cuda.Stream()
-            with torch.cuda.stream(side):
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(capture_error_mode="thread_local")
-                counter.add_(1)
-                capturing.set()
-                loaded.wait(60)
-                graph.capture_end()
+            with CAPTURE_LOCK:  # as dscoder.graphs.capture_graph captures
+                side = torch.cuda.Stream()
+                with torch.cuda.stream(side):
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    counter.add_(1)
+                    capturing.set()
+                    time.sleep(0.5)  # the load below starts meanwhile
+                    graph.capture_end()
+                done["ended"] = time.monotonic()
             done["graph"] = graph
         except Exception as e:  # reported below, in the test's thread
             done["error"] = e
@@ -156,10 +161,11 @@ def test_loading_weights_while_another_thread_captures_a_graph(tmp_path):
     capturing.wait(60)
     try:
         read_parallel([(entries[k], dst[k]) for k in tensors], threads=2)
+        loaded = time.monotonic()
     finally:
-        loaded.set()
         thread.join(60)
     assert "error" not in done, done.get("error")
+    assert loaded >= done["ended"], "the load ran while the capture was in progress"
     done["graph"].replay()
     torch.cuda.synchronize()
     assert counter.tolist() == [1.0] * 4  # the capture survived: its replay ran once
