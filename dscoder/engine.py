@@ -217,7 +217,7 @@ class Session:
         on the background thread while the prompt is prefilled."""
         self._ensure_capacity(pos + 1)
         if self._graphs is not None:
-            visible = shapes.bucket_rows(pos, self._graphs.cache.capacity)
+            visible = self._graphs.rows(pos)
             self._graphs.capture(visible) if wait else self._graphs.capture_ahead([visible])
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:

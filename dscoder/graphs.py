@@ -9,6 +9,12 @@ The host never waits between two steps: a small graph samples the next id on the
 feeds it to the next step's graph, and the host reads each id a few steps behind the GPU
 (GraphedDecoder.run_ahead), detokenizing and checking stop strings while the steps run.
 
+Where the step's attention bounds itself by the device position (the MLA decode kernel, on
+Hopper: Transformer.decode_bounded_by_position), one graph reading the whole cache serves every
+length, so a new length never captures (a first 2K request after short ones took 1.62x its
+steady time on an H100, the capture beside its prefill); only a grown cache does. Elsewhere
+(the torch attention path, which masks every row it reads) each bucket has its own graph.
+
 Capturing a bucket's graph takes tens of milliseconds (the compiled step has dynamic shapes, so
 it never recompiles). So that no reply waits for it, graphs are captured ahead: the loader
 captures the first buckets, and when decoding nears the end of a bucket the next one is
@@ -60,6 +66,7 @@ class GraphedDecoder:
         self.pending: dict[int, Future] = {}
         self.on_capture = on_capture
         self.ahead = ahead
+        self.whole = model.decode_bounded_by_position()  # one graph for every position: rows()
         w = model.lm_head.weight
         self.cuda = w.is_cuda
         with torch.inference_mode():  # as the graphs' warm-up inputs are (Dynamo guards on it)
@@ -117,11 +124,15 @@ class GraphedDecoder:
         if self.cuda:
             self.done[slot].record()
 
+    def rows(self, pos: int) -> int:
+        """The cache rows that the graph of a decode step at `pos` reads (shapes.decode_rows)."""
+        return shapes.decode_rows(pos, self.cache.capacity, self.whole)
+
     def _replay(self, pos: int) -> None:
-        self.graph(shapes.bucket_rows(pos, self.cache.capacity))()
+        self.graph(self.rows(pos))()
         bucket = shapes.BUCKET
-        if self.ahead and pos % bucket >= bucket - AHEAD_ROWS:
-            self.capture_ahead([shapes.bucket_rows(pos + bucket, self.cache.capacity)])
+        if self.ahead and not self.whole and pos % bucket >= bucket - AHEAD_ROWS:
+            self.capture_ahead([self.rows(pos + bucket)])
 
     def graph(self, visible: int) -> Callable[[], None]:
         """The replay for `visible` rows of the model's current decode step: captured already,

@@ -22,3 +22,9 @@ BUCKET = 1024
 def bucket_rows(pos: int, capacity: int) -> int:
     """The cache rows a decode step at `pos` reads: pos + 1 rounded up to a bucket."""
     return min(math.ceil((pos + 1) / BUCKET) * BUCKET, capacity)
+
+
+def decode_rows(pos: int, capacity: int, whole: bool) -> int:
+    """The cache rows a decode graph for `pos` reads: the whole cache when the step's attention
+    stops at the device position itself (one graph for every length), else pos's bucket."""
+    return capacity if whole else bucket_rows(pos, capacity)

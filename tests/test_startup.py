@@ -304,7 +304,7 @@ class _FakeGraph:
         self.log.append(("replay", self.visible))
 
 
-def _fake_decoder(fail_in_background: bool = False):
+def _fake_decoder(fail_in_background: bool = False, whole: bool = False):
     """A GraphedDecoder whose captures record instead of touching CUDA: the bookkeeping
     (which bucket, ahead or on need, waiting, falling back) is what is tested here."""
     import threading
@@ -322,7 +322,7 @@ def _fake_decoder(fail_in_background: bool = False):
 
     cache = type("Cache", (), {"capacity": 4096})()
     model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.zeros(1)), cfg=SimpleNamespace(vocab_size=8),
-                            step_version=0)
+                            step_version=0, decode_bounded_by_position=lambda: whole)
     d = Fake(model, cache)
     d.cuda = True  # as on a GPU: later buckets are captured on the background thread
     d.log = []
@@ -337,6 +337,17 @@ def test_the_next_bucket_is_captured_in_the_background_before_it_is_needed():
     captures = [e for e in d.log if e[0] == "capture"]
     assert captures == [("capture", 1024, False), ("capture", 2048, True)]
     assert ("replay", 2048) in d.log  # positions 1024.. replayed the graph captured ahead
+
+
+def test_one_graph_serves_every_length_where_attention_stops_at_the_position():
+    """With the MLA decode kernel the step reads only the rows up to the device position, so the
+    graph reads the whole cache: crossing buckets neither captures nor captures ahead."""
+    d = _fake_decoder(whole=True)
+    for pos in (0, 700, 1023, 1024, 2500, 4095):
+        d(5, pos)
+    d.wait()
+    assert [e for e in d.log if e[0] == "capture"] == [("capture", 4096, False)]
+    assert d.rows(10) == d.rows(4000) == 4096 and not d.pending
 
 
 def test_a_failed_background_capture_is_redone_where_it_is_needed():
@@ -366,6 +377,11 @@ def test_a_reply_asks_for_its_first_decode_graph_before_prefilling(tiny_checkpoi
 
         def capture_ahead(self, visibles):
             calls.append(("ahead", *visibles))
+
+        def rows(self, pos):  # as the torch attention path's decoder: buckets
+            from dscoder.shapes import bucket_rows
+
+            return bucket_rows(pos, self.cache.capacity)
 
         def __call__(self, token, pos):
             calls.append(("decode", pos))

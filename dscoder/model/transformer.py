@@ -183,6 +183,14 @@ class Transformer(nn.Module):
         self._compiled_layer = compiled if compiled is not None else compile_decode_layer(backend)
         self.step_version += 1
 
+    def decode_bounded_by_position(self) -> bool:
+        """Whether a decode step at a device position (decode_at) reads only the cache rows up to
+        that position however many rows it is given: the MLA decode kernel computes its split
+        of the rows from the position (dscoder.model.mla_decode), so one CUDA graph at the
+        cache's capacity serves every position. The torch path masks every row it is given."""
+        w = self.lm_head.weight
+        return mla_decode.available(w, w)  # the cache's dtype and device are the weights'
+
     def new_cache(self, capacity: int) -> LatentKVCache:
         w = self.lm_head.weight
         return LatentKVCache(self.cfg.num_hidden_layers, self.cfg.kv_cache_dim, capacity,

@@ -49,6 +49,7 @@ class OffloadedDecoder:
         self.ids_host = torch.zeros(n, k * (1 + ahead), dtype=torch.long, pin_memory=pin)
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.whole = model.decode_bounded_by_position()
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # --- the segments: device work only, no host synchronisation --------------------------------
@@ -95,8 +96,14 @@ class OffloadedDecoder:
 
     # --- the host loop --------------------------------------------------------------------------
 
+    def rows(self, pos: int) -> int:
+        """The cache rows that the graphs of a decode step at `pos` read (shapes.decode_rows):
+        with the MLA decode kernel one set of graphs serves every length, so a new length never
+        captures the 27 segments inside a reply (they cannot be captured ahead)."""
+        return shapes.decode_rows(pos, self.cache.capacity, self.whole)
+
     def __call__(self, token: int, pos: int) -> torch.Tensor:
-        visible = shapes.bucket_rows(pos, self.cache.capacity)
+        visible = self.rows(pos)
         self.ids.fill_(token)
         self.pos.fill_(pos)
         run = self._runner(visible)

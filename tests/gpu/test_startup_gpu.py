@@ -71,6 +71,34 @@ def test_new_lengths_and_cache_growth_never_recompile(tiny_checkpoint, monkeypat
     assert got == [greedy(eager, [1, 5, 9], 100), greedy(eager, list(range(1, 70)), 40)]
 
 
+def test_half_precision_graphs_read_the_whole_cache_so_a_new_length_never_captures(tiny_checkpoint, monkeypatch):
+    """Where the MLA decode kernel runs (half precision, Hopper) it reads only the rows up to the
+    device position, so one graph per cache serves every length (dscoder.graphs): crossing
+    buckets captures nothing, and the ids are those of graphs captured per bucket."""
+    from dscoder import shapes
+    from dscoder.engine import load_engine
+    from dscoder.model.transformer import Transformer
+
+    monkeypatch.setattr(shapes, "BUCKET", 16)
+    prompts = ([1, 5, 9], list(range(1, 40)))
+    whole = load_engine(tiny_checkpoint, device="cuda", dtype="bfloat16")
+    if not whole.model.decode_bounded_by_position():
+        pytest.skip("no MLA decode kernel on this card")
+    assert whole.use_compiled_step(wait=True)
+    greedy(whole, [3], 2)  # the compiled step's graph, recaptured
+    counts = whole.startup_profile.counts
+    captured = counts["graphs captured"]
+    got = [greedy(whole, p, 60) for p in prompts]  # positions 3..99: seven 16-row buckets
+    assert counts["graphs captured"] == captured
+    assert set(whole._session._graphs.graphs) == {shapes.FIRST_CAPACITY}
+
+    monkeypatch.setattr(Transformer, "decode_bounded_by_position", lambda self: False)
+    buckets = load_engine(tiny_checkpoint, device="cuda", dtype="bfloat16")
+    assert buckets.use_compiled_step(wait=True)
+    assert [greedy(buckets, p, 60) for p in prompts] == got
+    assert len(buckets._session._graphs.graphs) > 1
+
+
 def test_capture_ahead_off_captures_on_need_with_the_same_ids(tiny_checkpoint, monkeypatch):
     from dscoder import shapes
     from dscoder.engine import load_engine
