@@ -1,7 +1,7 @@
 """The operators (dscoder::gemv, dscoder::mla_decode, dscoder::latent_row, dscoder::route) that
 compiled decode code calls in place of dscoder's Triton kernels. Inductor launches a traced
-Triton kernel itself, without programmatic dependent launch (dscoder.model.pdl), and failed to build the MLA
-split kernel; an opaque operator launches the kernel as an eager call does.
+Triton kernel itself, without programmatic dependent launch (dscoder.model.pdl), and failed to
+build the MLA split kernel; an opaque operator launches the kernel as an eager call does.
 
 Each is defined by whoever compiles (dscoder.model.transformer.compile_decode_layer), not at
 import: only the compile needs them, and a one-shot command never compiles."""

@@ -50,12 +50,15 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
+def _takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a dense product goes through the kernel: one row on a GPU, in half precision."""
+    return (ENABLED and x.shape[0] == 1 and available(x)
+            and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) (no bias); one row on a GPU in half precision goes through the kernel."""
-    if (not ENABLED or x.shape[0] != 1 or not available(x)
-            or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype):
-        return F.linear(x, w)
-    return gemv(x, w)
+    """F.linear(x, w) (no bias), through the kernel where it takes the call (_takes)."""
+    return gemv(x, w) if _takes(x, w) else F.linear(x, w)
 
 
 class Extra(NamedTuple):
@@ -167,13 +170,12 @@ def expert_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, x_row_div: 
 
 def linear_glu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of (gate, up) = F.linear(x, w) split in halves: the first half of a
-    SwiGLU, one product; one row on a GPU in half precision through the kernel, which applies
-    the SwiGLU product to its sums (no separate elementwise kernel)."""
-    if (not ENABLED or x.shape[0] != 1 or not available(x)
-            or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype):
-        gate, up = F.linear(x, w).chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return gemv(x, w, glu=True)
+    SwiGLU, one product. Through the kernel where it takes the call (_takes), which applies the
+    SwiGLU product to its sums (no separate elementwise kernel)."""
+    if _takes(x, w):
+        return gemv(x, w, glu=True)
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torch.Tensor | None,
