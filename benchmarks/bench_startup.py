@@ -117,8 +117,10 @@ def cli_part(args) -> dict:
                         ("12GiB-int8", ["--gpu-memory", args.budget, "--expert-dtype", "int8"])):
         if name not in args.configs:
             continue
-        cache = work / f"cache-{name}"  # empty: the cold run compiles, the warm one reuses it
-        for kind in ("cold", "warm"):
+        cache = work / f"cache-{name}"  # empty: the cold run compiles, the warm ones reuse it
+        # one process's start-up varies by a few tenths of a second run to run: several warm
+        # runs show the spread
+        for kind in ["cold", "warm", *(f"warm{i}" for i in range(2, args.warm_runs + 1))]:
             log(f"CLI {name} {kind}")
             runs[f"{name}_{kind}"] = r = cli_run(args, extra, cache, prompt)
             log(f"  wall {r['wall_s']:.1f} s, first byte {r.get('first_byte_s') or 0:.1f} s, "
@@ -221,6 +223,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per CLI reply and sweep request")
     p.add_argument("--decode", type=int, default=128, help="tokens of the first and second reply")
     p.add_argument("--sweep", default="512,2048,8192,32768")
+    p.add_argument("--warm-runs", type=int, default=1, help="warm CLI runs per configuration")
     p.add_argument("--skip-cli", action="store_true")
     p.add_argument("--skip-api", action="store_true")
     args = p.parse_args()

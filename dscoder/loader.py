@@ -15,8 +15,9 @@ from dscoder.compile_cache import configure_cache_dirs, prefetch_triton_key
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
+from dscoder.kernel_prebuild import KernelPrebuild
 from dscoder.profile import StartupProfile, recording
-from dscoder.shapes import BUCKET
+from dscoder.shapes import BUCKET, FIRST_CAPACITY, decode_rows
 from dscoder.warmup import Precompile, warm_up
 from dscoder.weights import Progress, load_model
 
@@ -160,6 +161,9 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
     # whole calls, which stalled the reading threads as long as it ran.
     with profile.phase("tokenizer"):
         tokenizer = load_tokenizer(model_dir)
+    # a model resident on the GPU decodes from CUDA graphs, and compiles its step in the
+    # background (dscoder.warmup); a routing trace needs the host at every layer: no graphs
+    use_graphs = dev.type == "cuda" and graphs
     configure_cache_dirs()  # before anything compiles (Triton kernels included)
     if dev.type == "cuda":
         prefetch_triton_key()  # ready by the first graph capture, which runs Triton kernels
@@ -178,16 +182,14 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
                 notice(budget_plan.window_notice())
         else:
             budget_plan = None
-            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
-                             expert_dtype=expert_dtype)
+            net = _load_resident(model_dir, cfg, dev, dt, ctx, progress, expert_dtype, use_graphs,
+                                 profile)
         if routing_trace:
             from dscoder.offload.setup import install_trace
 
             install_trace(net, routing_trace)
-        net.set_context(ctx)
-        # a model resident on the GPU decodes from CUDA graphs, and compiles its step in the
-        # background (dscoder.warmup); a routing trace needs the host at every layer: no graphs
-        use_graphs = dev.type == "cuda" and graphs
+        if net.rope is None:  # a resident load sets it before its reads
+            net.set_context(ctx)
         engine = Engine(model=net, tokenizer=tokenizer, config=cfg, context_length=ctx,
                         defaults=defaults, model_dir=model_dir, use_graphs=use_graphs,
                         budget_plan=budget_plan, startup_profile=profile,
@@ -210,6 +212,32 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
     if log:
         log(f"loaded {model_dir} on {dev} in {str(dt).removeprefix('torch.')}, context {ctx}")
     return engine
+
+
+def _load_resident(model_dir: Path, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, ctx: int,
+                   progress: Progress | None, expert_dtype: str, use_graphs: bool,
+                   profile: StartupProfile):
+    """The whole model on `dev`. With graphs, the decode step's Triton kernels build on other
+    threads while the weights are read (dscoder.kernel_prebuild), and this returns once they
+    are built; no graph capture runs meanwhile in the process (the prebuild's dry run uses the
+    GPU from another thread, see dscoder.cuda_capture)."""
+    prebuild: KernelPrebuild | None = None
+
+    def allocated(net) -> None:
+        nonlocal prebuild
+        net.set_context(ctx)
+        if use_graphs:  # the first graph's rows: Session._ensure_capacity, prepare_decode(0)
+            rows = decode_rows(0, min(FIRST_CAPACITY, ctx), net.decode_bounded_by_position())
+            prebuild = KernelPrebuild(net, rows, profile)
+
+    with cuda_capture.CAPTURE_LOCK:
+        try:
+            return load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
+                              expert_dtype=expert_dtype, allocated=allocated)
+        finally:  # also after a failed read: the builds use the GPU until they end
+            if prebuild is not None:
+                with profile.phase("kernel builds"):
+                    prebuild.wait()
 
 
 def release_model(net, device: torch.device, *, uncap: bool = False) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # the order phases are printed in (others follow in the order they were first recorded)
-ORDER = ("import", "config", "tokenizer", "load weights", "pin experts", "graph capture",
+ORDER = ("import", "config", "tokenizer", "load weights", "kernel builds", "pin experts", "graph capture",
          "first prefill", "compile (background)")
 
 

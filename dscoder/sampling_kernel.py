@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dscoder.model.triton_launch import launch
 from dscoder.sampling import _GOLDEN, _MUL
 
 # globals a kernel reads must be constexpr instances
@@ -53,5 +54,5 @@ def exponential_noise(seed: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) 
     flat = ids.contiguous()
     out = torch.empty(flat.shape, dtype=torch.float32, device=ids.device)
     n = flat.numel()
-    _noise[(triton.cdiv(n, BLOCK),)](seed, pos, flat, out, n, BLOCK=BLOCK)
+    launch(_noise, (triton.cdiv(n, BLOCK),), seed, pos, flat, out, n, BLOCK=BLOCK)
     return out

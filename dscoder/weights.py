@@ -148,9 +148,13 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
                expert_device: torch.device | None = None, pin_experts: bool = False,
                progress: Progress | None = None, profile: StartupProfile | None = None,
-               expert_dtype: str | None = None) -> Transformer:
+               expert_dtype: str | None = None,
+               allocated: Callable[[Transformer], None] | None = None) -> Transformer:
     """Build the model on the meta device, then fill every parameter from the checkpoint.
-    expert_dtype "int8": the routed experts are quantized as they load (dscoder.model.quant)."""
+    expert_dtype "int8": the routed experts are quantized as they load (dscoder.model.quant).
+    allocated: called with the model once every parameter has its final memory, before any is
+    read (dscoder.kernel_prebuild starts there); not called when experts are quantized (theirs
+    comes after the reads)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     index = shard_index(model_dir)
@@ -177,6 +181,10 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed if key not in later]
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
     total = sum(entry(key).nbytes for key in needed)
+    # the parameters take their memory now, the reads fill it in place
+    result = model.load_state_dict(tensors, assign=True, strict=not quantized)
+    if allocated is not None and not quantized:
+        allocated(model)
     t = time.perf_counter()
     read_parallel(jobs, _offset(progress, 0, total))
     done = sum(e.nbytes for e, _ in jobs)
@@ -192,7 +200,6 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     if profile is not None:
         profile.add("load weights", time.perf_counter() - t)
         profile.count("bytes loaded", total)
-    result = model.load_state_dict(tensors, assign=True, strict=not quantized)
     if quantized:
         if result.unexpected_keys or set(result.missing_keys) != set(quantized):
             raise AssertionError(f"quantized load left {result}")  # a bug, not a bad checkpoint

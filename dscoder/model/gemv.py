@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dscoder.model import custom_ops, pdl
+from dscoder.model.triton_launch import launch
 
 try:
     import triton
@@ -202,12 +203,12 @@ def _run(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor | None, scale: torc
     _, n_rows, n_cols = w.shape
     n_out = n_rows // 2 if glu else n_rows
     out = torch.empty(pairs + extra_count, n_out, device=x.device, dtype=x.dtype)
-    _gemv[(triton.cdiv(n_out, bn), pairs + extra_count)](
-        x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
-        w.stride(0), w.stride(1), extra_w, pairs, stride_e, stride_n, stride_half, n_rows, n_cols,
-        HAS_IDS=ids is not None, HAS_SCALE=scale is not None, EXTRA_HALF=half, GLU=int(glu),
-        BLOCK_N=bn, BLOCK_K=bk, PDL=pdl.enabled(x.device), PRELOAD=ids is None, num_warps=warps,
-        **pdl.launch_options(x.device))
+    launch(_gemv, (triton.cdiv(n_out, bn), pairs + extra_count),
+           x, w, w if scale is None else scale, w if ids is None else ids, out, x_row_div,
+           w.stride(0), w.stride(1), extra_w, pairs, stride_e, stride_n, stride_half, n_rows, n_cols,
+           HAS_IDS=ids is not None, HAS_SCALE=scale is not None, EXTRA_HALF=half, GLU=int(glu),
+           BLOCK_N=bn, BLOCK_K=bk, PDL=pdl.enabled(x.device), PRELOAD=ids is None, num_warps=warps,
+           **pdl.launch_options(x.device))
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from dscoder.model import custom_ops, pdl
+from dscoder.model.triton_launch import launch
 
 try:
     import triton
@@ -81,8 +82,8 @@ def _run(c: torch.Tensor, weight: torch.Tensor, eps: float, rope: torch.Tensor, 
     rank = weight.shape[0]
     half = (c.shape[-1] - rank) // 2
     assert c.stride(-1) == 1 and kv.stride(-1) == 1
-    _latent_row[(1,)](c, weight, rope.contiguous(), pos, kv, kv.stride(0), eps, RANK=rank, HALF=half,
-                      PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
+    launch(_latent_row, (1,), c, weight, rope.contiguous(), pos, kv, kv.stride(0), eps, RANK=rank,
+           HALF=half, PDL=pdl.enabled(c.device), **pdl.launch_options(c.device))
 
 
 def register_op() -> None:

@@ -34,6 +34,7 @@ import os
 import torch
 
 from dscoder.model import custom_ops, pdl
+from dscoder.model.triton_launch import launch
 
 try:
     import triton
@@ -295,14 +296,14 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
     # unused pointers get an input no kernel writes (no aliasing of an output under torch.compile)
     pos_arg = pos if has_pos else q_lat
     use_pdl = pdl.enabled(dev)
-    _mla_split[(n_splits, head_blocks)](
-        q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
-        q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * LOG2E,
-        HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
-        HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
-        IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS,
-        num_stages=stages or (STAGES if q_lat.element_size() == 2 else 2),  # fp32: one buffer fits
-        PDL=use_pdl, **pdl.launch_options(dev))
+    launch(_mla_split, (n_splits, head_blocks),
+           q_lat, q_pe, cached, pos_arg, part_m, part_l, part_acc, n_rows,
+           q_lat.stride(0), q_pe.stride(0), cached.stride(0), scale * LOG2E,
+           HEADS=heads, RANK=rank, ROPE=rope, RANK_P=_pow2(rank), ROPE_P=_pow2(rope),
+           HAS_POS=has_pos, SPLITS=n_splits, MIN_ROWS=least, BLOCK_H=BLOCK_H, BLOCK_T=bt,
+           IEEE=q_lat.dtype == torch.float32, UPCAST=_INTERPRET, num_warps=warps or WARPS,
+           num_stages=stages or (STAGES if q_lat.element_size() == 2 else 2),  # fp32: one buffer fits
+           PDL=use_pdl, **pdl.launch_options(dev))
     if w_uv is None:
         vdim, block_d, block_v = rank, min(COMBINE_D, _pow2(rank)), 16
         blocks, w_arg, w_strides = triton.cdiv(rank, block_d), q_lat, (0, 0)
@@ -311,12 +312,12 @@ def absorbed_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tenso
         vdim, block_d, block_v = w_uv.shape[1], _pow2(rank), COMBINE_V
         blocks, w_arg, w_strides = triton.cdiv(vdim, block_v), w_uv, (w_uv.stride(0), w_uv.stride(1))
     out = torch.empty(heads, vdim, device=dev, dtype=q_lat.dtype)
-    _mla_combine[(heads, blocks)](
-        pos_arg, part_m, part_l, part_acc, w_arg, out, n_rows, *w_strides, HEADS=heads, RANK=rank,
-        VDIM=vdim, HAS_POS=has_pos, HAS_UV=w_uv is not None, SPLITS=n_splits,
-        SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt, CHUNK=COMBINE_SPLITS,
-        BLOCK_D=block_d, BLOCK_V=block_v, UPCAST=_INTERPRET, num_warps=4, PDL=use_pdl,
-        **pdl.launch_options(dev))
+    launch(_mla_combine, (heads, blocks),
+           pos_arg, part_m, part_l, part_acc, w_arg, out, n_rows, *w_strides, HEADS=heads, RANK=rank,
+           VDIM=vdim, HAS_POS=has_pos, HAS_UV=w_uv is not None, SPLITS=n_splits,
+           SPLITS_P=_pow2(n_splits), MIN_ROWS=least, BLOCK_T=bt, CHUNK=COMBINE_SPLITS,
+           BLOCK_D=block_d, BLOCK_V=block_v, UPCAST=_INTERPRET, num_warps=4, PDL=use_pdl,
+           **pdl.launch_options(dev))
     return out.view(heads, 1, vdim)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dscoder.model import custom_ops, pdl
+from dscoder.model.triton_launch import launch
 
 try:
     import triton
@@ -77,9 +78,9 @@ def _run(logits: torch.Tensor, k: int, norm: bool, scaling: float) -> tuple[torc
     ids = torch.empty(1, k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(1, k, dtype=torch.float32, device=logits.device)
     n = logits.shape[-1]
-    _top_k[(1,)](logits, ids, weights, n, scaling, BLOCK_E=triton.next_power_of_2(n), TOP_K=k,
-                 BLOCK_K=triton.next_power_of_2(k), NORM=norm, PDL=pdl.enabled(logits.device),
-                 num_warps=1, **pdl.launch_options(logits.device))
+    launch(_top_k, (1,), logits, ids, weights, n, scaling, BLOCK_E=triton.next_power_of_2(n),
+           TOP_K=k, BLOCK_K=triton.next_power_of_2(k), NORM=norm, PDL=pdl.enabled(logits.device),
+           num_warps=1, **pdl.launch_options(logits.device))
     return ids, weights
 
 

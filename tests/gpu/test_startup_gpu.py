@@ -199,3 +199,68 @@ def test_loading_weights_while_another_thread_captures_a_graph(tmp_path):
     assert counter.tolist() == [1.0] * 4  # the capture survived: its replay ran once
     for k, v in tensors.items():
         assert torch.equal(dst[k].cpu(), v.bfloat16())
+
+
+BUILDS_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+
+import dscoder.kernel_prebuild as kp
+from dscoder.engine import load_engine
+from dscoder.events import GenerationSettings
+
+cache = Path(os.environ["TRITON_CACHE_DIR"])
+seen = {}
+wait = kp.KernelPrebuild.wait
+
+def built():  # a directory per build: the kernel's files, or a launcher's
+    return sorted(f"{d.name[:8]}/{f.name}" for d in cache.iterdir() for f in d.iterdir()
+                  if f.suffix in (".so", ".cubin"))
+
+def waited(self):
+    wait(self)
+    seen["after the builds"] = built()
+    seen["errors"] = [repr(e) for e in self.errors]
+
+kp.KernelPrebuild.wait = waited
+engine = load_engine(sys.argv[1], device="cuda", dtype="bfloat16", compile=False)
+for temperature in (0.8, 0.0):  # the sampled step's kernel and the greedy step
+    events = list(engine.generate([1, 2, 3], GenerationSettings(max_tokens=8, temperature=temperature, seed=1),
+                                  stop_ids=()))
+    assert len(events[-1].token_ids) == 8
+seen["at the end"] = built()
+seen["counts"] = engine.startup_profile.counts
+seen["seconds"] = engine.startup_profile.seconds
+print(json.dumps(seen))
+"""
+
+
+def test_kernels_build_while_the_weights_load_and_no_reply_builds_one(tiny_checkpoint, tmp_path):
+    """With an empty Triton cache (the first run after install), the dry run's builds during
+    the load are every build the process needs: the first graph capture, a sampled and a
+    greedy reply add nothing to the cache (each build, and each C launcher, adds a directory).
+    Then twice with that cache (warm starts: the builds are lookups, loaded on the prebuild's
+    thread), which once failed with a kernel called through another kernel's launcher when
+    several threads loaded launchers at once. Fresh processes: this one's kernels are built."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    runs = []
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(tiny_checkpoint)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    cold = runs[0]
+    assert cold["errors"] == []
+    assert cold["counts"]["kernels built"] >= 7  # gemv variants, routing, cache row, MLA, noise
+    assert "kernel builds (background)" in cold["seconds"]
+    assert len(cold["after the builds"]) >= cold["counts"]["kernels built"]
+    assert cold["at the end"] == cold["after the builds"]
+    for warm in runs[1:]:
+        assert warm["errors"] == []
+        assert warm["counts"]["kernels built"] == cold["counts"]["kernels built"]
+        assert warm["at the end"] == cold["at the end"]

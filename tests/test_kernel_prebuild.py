@@ -1,0 +1,135 @@
+"""Building the decode step's Triton kernels while the weights load: the launch point every
+kernel goes through, its dry-run recording, and the loader's hook between allocating the
+parameters and reading them. (Building on a GPU: tests/gpu/test_startup_gpu.py.)"""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dscoder.config import ModelConfig
+from dscoder.model.triton_launch import launch, recording
+from dscoder.weights import load_model
+
+
+class FakeKernel:
+    """kernel[grid](*args, **kwargs) as Triton's JITFunction takes it; records the calls.
+    constexpr: which positional parameters are constexprs (JITFunction.params)."""
+
+    def __init__(self, constexpr: tuple[bool, ...] = ()) -> None:
+        self.calls: list[tuple] = []
+        self.params = [SimpleNamespace(is_constexpr=c) for c in constexpr]
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def test_launch_runs_the_kernel_outside_a_recording():
+    k, x = FakeKernel(), torch.zeros(4)
+    launch(k, [2, 1], x, 7, BLOCK=4)
+    assert k.calls == [((2, 1), (x, 7), {"BLOCK": 4})]
+
+
+def test_a_recording_lists_each_specialization_once_and_runs_nothing():
+    k, other = FakeKernel((False, False, True)), FakeKernel()
+    a, b = torch.zeros(8), torch.ones(8)  # same dtype, both 16-byte aligned
+    with recording() as rec:
+        launch(k, (1,), a, 32, BLOCK=4)
+        launch(k, (9,), b, 64, BLOCK=4)  # another grid, tensor and multiple of 16: same build
+        launch(k, (1,), a.half(), 32, BLOCK=4)  # another dtype
+        launch(k, (1,), a, 1, BLOCK=4)  # Triton makes an argument equal to 1 a constant
+        launch(k, (1,), a, 33, BLOCK=4)  # not a multiple of 16
+        launch(k, (1,), a, 1 << 40, BLOCK=4)  # a 64-bit integer
+        launch(k, (1,), a[1:], 32, BLOCK=4)  # not 16-byte aligned
+        launch(k, (1,), a, 32, BLOCK=8)  # another keyword constexpr
+        launch(k, (1,), a, 32, 5, BLOCK=4)  # a positional constexpr
+        launch(k, (1,), a, 32, 6, BLOCK=4)  # ... counts by its value
+        launch(k, (1,), a, 32, 6, BLOCK=4)
+        launch(other, (1,), a, 32, BLOCK=4)  # another kernel
+    assert k.calls == [] and other.calls == []
+    assert len(rec.launches) == 10
+    first = rec.launches[0]
+    assert (first.kernel, first.grid, first.args, first.kwargs) == (k, (1,), (a, 32), {"BLOCK": 4})
+
+
+def test_a_recording_is_this_threads_alone():
+    k = FakeKernel()
+    with recording() as rec:
+        worker = threading.Thread(target=launch, args=(k, (3,), torch.zeros(2)))
+        worker.start()
+        worker.join()
+        with recording() as inner:  # nested: the inner one takes the launches, then the outer
+            launch(k, (1,), torch.zeros(2))
+        launch(k, (2,), torch.zeros(2, dtype=torch.int8))
+    assert [c[0] for c in k.calls] == [(3,)]
+    assert len(inner.launches) == 1 and len(rec.launches) == 1
+    launch(k, (4,), torch.zeros(2))
+    assert [c[0] for c in k.calls] == [(3,), (4,)]
+
+
+def test_every_kernel_of_the_decode_step_launches_through_launch():
+    """A dry run sees the launches of every kernel the decode and sampling steps use (called
+    here on CPU tensors: under a recording nothing reaches Triton's launcher)."""
+    pytest.importorskip("triton")
+    from dscoder import sampling_kernel
+    from dscoder.model import gemv, latent_row, mla_decode, route_kernel
+
+    heads, rank, rope = 2, 32, 16
+    with recording() as rec:
+        x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(96, 64, dtype=torch.bfloat16)
+        gemv.gemv(x, w)
+        gemv.gemv(x, w[:64])  # another n_rows: a constexpr of the kernel
+        gemv.gemv(x.clone(), w.clone())  # the first one again
+        gemv.expert_gemv(x, w.view(3, 32, 64), torch.zeros(2, dtype=torch.long), 2)
+        route_kernel._run(torch.zeros(1, 64), 6, False, 1.0)
+        kv = torch.zeros(16, rank + rope, dtype=torch.bfloat16)
+        latent_row._run(torch.zeros(1, rank + rope, dtype=torch.bfloat16),
+                        torch.ones(rank, dtype=torch.bfloat16), 1e-6,
+                        torch.zeros(1, rope // 2, 2), torch.zeros(1, dtype=torch.long), kv)
+        mla_decode.absorbed_decode(torch.zeros(heads, 1, rank, dtype=torch.bfloat16),
+                                   torch.zeros(heads, 1, rope, dtype=torch.bfloat16), kv,
+                                   torch.zeros(1, dtype=torch.long), 0.1)
+        sampling_kernel.exponential_noise(torch.zeros(1, dtype=torch.long),
+                                          torch.zeros(1, dtype=torch.long), torch.arange(10))
+    kernels = [launch.kernel for launch in rec.launches]
+    assert kernels == [gemv._gemv, gemv._gemv, gemv._gemv, route_kernel._top_k, latent_row._latent_row,
+                       mla_decode._mla_split, mla_decode._mla_combine, sampling_kernel._noise]
+    assert rec.launches[0].kwargs["PRELOAD"] and not rec.launches[2].kwargs["PRELOAD"]
+
+
+def test_the_loader_hook_sees_the_final_parameters_before_any_read(tiny_checkpoint, monkeypatch):
+    from dscoder import weights
+
+    events, seen = [], {}
+    read = weights.read_parallel
+
+    def reading(*args, **kwargs):
+        events.append("read")
+        return read(*args, **kwargs)
+
+    def allocated(model):
+        events.append("allocated")
+        seen.update({name: p.data_ptr() for name, p in model.named_parameters()})
+
+    monkeypatch.setattr(weights, "read_parallel", reading)
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32,
+                       allocated=allocated)
+    assert events == ["allocated", "read"]
+    params = dict(model.named_parameters())
+    assert seen == {name: p.data_ptr() for name, p in params.items()}  # the memory the reads filled
+    plain = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    for name, p in plain.named_parameters():
+        assert torch.equal(params[name], p), name
+
+
+def test_the_loader_hook_waits_for_quantized_experts(tiny_checkpoint):
+    """int8 experts get their memory after the reads: no dry run can see them before."""
+    calls = []
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32,
+                       expert_dtype="int8", allocated=calls.append)
+    assert calls == []
+    assert model.model.layers[1].mlp.experts.w13.dtype == torch.int8
