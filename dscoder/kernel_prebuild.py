@@ -73,8 +73,9 @@ class KernelPrebuild:
 
 def dry_run(model: Transformer, rows: int) -> list[Launch]:
     """The Triton launches, one per specialization, of what a first reply runs: a decode step at
-    `rows` cache rows (the first graph's) and a sampled step after it, and a prompt's last token
-    decoded at a host position (a prompt whose other tokens are cached); nothing of them runs."""
+    `rows` cache rows (the first graph's) and a sampled step after it; a prompt's last token at
+    a host position (a prompt whose other tokens are cached); a prompt of two tokens (whose
+    experts are read by index, dscoder.model.moe.GATHER_PAIRS). Nothing of them runs."""
     device = model.lm_head.weight.device
     cache = model.new_cache(rows)
     with torch.inference_mode(), recording() as rec:
@@ -83,6 +84,7 @@ def dry_run(model: Transformer, rows: int) -> list[Launch]:
         logits = model.decode_at(ids, pos, cache, rows)
         sample(logits, pos + 1, SamplingParams.on(device), greedy=False)
         model(ids, cache, rows - 2)  # rows - 1 rows visible: most lengths' specialization
+        model(torch.zeros(2, dtype=torch.long, device=device), cache, 0)
     return rec.launches
 
 

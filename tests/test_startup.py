@@ -532,3 +532,31 @@ def test_tritons_installation_key_is_computed_in_the_background():
     assert thread is not None and thread.daemon and thread is not threading.current_thread()
     thread.join(timeout=60)
     assert triton_cache.triton_key.cache_info().currsize == 1
+
+
+def test_no_server_running_means_no_http_client_import(tmp_path):
+    """An in-process one-shot command with no server on the default socket (and none to start)
+    does not import the HTTP client (0.1-0.2 s of every start-up on the GPU machine); with a
+    socket there, it asks that server (here nothing answers: it loads in-process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import io, sys\n"
+            "from dscoder.cli.runtime import Runtime\n"
+            "from dscoder.settings import Settings\n"
+            "from dscoder.ui.console import Terminal\n"
+            "term = Terminal(io.StringIO(), io.StringIO(), io.StringIO(), pretty=False, err_color=False)\n"
+            "print(Runtime(Settings(), term).server_url(), 'httpx' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSCODER_")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run() == "None False"
+    (tmp_path / "dscoder").mkdir()
+    (tmp_path / "dscoder" / "server.sock").touch()  # a stale socket: nothing listens
+    assert run() == "None True"

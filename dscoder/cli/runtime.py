@@ -77,6 +77,10 @@ class Runtime:
             return None
         if server:
             return server
+        from dscoder.server.paths import default_socket
+
+        if not self.settings.keep_alive and not default_socket().exists():
+            return None  # no server, none to start: not even the HTTP client's import (0.1 s)
         from dscoder.server.client import default_server, start_background_server
 
         url = default_server(self.model_name)
