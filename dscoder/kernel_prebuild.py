@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 import torch
 
@@ -50,10 +51,11 @@ class KernelPrebuild:
     def _run(self, model: Transformer, rows: int, threads: int) -> None:
         t = time.perf_counter()
         try:
-            launches = dry_run(model, rows)
             device = model.lm_head.weight.device
-            with torch.cuda.device(device), ThreadPoolExecutor(max(1, min(threads, len(launches)))) as pool:
-                builds = [pool.submit(_compile, device, launch) for launch in launches]
+            with torch.cuda.device(device), ThreadPoolExecutor(threads) as pool:
+                builds: list[Future] = []
+                # each kernel compiles as soon as the dry run reaches its first launch
+                dry_run(model, rows, lambda launch: builds.append(pool.submit(_compile, device, launch)))
                 for build in as_completed(builds):
                     # loaded here, one at a time: Triton's C launchers are modules of one name,
                     # and loading two at once from two threads mixed them up (a kernel called
@@ -71,14 +73,16 @@ class KernelPrebuild:
                 self._profile.count("kernels built", self.built)
 
 
-def dry_run(model: Transformer, rows: int) -> list[Launch]:
+def dry_run(model: Transformer, rows: int,
+            on_new: Callable[[Launch], None] | None = None) -> list[Launch]:
     """The Triton launches, one per specialization, of what a first reply runs: a decode step at
     `rows` cache rows (the first graph's) and a sampled step after it; a prompt's last token at
     a host position (a prompt whose other tokens are cached); a prompt of two tokens (whose
-    experts are read by index, dscoder.model.moe.GATHER_PAIRS). Nothing of them runs."""
+    experts are read by index, dscoder.model.moe.GATHER_PAIRS). Nothing of them runs; on_new
+    sees each launch as it is first recorded."""
     device = model.lm_head.weight.device
     cache = model.new_cache(rows)
-    with torch.inference_mode(), recording() as rec:
+    with torch.inference_mode(), recording(on_new) as rec:
         ids = torch.zeros(1, dtype=torch.long, device=device)
         pos = torch.full((1,), rows - 1, dtype=torch.long, device=device)
         logits = model.decode_at(ids, pos, cache, rows)

@@ -6,16 +6,24 @@ at about 15 GB/s). Here each shard's header is parsed once and several threads `
 bytes of each tensor directly into its destination: a CPU tensor is filled by the read itself
 (one copy, page cache to final buffer), a GPU tensor through a small pinned staging buffer per
 thread whose copy to the device runs while the thread reads the next chunk.
+
+To a GPU, each shard is first tried straight from the page cache: mapped, page-locked where it
+lies (cudaHostRegister, read-only) and copied by DMA, so no CPU copies its bytes. On an H100
+machine registering the page cache went at 35 GB/s and the copies at 51 GB/s; one thread
+registers the next shard while the last one's copies run (_ShardDMA). Where the driver refuses
+(no read-only registration), the staged reads take over. DSCODER_DIRECT_READS=0 turns it off.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +42,10 @@ STAGING_BYTES = 16 << 20  # per buffer; two per thread (pinning costs about 0.7 
 # time while every reading thread waits to start its next read. Measured on 2 cores with a busy
 # Python thread: 0.8 GB/s at 5 ms, 5 GB/s at 0.2 ms (11 GB/s alone); the busy thread kept 85%.
 LOAD_SWITCH_INTERVAL = 0.0002
+DIRECT = os.environ.get("DSCODER_DIRECT_READS", "1") != "0"
+_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the device only reads the mapped pages
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+Job = tuple["ShardEntry", torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -87,28 +98,47 @@ def read_header(path: Path) -> dict[str, ShardEntry]:
     return entries
 
 
-def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Progress | None = None,
+def read_parallel(jobs: Sequence[Job], progress: Progress | None = None,
                   threads: int = READ_THREADS) -> None:
     """Fill each destination tensor with its entry's data (converting dtype where they differ)."""
     total = sum(e.nbytes for e, _ in jobs)
     fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
     stagings: list[_Staging] = []
     local = _Local(stagings)
+    direct = [job for job in jobs if _ShardDMA.takes(*job)]
+    staged = [job for job in jobs if not _ShardDMA.takes(*job)] if direct else list(jobs)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
     try:
         # no CUDA graph capture may run meanwhile: the workers synchronize copy streams and
         # events, which can fail and break another thread's capture (dscoder.cuda_capture)
         with CAPTURE_LOCK, ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1, len(jobs)))) as pool:
-            futures = {pool.submit(_read_one, e, dst, fds[e.path], local): e.nbytes for e, dst in jobs}
-            done_bytes, pending = 0, set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.2)
-                for f in done:
-                    f.result()  # re-raises a worker's error (the pool drains, nothing half-used)
-                    done_bytes += futures[f]
-                if progress and done:
-                    progress(done_bytes, total)
+            def submit(batch: Sequence[Job]) -> set[Future]:
+                new = {pool.submit(_read_one, e, dst, fds[e.path], local): e.nbytes for e, dst in batch}
+                futures.update(new)
+                return set(new)
+
+            futures: dict[Future, int] = {}
+            pending = submit(staged)
+            dma = _ShardDMA.start(direct) if direct else None
+            done_bytes = 0
+            try:
+                while pending or dma is not None:
+                    done, pending = wait(pending | ({dma.future} if dma else set()),
+                                         return_when=FIRST_EXCEPTION, timeout=0.2)
+                    for f in done:
+                        if dma is not None and f is dma.future:
+                            pending |= submit(f.result())  # what the driver refused to register
+                            done_bytes += dma.copied
+                            dma = None
+                            continue
+                        f.result()  # re-raises a worker's error (the pool drains, nothing half-used)
+                        done_bytes += futures[f]
+                    if progress:
+                        progress(done_bytes + (dma.copied if dma else 0), total)
+            finally:  # after an error too: nothing may still be copying when this returns
+                if dma is not None:
+                    wait([dma.future])
             # the last staged copies: their streams alone, not the device (whose synchronize
             # would also wait for other engines' work)
             for staging in stagings:
@@ -117,6 +147,104 @@ def read_parallel(jobs: Sequence[tuple[ShardEntry, torch.Tensor]], progress: Pro
         sys.setswitchinterval(switch)
         for fd in fds.values():
             os.close(fd)
+
+
+class _ShardDMA:
+    """Copies to the GPU straight from the page cache, shard by shard, on a thread of its own:
+    a failed registration leaves an error in the CUDA runtime's per-thread state, which a
+    later kernel launch on that thread would report as its own."""
+
+    refused = False  # the driver refused a registration: staged reads from then on
+
+    @staticmethod
+    def takes(entry: ShardEntry, dst: torch.Tensor) -> bool:
+        return (DIRECT and not _ShardDMA.refused and dst.is_cuda and dst.dtype == entry.dtype
+                and dst.is_contiguous())
+
+    @classmethod
+    def start(cls, jobs: Sequence[Job]) -> _ShardDMA:
+        dma = cls()
+        threading.Thread(target=dma._run, args=(jobs,), name="dscoder-dma", daemon=True).start()
+        return dma
+
+    def __init__(self) -> None:
+        self.copied = 0  # bytes on the device so far
+        self.future: Future = Future()  # the jobs left to the staged reads
+
+    def _run(self, jobs: Sequence[Job]) -> None:
+        try:
+            self.future.set_result(self._copy(jobs))
+        except BaseException as e:
+            self.future.set_exception(e)
+
+    def _copy(self, jobs: Sequence[Job]) -> list[Job]:
+        shards: dict[Path, list[Job]] = {}
+        for job in jobs:
+            shards.setdefault(job[0].path, []).append(job)
+        stream = torch.cuda.Stream(jobs[0][1].device)
+        previous: _Registered | None = None
+        try:
+            for k, (path, group) in enumerate(shards.items()):
+                try:
+                    shard = _Registered(path)
+                except OSError:
+                    _ShardDMA.refused = True
+                    return [job for batch in list(shards.values())[k:] for job in batch]
+                # the copies run while the next shard registers
+                shard.copy(group, stream)
+                if previous is not None:
+                    self.copied += previous.close()
+                previous = shard
+        finally:
+            if previous is not None:
+                self.copied += previous.close()
+        return []
+
+
+class _Registered:
+    """A shard mapped and page-locked in place; close() once its copies are queued."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # shared and read-only: the pages locked are the page cache's own (a private
+            # mapping would have them copied first)
+            self.map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # torch warns that the view is not writable: none writes
+            warnings.simplefilter("ignore", UserWarning)
+            self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.nbytes = 0
+        self.event: torch.cuda.Event | None = None
+        self.stream: torch.cuda.Stream | None = None
+        err = torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), size, _REGISTER_READ_ONLY)
+        if int(err) != 0:
+            self._unmap()
+            raise OSError(f"cudaHostRegister refused {path} (CUDA error {int(err)})")
+
+    def copy(self, jobs: Sequence[Job], stream: torch.cuda.Stream) -> None:
+        self.stream = stream
+        with torch.cuda.stream(stream):
+            for entry, dst in jobs:
+                # inference mode is per thread (see _read_one)
+                with torch.inference_mode(dst.is_inference()):
+                    _bytes(dst).copy_(self.bytes[entry.begin:entry.end], non_blocking=True)
+                self.nbytes += entry.nbytes
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def close(self) -> int:
+        """Wait for this shard's copies, unlock and unmap it; the bytes it copied."""
+        if self.event is not None:
+            self.event.synchronize()
+        elif self.stream is not None:  # a copy failed to queue: wait for those that did
+            self.stream.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+        self._unmap()
+        return self.nbytes
+
+    def _unmap(self) -> None:
+        del self.bytes  # the view first: a mapping with views cannot close
+        self.map.close()
 
 
 def _read_one(entry: ShardEntry, dst: torch.Tensor, fd: int, local: _Local) -> None:

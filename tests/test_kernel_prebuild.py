@@ -133,3 +133,14 @@ def test_the_loader_hook_waits_for_quantized_experts(tiny_checkpoint):
                        expert_dtype="int8", allocated=calls.append)
     assert calls == []
     assert model.model.layers[1].mlp.experts.w13.dtype == torch.int8
+
+
+def test_a_recording_hands_each_new_launch_on_at_once():
+    """The prebuild compiles a kernel as soon as the dry run reaches it, not after the run."""
+    k, seen = FakeKernel(), []
+    with recording(on_new=lambda launch: seen.append((launch.grid, len(k.calls)))) as rec:
+        launch(k, (1,), torch.zeros(2))
+        assert seen == [((1,), 0)]
+        launch(k, (5,), torch.zeros(2))  # the same specialization: not again
+        launch(k, (2,), torch.zeros(2, dtype=torch.int8))
+    assert seen == [((1,), 0), ((2,), 0)] and len(rec.launches) == 2

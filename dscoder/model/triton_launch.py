@@ -11,7 +11,7 @@ first graph capture, that took 6.4 s of the first run after install on an H100 (
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +31,10 @@ class Launch:
 
 @dataclass
 class Recording:
-    """The launches of a dry run, one per specialization (specialization())."""
+    """The launches of a dry run, one per specialization (specialization()); on_new sees each
+    as it is first recorded."""
 
+    on_new: Callable[[Launch], None] | None = None
     launches: list[Launch] = field(default_factory=list)
     _seen: set = field(default_factory=set)
 
@@ -41,6 +43,8 @@ class Recording:
         if key not in self._seen:
             self._seen.add(key)
             self.launches.append(launch)
+            if self.on_new is not None:
+                self.on_new(launch)
 
 
 _LOCAL = threading.local()  # .recording: this thread's dry run, if one is on
@@ -57,12 +61,12 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
-def recording() -> Iterator[Recording]:
+def recording(on_new: Callable[[Launch], None] | None = None) -> Iterator[Recording]:
     """Record this thread's launches instead of running them. Only for code whose other work
     never reads a kernel's output as an index or a size on the host (the decode step: the
     outputs feed other kernels and elementwise torch ops alone)."""
     previous = getattr(_LOCAL, "recording", None)
-    _LOCAL.recording = rec = Recording()
+    _LOCAL.recording = rec = Recording(on_new)
     try:
         yield rec
     finally:

@@ -110,18 +110,62 @@ def test_capture_ahead_off_captures_on_need_with_the_same_ids(tiny_checkpoint, m
     assert on_need.startup_profile.counts.get("graphs captured ahead", 0) == 0
 
 
-def test_staged_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeypatch):
-    import dscoder.shard_reader as reader
+def _gpu_and_cpu_loads_agree(tiny_checkpoint, dtype: torch.dtype = torch.bfloat16) -> None:
     from dscoder.config import ModelConfig
     from dscoder.weights import load_model
 
-    monkeypatch.setattr(reader, "STAGING_BYTES", 4096)  # many chunks per tensor, buffers reused
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
-    gpu = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
-    cpu = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.bfloat16)
+    gpu = load_model(tiny_checkpoint, cfg, device=torch.device("cuda"), dtype=dtype)
+    cpu = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=dtype)
     cpu_params = dict(cpu.named_parameters())
     for name, p in gpu.named_parameters():
         assert torch.equal(p.cpu(), cpu_params[name]), name
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["from-the-page-cache", "staged"])
+def test_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeypatch, direct):
+    """Both ways to the GPU: DMA from the registered page cache (each shard registered once;
+    the checkpoint's own dtype, as nothing converts), and staged through pinned buffers (tiny
+    ones: many chunks per tensor, buffers reused)."""
+    import dscoder.shard_reader as reader
+
+    registered = []
+    init = reader._Registered.__init__
+
+    def counting(self, path):
+        init(self, path)
+        registered.append(path)
+
+    monkeypatch.setattr(reader._Registered, "__init__", counting)
+    monkeypatch.setattr(reader, "DIRECT", direct)
+    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    monkeypatch.setattr(reader, "STAGING_BYTES", 4096)
+    _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)  # the tiny checkpoint's dtype
+    shards = sorted(tiny_checkpoint.glob("*.safetensors"))
+    assert sorted(registered) == (shards if direct else [])
+
+
+def test_a_refused_registration_falls_back_to_staged_reads(tiny_checkpoint, monkeypatch):
+    """A driver that cannot page-lock a file's mapping (cudaHostRegister fails): the staged
+    reads load every tensor, no CUDA error is left behind, and later loads go staged at once."""
+    import dscoder.shard_reader as reader
+
+    calls = []
+    cudart = torch.cuda.cudart()
+    register = cudart.cudaHostRegister
+
+    def refused(ptr, size, flags):  # a real failure: flags no driver accepts
+        calls.append(ptr)
+        return register(ptr, size, 1 << 30)
+
+    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    monkeypatch.setattr(cudart, "cudaHostRegister", refused)
+    _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
+    assert len(calls) == 1 and reader._ShardDMA.refused
+    _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
+    assert len(calls) == 1
+    torch.ones(4, device="cuda").add_(1)  # a kernel launch: no stale error is reported
+    torch.cuda.synchronize()
 
 
 def test_close_after_captures_ahead_frees_the_gpu(tiny_checkpoint, monkeypatch):
