@@ -100,9 +100,11 @@ def test_kv_peak_counts_the_last_growth_step():
     from dscoder.offload.planner import ModelSizes
 
     s = ModelSizes(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2)  # one byte per token
-    assert kv_peak_bytes(s, 4096) == 4096  # never grows
-    assert kv_peak_bytes(s, 8192) == 8192 + 4096
-    assert kv_peak_bytes(s, 40000) == 40000 + 32768  # 4K, 8K, 16K, 32K, then 40000
+    assert kv_peak_bytes(s, 4096, first_capacity=4096) == 4096  # never grows
+    assert kv_peak_bytes(s, 8192, first_capacity=4096) == 8192 + 4096
+    assert kv_peak_bytes(s, 40000, first_capacity=4096) == 40000 + 32768  # 4K, 8K, 16K, 32K, 40000
+    assert kv_peak_bytes(s, 16384) == 16384  # the engine's first size: never grows
+    assert kv_peak_bytes(s, 40000) == 40000 + 32768  # 16K, 32K, then 40000
 
 
 def test_planner_shapes_are_the_engines():
