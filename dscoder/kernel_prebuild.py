@@ -1,7 +1,7 @@
 """Build the decode step's Triton kernels on several threads while the weights load.
 
 The first graph capture built each Triton kernel at its first launch, one after another: with
-an empty cache (the first run after install) that was 6.2-6.4 s of the capture on an H100
+an empty cache (the first run after install) that was 4.7-6.9 s of the capture on an H100
 (Triton 3.6: 11 kernels and 8 C launchers). Here, as soon as the parameters have their memory
 and before they are read, a dry run of the first reply's steps lists the launches it will make
 (dscoder.model.triton_launch.recording: none runs), a pool of threads compiles the kernels
