@@ -185,22 +185,20 @@ class _ShardDMA:
         for job in jobs:
             shards.setdefault(job[0].path, []).append(job)
         stream = torch.cuda.Stream(jobs[0][1].device)
-        previous: _Registered | None = None
+        registered: list[_Registered] = []  # at most two: the shard copying, the one registering
         try:
             for k, (path, group) in enumerate(shards.items()):
                 try:
-                    shard = _Registered(path)
+                    registered.append(_Registered(path))
                 except (OSError, ValueError):  # no registration, or no mapping of this file
                     _ShardDMA.refused = True
                     return [job for batch in list(shards.values())[k:] for job in batch]
-                # the copies run while the next shard registers
-                shard.copy(group, stream)
-                if previous is not None:
-                    self.copied += previous.close()
-                previous = shard
-        finally:
-            if previous is not None:
-                self.copied += previous.close()
+                registered[-1].copy(group, stream)
+                if len(registered) == 2:  # the last shard's copies ran while this one registered
+                    self.copied += registered.pop(0).close()
+        finally:  # also after an error: nothing stays page-locked
+            for shard in registered:
+                self.copied += shard.close()
         return []
 
 
