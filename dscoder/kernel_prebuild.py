@@ -18,6 +18,7 @@ expert ids on the host, which the dry run leaves unwritten.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +53,8 @@ class KernelPrebuild:
         t = time.perf_counter()
         try:
             device = model.lm_head.weight.device
-            with torch.cuda.device(device), ThreadPoolExecutor(threads) as pool:
+            workers = max(1, min(threads, os.cpu_count() or 1))  # compiles are CPU work
+            with torch.cuda.device(device), ThreadPoolExecutor(workers) as pool:
                 builds: list[Future] = []
                 # each kernel compiles as soon as the dry run reaches its first launch
                 dry_run(model, rows, lambda launch: builds.append(pool.submit(_compile, device, launch)))
