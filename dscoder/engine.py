@@ -201,10 +201,7 @@ class Session:
     def _ensure_capacity(self, n: int) -> LatentKVCache:
         cache = self._cache
         if cache is None or cache.capacity < n:
-            size = max(shapes.FIRST_CAPACITY, cache.capacity * 2 if cache else 0)
-            while size < n:
-                size *= 2
-            size = min(size, self.engine.context_length)
+            size = shapes.cache_capacity(n, cache.capacity if cache else 0, self.engine.context_length)
             grown = self.engine.model.new_cache(size)
             if cache is not None:
                 grown.data[:, : len(self.tokens)] = cache.data[:, : len(self.tokens)]

@@ -17,7 +17,7 @@ from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
 from dscoder.kernel_prebuild import KernelPrebuild
 from dscoder.profile import StartupProfile, recording
-from dscoder.shapes import BUCKET, FIRST_CAPACITY, decode_rows
+from dscoder.shapes import BUCKET, cache_capacity, decode_rows
 from dscoder.warmup import Precompile, warm_up
 from dscoder.weights import Progress, load_model
 
@@ -226,8 +226,8 @@ def _load_resident(model_dir: Path, cfg: ModelConfig, dev: torch.device, dt: tor
     def allocated(net) -> None:
         nonlocal prebuild
         net.set_context(ctx)
-        if use_graphs:  # the first graph's rows: Session._ensure_capacity, prepare_decode(0)
-            rows = decode_rows(0, min(FIRST_CAPACITY, ctx), net.decode_bounded_by_position())
+        if use_graphs:  # the first graph's rows, as Session.prepare_decode(0) will have them
+            rows = decode_rows(0, cache_capacity(1, 0, ctx), net.decode_bounded_by_position())
             prebuild = KernelPrebuild(net, rows, profile)
 
     with cuda_capture.CAPTURE_LOCK:

@@ -28,6 +28,15 @@ def bucket_rows(pos: int, capacity: int) -> int:
     return min(math.ceil((pos + 1) / BUCKET) * BUCKET, capacity)
 
 
+def cache_capacity(needed: int, current: int, context: int, first: int | None = None) -> int:
+    """The KV cache's size once it holds `needed` rows, from `current` rows (0: no cache yet):
+    FIRST_CAPACITY (or `first`) to begin with, doubling, at most the context window."""
+    size = max(first or FIRST_CAPACITY, current * 2)
+    while size < needed:
+        size *= 2
+    return min(size, context)
+
+
 def decode_rows(pos: int, capacity: int, whole: bool) -> int:
     """The cache rows a decode graph for `pos` reads: the whole cache when the step's attention
     stops at the device position itself (one graph for every length), else pos's bucket."""

@@ -107,8 +107,10 @@ def read_parallel(jobs: Sequence[Job], progress: Progress | None = None,
     fds = {path: os.open(path, os.O_RDONLY) for path in {e.path for e, _ in jobs}}
     stagings: list[_Staging] = []
     local = _Local(stagings)
-    direct = [job for job in jobs if _ShardDMA.takes(*job)]
-    staged = [job for job in jobs if not _ShardDMA.takes(*job)] if direct else list(jobs)
+    direct: list[Job] = []
+    staged: list[Job] = []
+    for job in jobs:
+        (direct if _ShardDMA.takes(*job) else staged).append(job)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
     try:

@@ -15,7 +15,7 @@ from dscoder.offload.sizes import format_size
 from dscoder.shapes import BUCKET as WINDOW_STEP  # planned windows are whole decode buckets
 
 # the engine's work shapes: the plan sizes its buffers for exactly these
-from dscoder.shapes import FIRST_CAPACITY, LAYER_MAJOR_TOKENS, PREFILL_CHUNK
+from dscoder.shapes import LAYER_MAJOR_TOKENS, PREFILL_CHUNK, cache_capacity
 
 MiB = 1 << 20
 # What the CUDA context of a dscoder process holds outside the caching allocator (driver state,
@@ -127,12 +127,13 @@ def allocator_margin(budget: int) -> int:
     return ALLOCATOR_MARGIN_BYTES + int(budget * ALLOCATOR_MARGIN_SHARE)
 
 
-def kv_peak_bytes(sizes: ModelSizes, context: int, first_capacity: int = FIRST_CAPACITY) -> int:
-    """The engine doubles its cache from first_capacity up to the context; while it grows, the
-    old cache and the new one coexist, so the peak is the context plus the last size before it."""
-    size = before = min(first_capacity, context)
+def kv_peak_bytes(sizes: ModelSizes, context: int, first_capacity: int | None = None) -> int:
+    """The engine grows its cache up to the context (shapes.cache_capacity, from first_capacity
+    or the engine's first size); while it grows, the old cache and the new one coexist, so the
+    peak is the context plus the last size before it."""
+    size = before = cache_capacity(1, 0, context, first_capacity)
     while size < context:
-        before, size = size, min(size * 2, context)
+        before, size = size, cache_capacity(size + 1, size, context, first_capacity)
     return sizes.kv_bytes_per_token * (context + (before if before < context else 0))
 
 
