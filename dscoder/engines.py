@@ -15,6 +15,20 @@ from dscoder.settings import ENGINES
 
 NATIVE_MODEL_TYPES = ("deepseek_v2",)
 EngineName = Literal["native", "transformers"]
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> shard file map
+SINGLE = "model.safetensors"  # an unsharded checkpoint
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files in the order the loader reads them (by name), from
+    its index or its single file; [] when neither can be read (the loader says why later)."""
+    try:
+        names = set(json.loads((model_dir / INDEX).read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        names = {SINGLE} if (model_dir / SINGLE).is_file() else set()
+    if not all(isinstance(n, str) for n in names):
+        return []
+    return [model_dir / n for n in sorted(names)]
 
 
 def model_type(model_dir: Path) -> str | None:

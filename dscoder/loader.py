@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dscoder import cuda_capture
+from dscoder import cuda_capture, page_lock
 from dscoder.compile_cache import configure_cache_dirs, prefetch_triton_key
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
@@ -107,28 +107,30 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
     from dscoder.hub import DEFAULT_MODEL, resolve_model
     from dscoder.settings import check_expert_dtype
 
-    check_expert_dtype(expert_dtype)
+    try:
+        check_expert_dtype(expert_dtype)
+        profile = profile if profile is not None else StartupProfile()
+        with profile.phase("config"):
+            model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
+        if choose_engine(model_dir, engine) == "transformers":
+            from dscoder.hf_engine import load_hf_engine
 
-    profile = profile if profile is not None else StartupProfile()
-    with profile.phase("config"):
-        model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
-    if choose_engine(model_dir, engine) == "transformers":
-        from dscoder.hf_engine import load_hf_engine
-
-        if expert_dtype != "bf16":
-            raise UsageError(f"--expert-dtype {expert_dtype} needs the native engine (a DeepSeek-V2 "
-                             "checkpoint); the transformers engine loads the model's own dtype.")
-
-        return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
-                              dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
-                              trust_remote_code=trust_remote_code,
-                              defaults=generation_defaults(model_dir), log=log)
-    return _load_native(model_dir, device=device, dtype=dtype, gpu_memory=gpu_memory,
-                        context_length=context_length, progress=progress, log=log, warn=warn,
-                        notice=notice, cuda_graphs=cuda_graphs, compile=compile,
-                        offload_policy=offload_policy, prefetch_depth=prefetch_depth,
-                        routing_trace=routing_trace, capture_ahead=capture_ahead, profile=profile,
-                        expert_dtype=expert_dtype)
+            if expert_dtype != "bf16":
+                raise UsageError(f"--expert-dtype {expert_dtype} needs the native engine (a "
+                                 "DeepSeek-V2 checkpoint); the transformers engine loads the "
+                                 "model's own dtype.")
+            return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
+                                  dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
+                                  trust_remote_code=trust_remote_code,
+                                  defaults=generation_defaults(model_dir), log=log)
+        return _load_native(model_dir, device=device, dtype=dtype, gpu_memory=gpu_memory,
+                            context_length=context_length, progress=progress, log=log, warn=warn,
+                            notice=notice, cuda_graphs=cuda_graphs, compile=compile,
+                            offload_policy=offload_policy, prefetch_depth=prefetch_depth,
+                            routing_trace=routing_trace, capture_ahead=capture_ahead,
+                            profile=profile, expert_dtype=expert_dtype)
+    finally:  # what the CLI page-locked early and the load did not take (dscoder.page_lock)
+        page_lock.release_early()
 
 
 def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,

@@ -8,20 +8,20 @@ bytes of each tensor directly into its destination: a CPU tensor is filled by th
 thread whose copy to the device runs while the thread reads the next chunk.
 
 To a GPU, each shard is first tried straight from the page cache: mapped, page-locked where it
-lies (cudaHostRegister, read-only) and copied by DMA, so no CPU copies its bytes. On an H100
+lies (dscoder.page_lock, read-only) and copied by DMA, so no CPU copies its bytes. On an H100
 machine registering the page cache went at 35 GB/s and the copies at 51 GB/s; one thread
-registers the next shard while the last one's copies run (_ShardDMA). Where the driver refuses
-(no read-only registration), the staged reads take over. DSCODER_DIRECT_READS=0 turns it off.
+registers the next shard while the last one's copies run (_ShardDMA), unless the CLI had them
+locked while torch was importing (page_lock.start_early). Where the driver refuses (no
+read-only registration), the staged reads take over. DSCODER_DIRECT_READS=0 turns it off.
 """
 from __future__ import annotations
 
+import ctypes
 import json
-import mmap
 import os
 import struct
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dscoder import page_lock
 from dscoder.cuda_capture import CAPTURE_LOCK
 from dscoder.errors import BadCheckpoint
 
@@ -42,10 +43,7 @@ STAGING_BYTES = 16 << 20  # per buffer; two per thread (pinning costs about 0.7 
 # time while every reading thread waits to start its next read. Measured on 2 cores with a busy
 # Python thread: 0.8 GB/s at 5 ms, 5 GB/s at 0.2 ms (11 GB/s alone); the busy thread kept 85%.
 LOAD_SWITCH_INTERVAL = 0.0002
-DIRECT = os.environ.get("DSCODER_DIRECT_READS", "1") != "0"
-# cudaHostRegisterPortable (page-locked for every device's context, not just the current one's)
-# and cudaHostRegisterReadOnly (the device only reads the mapped pages)
-_REGISTER_FLAGS = 1 | 8
+DIRECT = page_lock.ENABLED
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 Job = tuple["ShardEntry", torch.Tensor]
 
@@ -154,9 +152,8 @@ def read_parallel(jobs: Sequence[Job], progress: Progress | None = None,
 
 
 class _ShardDMA:
-    """Copies to the GPU straight from the page cache, shard by shard, on a thread of its own:
-    a failed registration leaves an error in the CUDA runtime's per-thread state, which a
-    later kernel launch on that thread would report as its own."""
+    """Copies to the GPU straight from the page cache, shard by shard, on a thread of its own
+    (which locks the next shard while the last one's copies run)."""
 
     refused = False  # the driver refused a registration: staged reads from then on
 
@@ -186,13 +183,14 @@ class _ShardDMA:
         shards: dict[Path, list[Job]] = {}
         for job in jobs:
             shards.setdefault(job[0].path, []).append(job)
-        stream = torch.cuda.Stream(jobs[0][1].device)
+        device = jobs[0][1].device
+        stream = torch.cuda.Stream(device)
         registered: list[_Registered] = []  # at most two: the shard copying, the one registering
         try:
             for k, (path, group) in enumerate(shards.items()):
                 try:
-                    registered.append(_Registered(path))
-                except (OSError, ValueError):  # no registration, or no mapping of this file
+                    registered.append(_Registered(path, device.index or 0))
+                except OSError:  # no driver, no mapping of this file, or no registration
                     _ShardDMA.refused = True
                     return [job for batch in list(shards.values())[k:] for job in batch]
                 registered[-1].copy(group, stream)
@@ -205,24 +203,16 @@ class _ShardDMA:
 
 
 class _Registered:
-    """A shard mapped and page-locked in place; close() once its copies are queued."""
+    """A shard page-locked in place (dscoder.page_lock; by start_early() if it got there
+    first) with a torch view of its bytes; close() once its copies are queued."""
 
-    def __init__(self, path: Path) -> None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            # shared and read-only: the pages locked are the page cache's own (a private
-            # mapping would have them copied first)
-            self.map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():  # torch warns that the view is not writable: none writes
-            warnings.simplefilter("ignore", UserWarning)
-            self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+    def __init__(self, path: Path, ordinal: int) -> None:
+        self.locked = page_lock.lock(path, ordinal)
+        view = (ctypes.c_uint8 * self.locked.size).from_address(self.locked.address)
+        self.bytes = torch.frombuffer(view, dtype=torch.uint8)  # no copy: the mapping itself
         self.nbytes = 0
         self.event: torch.cuda.Event | None = None
         self.stream: torch.cuda.Stream | None = None
-        err = torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), size, _REGISTER_FLAGS)
-        if int(err) != 0:
-            self._unmap()
-            raise OSError(f"cudaHostRegister refused {path} (CUDA error {int(err)})")
 
     def copy(self, jobs: Sequence[Job], stream: torch.cuda.Stream) -> None:
         self.stream = stream
@@ -241,13 +231,9 @@ class _Registered:
             self.event.synchronize()
         elif self.stream is not None:  # a copy failed to queue: wait for those that did
             self.stream.synchronize()
-        torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
-        self._unmap()
+        del self.bytes  # no view may outlive the mapping
+        self.locked.close()
         return self.nbytes
-
-    def _unmap(self) -> None:
-        del self.bytes  # the view first: a mapping with views cannot close
-        self.map.close()
 
 
 def _read_one(entry: ShardEntry, dst: torch.Tensor, fd: int, local: _Local) -> None:

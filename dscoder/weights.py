@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dscoder.config import ModelConfig
+from dscoder.engines import INDEX, SINGLE
 from dscoder.errors import BadCheckpoint
 from dscoder.model.layers import FusedLinear
 from dscoder.model.quant import SCALE_DTYPE, quantize_into, quantizes
@@ -23,8 +24,6 @@ from dscoder.model.transformer import Transformer
 from dscoder.profile import StartupProfile, current
 from dscoder.shard_reader import ShardEntry, read_header, read_parallel, why
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)

@@ -21,7 +21,8 @@ class FakeRegistered:
     refuse: set[str] = set()
     fail_copy: set[str] = set()
 
-    def __init__(self, path):
+    def __init__(self, path, ordinal):
+        assert ordinal == 0
         if path.name in self.refuse:
             raise OSError("refused")
         self.path = path

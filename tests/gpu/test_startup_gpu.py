@@ -132,8 +132,8 @@ def test_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeypatch, d
     registered = []
     init = reader._Registered.__init__
 
-    def counting(self, path):
-        init(self, path)
+    def counting(self, path, ordinal):
+        init(self, path, ordinal)
         registered.append(path)
 
     monkeypatch.setattr(reader._Registered, "__init__", counting)
@@ -146,20 +146,20 @@ def test_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeypatch, d
 
 
 def test_a_refused_registration_falls_back_to_staged_reads(tiny_checkpoint, monkeypatch):
-    """A driver that cannot page-lock a file's mapping (cudaHostRegister fails): the staged
+    """A driver that cannot page-lock a file's mapping (cuMemHostRegister fails): the staged
     reads load every tensor, no CUDA error is left behind, and later loads go staged at once."""
     import dscoder.shard_reader as reader
+    from dscoder import page_lock
 
     calls = []
-    cudart = torch.cuda.cudart()
-    register = cudart.cudaHostRegister
+    driver = page_lock.Driver.get()
 
-    def refused(ptr, size, flags):  # a real failure: flags no driver accepts
-        calls.append(ptr)
-        return register(ptr, size, 1 << 30)
+    def refused(address, size):  # a real failure: flags no driver accepts
+        calls.append(address)
+        return driver.cuda.cuMemHostRegister_v2(address, size, 1 << 30)
 
     monkeypatch.setattr(reader._ShardDMA, "refused", False)
-    monkeypatch.setattr(cudart, "cudaHostRegister", refused)
+    monkeypatch.setattr(driver, "register", refused)
     _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
     assert len(calls) == 1 and reader._ShardDMA.refused
     _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)

@@ -1,0 +1,217 @@
+"""Checkpoint files page-locked where they lie in the page cache, for DMA to the GPU.
+
+A shard is mapped shared and read-only and registered with the CUDA driver (cuMemHostRegister,
+portable and read-only), so that its copies to the GPU run by DMA straight from the page cache
+(dscoder.shard_reader). The driver is called through ctypes, not torch: the locking can start
+on a thread before torch is imported (start_early), when a warm `dscoder complete` still has
+1.1-1.5 s of imports ahead of it, and the driver's calls release the GIL. A driver call's
+failure is its return value alone (unlike the runtime API's, which also stays in the calling
+thread's error state for a later kernel launch to report).
+
+No torch here, and nothing that imports it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+# DSCODER_DIRECT_READS=0: no page-locking, the staged reads of dscoder.shard_reader instead
+ENABLED = os.environ.get("DSCODER_DIRECT_READS", "1") != "0"
+# CU_MEMHOSTREGISTER_PORTABLE (locked for every context, so a model on another device than the
+# first can read it) and CU_MEMHOSTREGISTER_READ_ONLY (the device only reads the pages)
+REGISTER_FLAGS = 1 | 8
+_PROT_READ, _MAP_SHARED = 1, 1
+
+
+class Driver:
+    """The few CUDA driver and libc calls this needs; get() is None where there is no driver."""
+
+    _instance: Driver | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, cuda: ctypes.CDLL) -> None:
+        self.cuda = cuda
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mmap.restype = ctypes.c_void_p
+        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_long]
+        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self._contexts: dict[int, int] = {}
+        self._contexts_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> Driver | None:
+        with cls._lock:
+            if cls._instance is None:
+                try:
+                    cuda = ctypes.CDLL("libcuda.so.1")
+                    cuda.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t,
+                                                          ctypes.c_uint]
+                    cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+                    cuda.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
+                    if cuda.cuInit(0) != 0:
+                        return None
+                    cls._instance = cls(cuda)
+                except (OSError, AttributeError):  # no driver, or one without these calls
+                    return None
+            return cls._instance
+
+    def use_device(self, ordinal: int) -> None:
+        """Make `ordinal`'s primary context (the one the CUDA runtime, and so torch, uses)
+        current on this thread, creating it if no one has yet."""
+        with self._contexts_lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                device, handle = ctypes.c_int(), ctypes.c_void_p()
+                if (self.cuda.cuDeviceGet(ctypes.byref(device), ordinal) != 0
+                        or self.cuda.cuDevicePrimaryCtxRetain(ctypes.byref(handle), device) != 0):
+                    raise OSError(f"CUDA device {ordinal} has no usable context")
+                ctx = self._contexts[ordinal] = handle.value
+        if self.cuda.cuCtxSetCurrent(ctx) != 0:
+            raise OSError(f"cannot use CUDA device {ordinal}'s context")
+
+    def register(self, address: int, size: int) -> int:
+        """cuMemHostRegister's result: 0 when the range is page-locked."""
+        return self.cuda.cuMemHostRegister_v2(address, size, REGISTER_FLAGS)
+
+    def unregister(self, address: int) -> None:
+        self.cuda.cuMemHostUnregister(address)
+
+
+class LockedFile:
+    """A file mapped read-only and page-locked for `ordinal`'s context: `address`, `size`.
+    close() unlocks and unmaps it (once its copies are done)."""
+
+    def __init__(self, path: Path, driver: Driver, ordinal: int) -> None:
+        self.path, self._driver = path, driver
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.size = os.fstat(fd).st_size
+            if self.size == 0:
+                raise OSError(f"{path} is empty")
+            # shared: the pages locked are the page cache's own (locking a private mapping
+            # copies every page first: that hung a load)
+            address = driver.libc.mmap(None, self.size, _PROT_READ, _MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"cannot map {path}")
+        self.address: int = address
+        driver.use_device(ordinal)
+        err = driver.register(address, self.size)
+        if err != 0:
+            driver.libc.munmap(address, self.size)
+            raise OSError(f"the CUDA driver refused to page-lock {path} (error {err})")
+
+    def close(self) -> None:
+        if self.address:
+            self._driver.unregister(self.address)
+            self._driver.libc.munmap(self.address, self.size)
+            self.address = 0
+
+
+def lock(path: Path, ordinal: int) -> LockedFile:
+    """`path` locked for `ordinal`'s context: one that start_early() locked, else now. OSError
+    where there is no driver, the file cannot be mapped or the driver refuses."""
+    early = _EARLY
+    if early is not None:
+        locked = early.take(path)
+        if locked is not None:
+            return locked
+    driver = Driver.get()
+    if driver is None:
+        raise OSError("no CUDA driver")
+    return LockedFile(path, driver, ordinal)
+
+
+class _Early:
+    """Files locked in order on a thread of their own, each handed over once (take)."""
+
+    def __init__(self, paths: Sequence[Path], ordinal: int, budget: int) -> None:
+        self._ready = {path: threading.Event() for path in paths}
+        self._locked: dict[Path, LockedFile] = {}
+        self._taken: set[Path] = set()
+        self._closed = False
+        self._mutex = threading.Lock()
+        threading.Thread(target=self._run, args=(list(paths), ordinal, budget),
+                         name="dscoder-page-lock", daemon=True).start()
+
+    def _run(self, paths: list[Path], ordinal: int, budget: int) -> None:
+        try:
+            driver = Driver.get()
+            if driver is None:
+                return
+            driver.use_device(ordinal)  # the CUDA context, made while torch imports
+            for path in paths:
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    return
+                if size > budget:  # the rest is locked by the reader, two shards at a time
+                    return
+                budget -= size
+                try:
+                    locked = LockedFile(path, driver, ordinal)
+                except OSError:
+                    return
+                with self._mutex:
+                    if self._closed:  # released meanwhile: the reader is done without it
+                        locked.close()
+                        return
+                    self._locked[path] = locked
+                self._ready[path].set()
+        except OSError:
+            return
+        finally:
+            for event in self._ready.values():
+                event.set()
+
+    def take(self, path: Path) -> LockedFile | None:
+        event = self._ready.get(path)
+        if event is None:
+            return None
+        event.wait()
+        with self._mutex:
+            if path in self._taken:
+                return None
+            self._taken.add(path)
+            return self._locked.pop(path, None)
+
+    def release(self) -> None:
+        with self._mutex:
+            self._closed = True
+            rest, self._locked = list(self._locked.values()), {}
+        for locked in rest:
+            locked.close()
+
+
+_EARLY: _Early | None = None
+
+
+def start_early(paths: Sequence[Path], ordinal: int = 0) -> None:
+    """Start locking `paths` in order on a thread (its first act creates the CUDA context), up
+    to half the machine's memory: the page cache they lie in must stay, and the rest of the
+    process needs room. The shard reader takes them (lock()); release_early() unlocks what
+    it did not take."""
+    global _EARLY
+    release_early()
+    _EARLY = _Early(paths, ordinal, _memory_bytes() // 2)
+
+
+def release_early() -> None:
+    """Unlock and unmap what start_early() locked and no reader took (after a load, or when
+    the process does not load after all); the locking thread stops at its next file."""
+    global _EARLY
+    early, _EARLY = _EARLY, None
+    if early is not None:
+        early.release()
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0

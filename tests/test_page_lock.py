@@ -1,0 +1,205 @@
+"""Page-locking checkpoint files (dscoder.page_lock) with the CUDA driver faked: the files are
+really mapped (libc), the registrations are recorded. The real driver is used on a GPU
+(tests/gpu/test_startup_gpu.py)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+
+import pytest
+
+from dscoder import page_lock
+from dscoder.cli import backend
+from dscoder.engines import INDEX, SINGLE, shard_files
+from dscoder.settings import Settings
+
+
+class FakeCuda:
+    """The driver calls page_lock makes, recorded; `refuse` lists sizes it will not lock."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, int] = {}  # address -> size
+        self.log: list[tuple[str, int]] = []
+        self.refuse: set[int] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGet(self, device, ordinal):
+        device._obj.value = ordinal
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, handle, device):
+        handle._obj.value = 1000 + device.value
+        return 0
+
+    def cuCtxSetCurrent(self, ctx):
+        self.log.append(("context", ctx))
+        return 0
+
+    def cuMemHostRegister_v2(self, address, size, flags):
+        self.gate.wait()
+        assert flags == page_lock.REGISTER_FLAGS
+        if size in self.refuse:
+            return 201
+        self.registered[address] = size
+        self.log.append(("register", size))
+        return 0
+
+    def cuMemHostUnregister(self, address):
+        self.log.append(("unregister", self.registered.pop(address)))
+        return 0
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    fake = FakeCuda()
+    monkeypatch.setattr(page_lock.Driver, "_instance", page_lock.Driver(fake))
+    yield fake
+    page_lock.release_early()
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Three shards of different sizes (a file's size names it in the fake's log)."""
+    paths = []
+    for i, size in enumerate((1000, 2000, 3000)):
+        path = tmp_path / f"model-0000{i + 1}.safetensors"
+        path.write_bytes(bytes((i * 7 + k) % 251 for k in range(size)))
+        paths.append(path)
+    return paths
+
+
+def registered(cuda: FakeCuda) -> list[int]:
+    return [size for what, size in cuda.log if what == "register"]
+
+
+def test_early_locks_are_taken_once_each_with_the_file_s_bytes(cuda, files):
+    page_lock.start_early(files, ordinal=1)
+    for path in files:
+        locked = page_lock.lock(path, 1)
+        assert ctypes.string_at(locked.address, locked.size) == path.read_bytes()
+        locked.close()
+    assert registered(cuda) == [1000, 2000, 3000]  # in order, each once
+    assert ("context", 1001) in cuda.log  # the device's primary context, made current
+    assert cuda.registered == {}  # every one unlocked
+    again = page_lock.lock(files[0], 1)  # taken already: locked anew
+    assert registered(cuda) == [1000, 2000, 3000, 1000]
+    again.close()
+
+
+def test_a_file_past_the_memory_budget_is_left_to_the_reader(cuda, files, monkeypatch):
+    monkeypatch.setattr(page_lock, "_memory_bytes", lambda: 2 * 3500)  # room for 1000 + 2000
+    page_lock.start_early(files, ordinal=0)
+    assert page_lock._EARLY.take(files[2]) is None  # not locked early: the reader locks it
+    assert registered(cuda) == [1000, 2000]
+    third = page_lock.lock(files[2], 0)
+    assert registered(cuda) == [1000, 2000, 3000]
+    third.close()
+
+
+def test_release_unlocks_and_unmaps_what_was_not_taken(cuda, files):
+    page_lock.start_early(files, ordinal=0)
+    first = page_lock.lock(files[0], 0)
+    page_lock._EARLY._ready[files[2]].wait()  # the thread has locked them all
+    page_lock.release_early()
+    assert sorted(cuda.registered.values()) == [1000]  # the one taken stays for its reader
+    assert sorted(size for what, size in cuda.log if what == "unregister") == [2000, 3000]
+    first.close()
+    assert cuda.registered == {} and page_lock._EARLY is None
+
+
+def test_a_release_while_locking_stops_the_thread_and_leaves_nothing_locked(cuda, files):
+    cuda.gate.clear()  # the first registration waits
+    page_lock.start_early(files, ordinal=0)
+    early = page_lock._EARLY
+    page_lock.release_early()
+    cuda.gate.set()
+    assert early.take(files[2]) is None  # the thread has finished
+    assert cuda.registered == {}
+
+
+def test_a_refused_file_stops_the_early_locks_and_the_reader_hears_why(cuda, files):
+    cuda.refuse = {2000}
+    page_lock.start_early(files, ordinal=0)
+    page_lock.lock(files[0], 0).close()
+    with pytest.raises(OSError, match="refused to page-lock"):
+        page_lock.lock(files[1], 0)
+    assert page_lock._EARLY.take(files[2]) is None  # not tried after the refusal
+    assert registered(cuda) == [1000] and cuda.registered == {}
+
+
+def test_without_a_driver_nothing_is_locked(monkeypatch, files):
+    monkeypatch.setattr(page_lock.Driver, "_instance", None)
+    monkeypatch.setattr(page_lock.Driver, "get", classmethod(lambda cls: None))
+    page_lock.start_early(files, ordinal=0)
+    assert page_lock._EARLY.take(files[0]) is None
+    with pytest.raises(OSError, match="no CUDA driver"):
+        page_lock.lock(files[0], 0)
+    page_lock.release_early()
+
+
+def test_the_reader_s_view_is_the_locked_mapping(cuda, files):
+    import dscoder.shard_reader as reader
+
+    page_lock.start_early(files, ordinal=0)
+    shard = reader._Registered(files[1], 0)
+    assert bytes(shard.bytes.numpy()) == files[1].read_bytes()
+    assert shard.bytes.data_ptr() == shard.locked.address  # no copy
+    assert shard.close() == 0 and ("unregister", 2000) in cuda.log
+
+
+def test_shard_files_come_in_the_loader_s_order(tmp_path):
+    index = {"weight_map": {"a": "model-00002-of-00002.safetensors",
+                            "b": "model-00001-of-00002.safetensors",
+                            "c": "model-00002-of-00002.safetensors"}}
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    assert shard_files(tmp_path) == [tmp_path / "model-00001-of-00002.safetensors",
+                                     tmp_path / "model-00002-of-00002.safetensors"]
+    (tmp_path / INDEX).write_text("[1]")
+    assert shard_files(tmp_path) == []
+    (tmp_path / SINGLE).write_bytes(b"x")
+    assert shard_files(tmp_path) == [tmp_path / SINGLE]
+
+
+@pytest.mark.parametrize("device, ordinal", [("auto", 0), ("cuda", 0), ("cuda:2", 2), ("cpu", None),
+                                             ("cuda:x", None), ("mps", None)])
+def test_cuda_ordinal(device, ordinal):
+    assert backend.cuda_ordinal(device) == ordinal
+
+
+@pytest.mark.parametrize("change, starts", [
+    ({}, True), ({"device": "cuda:1"}, True), ({"device": "cpu"}, False),
+    ({"gpu_memory": "12GiB"}, False), ({"dtype": "float32"}, False), ({"dtype": "auto"}, True),
+    ({"engine": "transformers"}, False)])
+def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeypatch, change, starts):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    (tmp_path / SINGLE).write_bytes(b"x")
+    calls = []
+    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: calls.append((paths, ordinal)))
+    backend.lock_shards_early(tmp_path, Settings(**change))
+    assert calls == ([([tmp_path / SINGLE], int(change.get("device", "cuda:0")[-1]))] if starts else [])
+
+
+def test_the_cli_does_not_lock_when_direct_reads_are_off(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    (tmp_path / SINGLE).write_bytes(b"x")
+    monkeypatch.setattr(page_lock, "ENABLED", False)
+    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: pytest.fail("locked"))
+    backend.lock_shards_early(tmp_path, Settings())
+
+
+def test_a_load_releases_the_early_locks_even_when_it_fails(cuda, files, tmp_path):
+    from dscoder.errors import DscoderError
+    from dscoder.loader import load_engine
+
+    page_lock.start_early(files, ordinal=0)
+    third = page_lock._EARLY.take(files[2])  # the thread is done
+    with pytest.raises(DscoderError):
+        load_engine(tmp_path / "nowhere", device="cpu")
+    assert page_lock._EARLY is None
+    assert sorted(size for what, size in cuda.log if what == "unregister") == [1000, 2000]
+    third.close()
