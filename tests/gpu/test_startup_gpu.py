@@ -145,6 +145,29 @@ def test_reads_to_the_gpu_equal_reads_to_the_cpu(tiny_checkpoint, monkeypatch, d
     assert sorted(registered) == (shards if direct else [])
 
 
+def test_shards_locked_before_the_load_are_copied_from_without_locking_again(tiny_checkpoint,
+                                                                           monkeypatch):
+    """The CLI's early page-locking (dscoder.page_lock.start_early, which runs before torch is
+    imported there): the load takes every shard from it, none is locked twice, and the GPU's
+    weights equal the CPU's."""
+    import dscoder.shard_reader as reader
+    from dscoder import page_lock
+    from dscoder.engines import shard_files
+
+    driver = page_lock.Driver.get()
+    register, sizes = driver.register, []
+    monkeypatch.setattr(driver, "register", lambda address, size: sizes.append(size) or register(address, size))
+    monkeypatch.setattr(reader, "DIRECT", True)
+    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    shards = shard_files(tiny_checkpoint)
+    page_lock.start_early(shards, 0)
+    try:
+        _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
+    finally:
+        page_lock.release_early()
+    assert sorted(sizes) == sorted(p.stat().st_size for p in shards)
+
+
 def test_a_refused_registration_falls_back_to_staged_reads(tiny_checkpoint, monkeypatch):
     """A driver that cannot page-lock a file's mapping (cuMemHostRegister fails): the staged
     reads load every tensor, no CUDA error is left behind, and later loads go staged at once."""
