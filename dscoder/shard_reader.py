@@ -16,7 +16,6 @@ read-only registration), the staged reads take over. DSCODER_DIRECT_READS=0 turn
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
@@ -219,26 +218,27 @@ class _ShardDMA:
 
 class _Registered:
     """A shard page-locked in place (dscoder.page_lock; by start_early() if it got there
-    first) with a torch view of its bytes; close() once its copies are queued."""
+    first); copy() queues its tensors' copies, close() waits for them and unlocks it."""
 
     def __init__(self, path: Path, ordinal: int) -> None:
         self.locked = page_lock.lock(path, ordinal)
-        view = (ctypes.c_uint8 * self.locked.size).from_address(self.locked.address)
-        self.bytes = torch.frombuffer(view, dtype=torch.uint8)  # no copy: the mapping itself
+        self.ordinal = ordinal
         self.nbytes = 0
         self.event: torch.cuda.Event | None = None
         self.stream: torch.cuda.Stream | None = None
 
     def copy(self, jobs: Sequence[Job], stream: torch.cuda.Stream) -> None:
+        """Queue the copies of `jobs` (contiguous destinations of the entry's dtype: raw bytes)
+        on `stream`, through the driver (page_lock.Driver.copy_to_device)."""
         self.stream = stream
-        with torch.cuda.stream(stream):
-            for entry, dst in jobs:
-                # inference mode is per thread (see _read_one)
-                with torch.inference_mode(dst.is_inference()):
-                    _bytes(dst).copy_(self.bytes[entry.begin:entry.end], non_blocking=True)
-                self.nbytes += entry.nbytes
-            self.event = torch.cuda.Event()
-            self.event.record(stream)
+        driver = self.locked.driver
+        driver.use_device(self.ordinal)
+        for entry, dst in jobs:
+            driver.copy_to_device(dst.data_ptr(), self.locked.address + entry.begin, entry.nbytes,
+                                  stream.cuda_stream)
+            self.nbytes += entry.nbytes
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
 
     def close(self) -> int:
         """Wait for this shard's copies, unlock and unmap it; the bytes it copied."""
@@ -246,7 +246,6 @@ class _Registered:
             self.event.synchronize()
         elif self.stream is not None:  # a copy failed to queue: wait for those that did
             self.stream.synchronize()
-        del self.bytes  # no view may outlive the mapping
         self.locked.close()
         return self.nbytes
 

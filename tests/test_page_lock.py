@@ -49,6 +49,11 @@ class FakeCuda:
         self.log.append(("register", size))
         return 0
 
+    def cuMemcpyHtoDAsync_v2(self, dst, src, size, stream):
+        self.log.append(("copy", size))
+        ctypes.memmove(dst, src, size)  # the "device" is host memory here
+        return 0
+
     def cuMemHostUnregister(self, address):
         self.log.append(("unregister", self.registered.pop(address)))
         return 0
@@ -142,14 +147,28 @@ def test_without_a_driver_nothing_is_locked(monkeypatch, files):
     page_lock.release_early()
 
 
-def test_the_reader_s_view_is_the_locked_mapping(cuda, files):
+def test_the_reader_copies_each_tensor_from_the_locked_mapping(cuda, files, monkeypatch):
+    import torch
+
     import dscoder.shard_reader as reader
 
+    class Event:
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    data = files[1].read_bytes()
+    entries = [reader.ShardEntry(files[1], torch.uint8, (n,), begin, begin + n)
+               for begin, n in ((0, 700), (700, 1), (701, 1299))]
+    dst = [torch.zeros(e.nbytes, dtype=torch.uint8) for e in entries]
     page_lock.start_early(files, ordinal=0)
     shard = reader._Registered(files[1], 0)
-    assert bytes(shard.bytes.numpy()) == files[1].read_bytes()
-    assert shard.bytes.data_ptr() == shard.locked.address  # no copy
-    assert shard.close() == 0 and ("unregister", 2000) in cuda.log
+    shard.copy(list(zip(entries, dst, strict=True)), type("Stream", (), {"cuda_stream": 7})())
+    assert b"".join(bytes(d.numpy()) for d in dst) == data
+    assert shard.close() == 2000 and ("unregister", 2000) in cuda.log
 
 
 def test_shard_files_come_in_the_loader_s_order(tmp_path):
