@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dscoder import shapes
+from dscoder import page_lock, shapes
 from dscoder.config import ModelConfig
 from dscoder.decode_loop import plan_request, run_generation, stepwise
 from dscoder.errors import UsageError
@@ -290,6 +290,8 @@ class Session:
                 stats=lambda: engine_stats(engine.model, before), on_prefill=first_prefill)
         finally:
             engine.start_compile()  # after the first reply (a no-op later)
+            # the shards the load copied from, still page-locked (page_lock.close_later)
+            page_lock.unlock_deferred(background=True)
 
     def _decode(self, logits: torch.Tensor, sampler: Sampler, pos: int, limit: int) -> Iterator[int]:
         """The generation's ids (decode_loop.Decode): sampled on the device a few steps ahead

@@ -131,6 +131,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                             profile=profile, expert_dtype=expert_dtype)
     finally:  # what the CLI page-locked early and the load did not take (dscoder.page_lock)
         page_lock.release_early()
+        page_lock.unlock_deferred_later()  # and what it took, unless a first reply comes sooner
 
 
 def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
@@ -249,6 +250,7 @@ def release_model(net, device: torch.device, *, uncap: bool = False) -> None:
     cap that a --gpu-memory budget set, so that a later engine can have its own."""
     import gc
 
+    page_lock.unlock_deferred()  # the shards it was read from, if no reply has unlocked them
     if net.offload is not None:
         from dscoder.offload.setup import release_offload
 

@@ -241,12 +241,16 @@ class _Registered:
         self.event.record(stream)
 
     def close(self) -> int:
-        """Wait for this shard's copies, unlock and unmap it; the bytes it copied."""
+        """Wait for this shard's copies, then unlock and unmap it (one that start_early locked:
+        after the first reply, page_lock.close_later); the bytes it copied."""
         if self.event is not None:
             self.event.synchronize()
         elif self.stream is not None:  # a copy failed to queue: wait for those that did
             self.stream.synchronize()
-        self.locked.close()
+        if self.locked.early:
+            page_lock.close_later(self.locked)
+        else:
+            self.locked.close()
         return self.nbytes
 
 

@@ -65,6 +65,7 @@ def cuda(monkeypatch):
     monkeypatch.setattr(page_lock.Driver, "_instance", page_lock.Driver(fake))
     yield fake
     page_lock.release_early()
+    page_lock.unlock_deferred()
 
 
 @pytest.fixture
@@ -168,7 +169,11 @@ def test_the_reader_copies_each_tensor_from_the_locked_mapping(cuda, files, monk
     shard = reader._Registered(files[1], 0)
     shard.copy(list(zip(entries, dst, strict=True)), type("Stream", (), {"cuda_stream": 7})())
     assert b"".join(bytes(d.numpy()) for d in dst) == data
-    assert shard.close() == 2000 and ("unregister", 2000) in cuda.log
+    assert shard.close() == 2000
+    # locked early: unlocked after the first reply, not while the load's copies run
+    assert ("unregister", 2000) not in cuda.log
+    page_lock.unlock_deferred()
+    assert ("unregister", 2000) in cuda.log
 
 
 def test_shard_files_come_in_the_loader_s_order(tmp_path):
@@ -222,3 +227,16 @@ def test_a_load_releases_the_early_locks_even_when_it_fails(cuda, files, tmp_pat
     assert page_lock._EARLY is None
     assert sorted(size for what, size in cuda.log if what == "unregister") == [1000, 2000]
     third.close()
+
+
+def test_deferred_unlocks_happen_on_a_timer_when_no_reply_comes(cuda, files):
+    page_lock.start_early(files[:1], ordinal=0)
+    locked = page_lock.lock(files[0], 0)
+    page_lock.unlock_deferred_later(0.01)  # nothing deferred yet: no timer
+    page_lock.close_later(locked)
+    page_lock.unlock_deferred_later(0.01)
+    for _ in range(500):
+        if ("unregister", 1000) in cuda.log:
+            break
+        threading.Event().wait(0.01)
+    assert ("unregister", 1000) in cuda.log and cuda.registered == {}
