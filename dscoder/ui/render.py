@@ -8,20 +8,18 @@ have no left padding so they copy cleanly. Anywhere else the text is written as 
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.live import Live
-from rich.markdown import CodeBlock, Markdown
-from rich.syntax import Syntax
 from rich.text import Text
 
 from dscoder.ui.blocks import settled_length
 from dscoder.ui.console import Terminal
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 LIVE_LINES = 6  # the window that is redrawn; everything above it is settled
 MIN_REFRESH_SECONDS = 1 / 20  # at most 20 renders a second
@@ -34,27 +32,11 @@ class Stream(Protocol):
     def finish(self) -> None: ...
 
 
-class _FlushCodeBlock(CodeBlock):
-    """rich's code block pads with a space on every side; copied code would carry it."""
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        code = str(self.text).rstrip()
-        yield Syntax(code, self.lexer_name, theme=self.theme, word_wrap=True, padding=0,
-                     background_color="default")
-
-
-class _Markdown(Markdown):
-    elements = {**Markdown.elements, "fence": _FlushCodeBlock, "code_block": _FlushCodeBlock}
-
-
 def render_lines(markdown: str, *, width: int, code_theme: str, color_system: str | None) -> list[str]:
     """The Markdown rendered to terminal lines (with their escape codes and newlines)."""
-    buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=True, color_system=color_system or "truecolor",
-                      highlight=False, emoji=False)
-    console.print(_Markdown(markdown, code_theme=code_theme))
-    # rich pads paragraphs to the full width; trailing blanks would end up in copied text
-    return [line.rstrip("\n").rstrip(" ") + "\n" for line in buf.getvalue().splitlines()]
+    from dscoder.ui.markdown_lines import render_lines as render
+
+    return render(markdown, width=width, code_theme=code_theme, color_system=color_system)
 
 
 class PlainStream:
@@ -130,6 +112,8 @@ class MarkdownStream:
         lines = self._lines(self.text)
         stable = len(lines) if final else max(len(lines) - LIVE_LINES, 0)
         if self.live is None and not final:
+            from rich.live import Live
+
             self.live = Live(Text(""), console=self.console, auto_refresh=False, transient=False,
                              redirect_stdout=False, redirect_stderr=False, vertical_overflow="visible")
             self.live.start()
