@@ -297,49 +297,6 @@ def test_failed_page_lock_is_counted_after_a_partial_success(monkeypatch):
     store._registered = []  # nothing was really registered with CUDA
 
 
-def test_the_store_adopts_a_pinning_started_while_loading_and_pins_the_rest(monkeypatch):
-    import dscoder.offload.host_store as hs
-    from dscoder.offload.host_store import HostExpertStore, Pinning
-
-    w13 = {1: torch.zeros(4, 8, 8), 2: torch.zeros(4, 8, 8)}
-    w2 = {1: torch.zeros(4, 8, 4), 2: torch.zeros(4, 8, 4)}
-    calls = []
-    monkeypatch.setattr(hs, "_register", lambda t: calls.append(t.data_ptr()) or t is not w2[1])
-    started = Pinning([w13[1], w2[1]])  # what the loader began
-    store = HostExpertStore(w13, w2)
-    assert store.pin(started) == w2[1].nbytes  # the refusal inside the started one counts
-    assert sorted(calls) == sorted(t.data_ptr() for t in store.tensors())  # each tried once
-    assert sorted(store._registered) == sorted(t.data_ptr() for t in (w13[1], w13[2], w2[2]))
-    store._registered = []  # nothing was really registered with CUDA
-
-
-def test_a_failed_offloaded_load_unlocks_what_it_began_to_pin(monkeypatch, tmp_path):
-    import types
-
-    import dscoder.offload.host_store as hs
-    import dscoder.offload.setup as setup
-    import dscoder.weights as weights
-
-    model = _tiny_model()
-    registered, unregistered = [], []
-    monkeypatch.setattr(hs, "_register", lambda t: registered.append(t.data_ptr()) or True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: types.SimpleNamespace(
-        cudaHostUnregister=unregistered.append))
-    monkeypatch.setattr(setup, "_pins", lambda device: True)
-    plan = types.SimpleNamespace(resident=False, describe=lambda: [])
-    monkeypatch.setattr(setup, "make_plan", lambda *args: plan)
-    monkeypatch.setattr(setup, "enforce_budget", lambda plan, device: None)
-
-    def load_model(*args, allocated, **kwargs):
-        allocated(model)  # the experts' memory exists: the pinning starts
-        raise OSError("the disk went away")
-    monkeypatch.setattr(weights, "load_model", load_model)
-    with pytest.raises(OSError, match="went away"):
-        setup.load_with_budget(tmp_path, model.cfg, torch.device("cpu"), torch.float32, "1GiB", 64, False)
-    experts = setup._routed(model)
-    assert len(registered) == 2 * len(experts) and sorted(unregistered) == sorted(registered)
-
-
 def test_failed_page_lock_warns_once_whatever_the_verbosity(monkeypatch):
     import dscoder.offload.host_store as hs
     import dscoder.offload.setup as setup

@@ -55,21 +55,17 @@ class HostExpertStore:
     def tensors(self) -> list[torch.Tensor]:
         return [t[layer] for layer in self.layers for t in self._parts()]
 
-    def pin(self, started: Pinning | None = None) -> int:
+    def pin(self) -> int:
         """Page-lock every tensor in place, once; the bytes CUDA refused to lock (0: all locked).
-        Copies from refused tensors still work, from pageable memory and slower. `started`: a
-        Pinning of (some of) these tensors that the loader began while it read them."""
+        Copies from refused tensors still work, from pageable memory and slower."""
         if self._pin_tried:
             return self.unpinned_bytes
         self._pin_tried = True
-        covered = {t.data_ptr() for t in started.tensors} if started else set()
-        rest = Pinning([t for t in self.tensors() if t.data_ptr() not in covered])
-        self.unpinned_bytes = 0
-        for pinning in (started, rest):
-            if pinning is not None:
-                registered, unpinned = pinning.wait()
-                self._registered += registered
-                self.unpinned_bytes += unpinned
+        tensors = [t for t in self.tensors() if not t.is_pinned()]
+        with ThreadPoolExecutor(PIN_THREADS) as pool:
+            results = list(pool.map(_register, tensors))
+        self._registered = [t.data_ptr() for t, ok in zip(tensors, results, strict=True) if ok]
+        self.unpinned_bytes = sum(t.nbytes for t, ok in zip(tensors, results, strict=True) if not ok)
         return self.unpinned_bytes
 
     def unpin(self) -> None:
@@ -88,30 +84,6 @@ class HostExpertStore:
             self.unpin()  # the memory must be unregistered before it is freed
         except Exception:
             pass
-
-
-class Pinning:
-    """Host tensors being page-locked in place on PIN_THREADS threads, from construction on.
-    The loader starts one as soon as the experts' memory exists (dscoder.offload.setup): the
-    locking, which also faults the pages in, then runs beside the reads that fill them."""
-
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = [t for t in tensors if not t.is_pinned()]
-        pool = ThreadPoolExecutor(PIN_THREADS) if self.tensors else None
-        self._results = [pool.submit(_register, t) for t in self.tensors] if pool else []
-        if pool is not None:
-            pool.shutdown(wait=False)  # its threads end with the last registration
-
-    def wait(self) -> tuple[list[int], int]:
-        """(the addresses locked, the bytes CUDA refused to lock), once all have been tried."""
-        ok = [f.result() for f in self._results]
-        registered = [t.data_ptr() for t, good in zip(self.tensors, ok, strict=True) if good]
-        return registered, sum(t.nbytes for t, good in zip(self.tensors, ok, strict=True) if not good)
-
-    def undo(self) -> None:
-        """Unlock what this locked (a load that failed after it started)."""
-        for ptr in self.wait()[0]:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def pin_warning(unpinned: int, total: int) -> str | None:

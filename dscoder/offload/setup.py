@@ -11,7 +11,7 @@ from dscoder.config import ModelConfig
 from dscoder.errors import UsageError
 from dscoder.offload.device_cache import CopyEngine, ExpertCache
 from dscoder.offload.experts import OffloadedExperts, OffloadRuntime
-from dscoder.offload.host_store import HostExpertStore, Pinning, pin_warning
+from dscoder.offload.host_store import HostExpertStore, pin_warning
 from dscoder.offload.planner import STREAM_CHUNK, ModelSizes, Plan, plan_for_device
 from dscoder.offload.policy import POLICIES, make_policy
 from dscoder.offload.sizes import format_size, parse_size
@@ -114,32 +114,10 @@ def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dt
         model = load_model(model_dir, cfg, device=device, dtype=dtype, progress=progress,
                            expert_dtype=expert_dtype)
         return model, plan.context, plan
-    pinning: Pinning | None = None
-
-    def allocated(model: torch.nn.Module) -> None:
-        """Start page-locking the host copy of the experts while it is read (not called for
-        int8 experts, whose host copy exists only after the reads)."""
-        nonlocal pinning
-        if _pins(device):
-            pinning = Pinning([t for m in _routed(model).values() for t in (m.w13.data, m.w2.data)])
-
-    try:
-        model = load_model(model_dir, cfg, device=device, dtype=dtype, expert_dtype=expert_dtype,
-                           expert_device=torch.device("cpu"), progress=progress, allocated=allocated)
-    except BaseException:
-        if pinning is not None:
-            pinning.undo()
-        raise
-    install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn, pinning=pinning)
+    model = load_model(model_dir, cfg, device=device, dtype=dtype, expert_dtype=expert_dtype,
+                       expert_device=torch.device("cpu"), progress=progress)
+    install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn)
     return model, plan.context, plan
-
-
-def _routed(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Layer index -> that MoE layer's routed experts."""
-    from dscoder.model.moe import MoE
-
-    layers = model.model.layers
-    return {i: layer.mlp.experts for i, layer in enumerate(layers) if isinstance(layer.mlp, MoE)}
 
 
 def _pins(device: torch.device) -> bool:
@@ -149,22 +127,23 @@ def _pins(device: torch.device) -> bool:
 
 def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
                     policy: str = DEFAULT_POLICY, prefetch_depth: int = DEFAULT_DEPTH, *,
-                    warn: Log | None = None, pinning: Pinning | None = None) -> OffloadRuntime:
+                    warn: Log | None = None) -> OffloadRuntime:
     """Move every MoE layer's routed experts into a host store behind a `slots`-expert cache;
-    warn (once) if CUDA would not page-lock all of the host copy. pinning: the page-locking
-    of that copy, if the loader started it."""
+    warn (once) if CUDA would not page-lock all of the host copy."""
+    from dscoder.model.moe import MoE
+
     if policy not in POLICIES:
         raise UsageError(f"Unknown offload policy {policy!r}; choose from {', '.join(POLICIES)}.")
     layers = model.model.layers
-    experts = _routed(model)
-    moe = list(experts)
+    moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoE)]
+    experts = {i: layers[i].mlp.experts for i in moe}
     quantized = experts[moe[0]].s13 is not None
     store = HostExpertStore({i: m.w13.data for i, m in experts.items()},
                             {i: m.w2.data for i, m in experts.items()},
                             {i: m.s13 for i, m in experts.items()} if quantized else None,
                             {i: m.s2 for i, m in experts.items()} if quantized else None)
     if _pins(device):
-        message = pin_warning(store.pin(pinning), store.total_bytes)
+        message = pin_warning(store.pin(), store.total_bytes)
         if message and warn:
             warn(message)
     stats = OffloadStats()
