@@ -129,6 +129,9 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                             offload_policy=offload_policy, prefetch_depth=prefetch_depth,
                             routing_trace=routing_trace, capture_ahead=capture_ahead,
                             profile=profile, expert_dtype=expert_dtype)
+    except BaseException:
+        page_lock.unlock_deferred()  # a failed load keeps nothing locked for its reply
+        raise
     finally:  # what the CLI page-locked early and the load did not take (dscoder.page_lock)
         page_lock.release_early()
         page_lock.unlock_deferred_later()  # and what it took, unless a first reply comes sooner

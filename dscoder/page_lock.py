@@ -143,8 +143,7 @@ class _Early:
 
     def __init__(self, paths: Sequence[Path], ordinal: int, budget: int) -> None:
         self._ready = {path: threading.Event() for path in paths}
-        self._locked: dict[Path, LockedFile] = {}
-        self._taken: set[Path] = set()
+        self._locked: dict[Path, LockedFile] = {}  # locked, not yet taken
         self._closed = False
         self._mutex = threading.Lock()
         threading.Thread(target=self._run, args=(list(paths), ordinal, budget),
@@ -186,9 +185,6 @@ class _Early:
             return None
         event.wait()
         with self._mutex:
-            if path in self._taken:
-                return None
-            self._taken.add(path)
             return self._locked.pop(path, None)
 
     def release(self) -> None:

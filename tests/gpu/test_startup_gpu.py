@@ -160,12 +160,17 @@ def test_shards_locked_before_the_load_are_copied_from_without_locking_again(tin
     monkeypatch.setattr(reader, "DIRECT", True)
     monkeypatch.setattr(reader._ShardDMA, "refused", False)
     shards = shard_files(tiny_checkpoint)
+    unregister, unlocked = driver.unregister, []
+    monkeypatch.setattr(driver, "unregister", lambda address: unlocked.append(address) or unregister(address))
     page_lock.start_early(shards, 0)
     try:
         _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
+        assert unlocked == []  # kept locked for after the first reply
     finally:
         page_lock.release_early()
+        page_lock.unlock_deferred()
     assert sorted(sizes) == sorted(p.stat().st_size for p in shards)
+    assert len(unlocked) == len(shards)
 
 
 def test_a_refused_registration_falls_back_to_staged_reads(tiny_checkpoint, monkeypatch):
