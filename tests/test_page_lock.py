@@ -195,34 +195,25 @@ def test_cuda_ordinal(device, ordinal):
     assert backend.cuda_ordinal(device) == ordinal
 
 
-@pytest.mark.parametrize("change, locks", [
-    ({}, True), ({"device": "cuda:1"}, True), ({"gpu_memory": "12GiB"}, False),
-    ({"dtype": "float32"}, False), ({"dtype": "auto"}, True), ({"engine": "transformers"}, False)])
-def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeypatch, change, locks):
-    """On a GPU the context is always made early; the shards are locked only when the load
-    copies them to the GPU as they are."""
+@pytest.mark.parametrize("change, starts", [
+    ({}, True), ({"device": "cuda:1"}, True), ({"device": "cpu"}, False),
+    ({"gpu_memory": "12GiB"}, False), ({"dtype": "float32"}, False), ({"dtype": "auto"}, True),
+    ({"engine": "transformers"}, False)])
+def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeypatch, change, starts):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
     (tmp_path / SINGLE).write_bytes(b"x")
     calls = []
     monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: calls.append((paths, ordinal)))
-    backend.prepare_gpu_early(tmp_path, Settings(**change))
-    ordinal = int(change.get("device", "cuda:0")[-1])
-    assert calls == [([tmp_path / SINGLE] if locks else [], ordinal)]
-
-
-def test_nothing_starts_early_for_the_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: pytest.fail("started"))
-    backend.prepare_gpu_early(tmp_path, Settings(device="cpu"))
+    backend.lock_shards_early(tmp_path, Settings(**change))
+    assert calls == ([([tmp_path / SINGLE], int(change.get("device", "cuda:0")[-1]))] if starts else [])
 
 
 def test_the_cli_does_not_lock_when_direct_reads_are_off(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
     (tmp_path / SINGLE).write_bytes(b"x")
-    calls = []
     monkeypatch.setattr(page_lock, "ENABLED", False)
-    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: calls.append(paths))
-    backend.prepare_gpu_early(tmp_path, Settings())
-    assert calls == [[]]  # the context only
+    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: pytest.fail("locked"))
+    backend.lock_shards_early(tmp_path, Settings())
 
 
 def test_a_load_releases_the_early_locks_even_when_it_fails(cuda, files, tmp_path):

@@ -78,7 +78,7 @@ class RealBackend:
         from dscoder import signals
 
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
-        prepare_gpu_early(model_dir, settings)
+        lock_shards_early(model_dir, settings)
         from dscoder.profile import StartupProfile
 
         profile = StartupProfile()
@@ -117,21 +117,21 @@ class RealBackend:
         return hub.download_size(name)
 
 
-def prepare_gpu_early(model_dir: Path, settings: Settings) -> None:
-    """Start making the CUDA context, and page-locking the checkpoint's shards, on a thread
-    while torch imports (dscoder.page_lock). The context saves the first CUDA call 0.3 s on an
-    H100 machine; the shards, 0.9 s of locking for Lite's 31 GB, are locked only for a model
-    that the native engine loads whole onto one GPU in the checkpoint's dtype (it copies them
-    by DMA), not under --gpu-memory (the experts go to host memory) or --dtype."""
+def lock_shards_early(model_dir: Path, settings: Settings) -> None:
+    """Start page-locking the checkpoint's shards while torch imports (dscoder.page_lock):
+    a model that the native engine loads whole onto one GPU, in the checkpoint's dtype, is
+    copied from them by DMA. On an H100 machine that took 0.9 s for Lite's 31 GB, which the
+    import (1.1-1.5 s) now hides, along with creating the CUDA context."""
     from dscoder import page_lock
     from dscoder.engines import choose_engine, shard_files
 
     ordinal = cuda_ordinal(settings.device)
-    if ordinal is None:
+    if (ordinal is None or settings.gpu_memory or settings.dtype not in (None, "auto")
+            or not page_lock.ENABLED or choose_engine(model_dir, settings.engine) != "native"):
         return
-    whole = (not settings.gpu_memory and settings.dtype in (None, "auto") and page_lock.ENABLED
-             and choose_engine(model_dir, settings.engine) == "native")
-    page_lock.start_early(shard_files(model_dir) if whole else [], ordinal)
+    shards = shard_files(model_dir)
+    if shards:
+        page_lock.start_early(shards, ordinal)
 
 
 def cuda_ordinal(device: str) -> int | None:
