@@ -124,9 +124,43 @@ class LockedFile:
             self.address = 0
 
 
+class _Borrowed(LockedFile):
+    """Another user's view of a kept LockedFile (keep()): closing it leaves the file locked."""
+
+    def __init__(self, owner: LockedFile) -> None:  # noqa: D107 -- no mapping of its own
+        self.path, self.driver, self.early = owner.path, owner.driver, False
+        self.size, self.address = owner.size, owner.address
+
+    def close(self) -> None:
+        self.address = 0
+
+
+_KEPT: dict[Path, LockedFile] = {}
+
+
+def keep(locked: LockedFile) -> None:
+    """`locked` stays locked for its owner (the offloaded experts read from it for as long as
+    the model lives); lock() of its path meanwhile lends it instead of locking it again."""
+    _KEPT[locked.path] = locked
+
+
+def unkeep(locked: LockedFile) -> None:
+    if _KEPT.get(locked.path) is locked:
+        del _KEPT[locked.path]
+
+
+def fits(nbytes: int) -> bool:
+    """Whether `nbytes` of page cache may be locked at once: half the machine's memory, as for
+    start_early (the page cache must stay, and the rest of the process needs room)."""
+    return nbytes <= _memory_bytes() // 2
+
+
 def lock(path: Path, ordinal: int) -> LockedFile:
-    """`path` locked for `ordinal`'s context: one that start_early() locked, else now. OSError
-    where there is no driver, the file cannot be mapped or the driver refuses."""
+    """`path` locked for `ordinal`'s context: a kept one (lent), one that start_early() locked,
+    else now. OSError where there is no driver, the file cannot be mapped or the driver refuses."""
+    kept = _KEPT.get(path)
+    if kept is not None and kept.address:
+        return _Borrowed(kept)
     early = _EARLY
     if early is not None:
         locked = early.take(path)

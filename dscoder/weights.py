@@ -177,9 +177,16 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     fused = fused_parts(model)
     quantized = _stacks(needed) if quantizes(expert_dtype) else {}
     later = {key for keys in quantized.values() for key in keys}
-    jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed if key not in later]
+    # experts on the meta device are not read: the caller serves them from elsewhere
+    # (dscoder.offload.mapped: straight from the page-locked shards)
+    elsewhere = ({key for keys in _stacks(needed).values() for key in keys}
+                 if expert_device is not None and expert_device.type == "meta" else set())
+    jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed
+            if key not in later and key not in elsewhere]
+    for key in elsewhere:  # their parameters still exist, on the meta device
+        destination(_target(key, fused).param)
     jobs.sort(key=lambda job: (str(job[0].path), job[0].begin))  # each shard read front to back
-    total = sum(entry(key).nbytes for key in needed)
+    total = sum(entry(key).nbytes for key in needed if key not in elsewhere)
     # the parameters take their memory now, the reads fill it in place
     result = model.load_state_dict(tensors, assign=True, strict=not quantized)
     if allocated is not None and not quantized:

@@ -197,8 +197,8 @@ def test_cuda_ordinal(device, ordinal):
 
 @pytest.mark.parametrize("change, starts", [
     ({}, True), ({"device": "cuda:1"}, True), ({"device": "cpu"}, False),
-    ({"gpu_memory": "12GiB"}, False), ({"dtype": "float32"}, False), ({"dtype": "auto"}, True),
-    ({"engine": "transformers"}, False)])
+    ({"gpu_memory": "12GiB"}, True), ({"gpu_memory": "12GiB", "expert_dtype": "int8"}, False),
+    ({"dtype": "float32"}, False), ({"dtype": "auto"}, True), ({"engine": "transformers"}, False)])
 def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeypatch, change, starts):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
     (tmp_path / SINGLE).write_bytes(b"x")

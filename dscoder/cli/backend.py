@@ -118,15 +118,16 @@ class RealBackend:
 
 
 def lock_shards_early(model_dir: Path, settings: Settings) -> None:
-    """Start page-locking the checkpoint's shards while torch imports (dscoder.page_lock):
-    a model that the native engine loads whole onto one GPU, in the checkpoint's dtype, is
-    copied from them by DMA. On an H100 machine that took 0.9 s for Lite's 31 GB, which the
-    import (1.1-1.5 s) now hides, along with creating the CUDA context."""
+    """Start page-locking the checkpoint's shards while torch imports (dscoder.page_lock): the
+    native engine copies a model in the checkpoint's dtype to the GPU from them by DMA, and
+    under --gpu-memory serves the offloaded experts from them (dscoder.offload.mapped). On an
+    H100 machine that took 0.9 s for Lite's 31 GB, which the import (1.1-1.5 s) now hides,
+    along with creating the CUDA context."""
     from dscoder import page_lock
     from dscoder.engines import choose_engine, shard_files
 
     ordinal = cuda_ordinal(settings.device)
-    if (ordinal is None or settings.gpu_memory or settings.dtype not in (None, "auto")
+    if (ordinal is None or settings.dtype not in (None, "auto") or settings.expert_dtype != "bf16"
             or not page_lock.ENABLED or choose_engine(model_dir, settings.engine) != "native"):
         return
     shards = shard_files(model_dir)

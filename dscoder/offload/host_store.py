@@ -24,7 +24,10 @@ class HostExpertStore:
 
     def __init__(self, w13: dict[int, torch.Tensor], w2: dict[int, torch.Tensor],
                  s13: dict[int, torch.Tensor] | None = None,
-                 s2: dict[int, torch.Tensor] | None = None) -> None:
+                 s2: dict[int, torch.Tensor] | None = None, owner=None) -> None:
+        # owner: what keeps w13 and w2 alive, closed on release() (dscoder.offload.mapped:
+        # views into the page-locked shards, whose ExpertViews index and shape like tensors)
+        self.owner = owner
         self.w13, self.w2 = w13, w2
         self.s13, self.s2 = s13 or {}, s2 or {}
         self.layers = sorted(w13)
@@ -78,6 +81,9 @@ class HostExpertStore:
         """Unlock and drop every tensor (the engine is closing); the store is empty afterwards."""
         self.unpin()
         self.w13, self.w2, self.s13, self.s2, self.layers = {}, {}, {}, {}, []
+        if self.owner is not None:
+            self.owner.close()
+            self.owner = None
 
     def __del__(self) -> None:
         try:

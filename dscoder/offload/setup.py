@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dscoder import cuda_capture
 from dscoder.config import ModelConfig
 from dscoder.errors import UsageError
+from dscoder.model.quant import quantizes
 from dscoder.offload.device_cache import CopyEngine, ExpertCache
 from dscoder.offload.experts import OffloadedExperts, OffloadRuntime
 from dscoder.offload.host_store import HostExpertStore, pin_warning
@@ -17,6 +19,9 @@ from dscoder.offload.policy import POLICIES, make_policy
 from dscoder.offload.sizes import format_size, parse_size
 from dscoder.offload.stats import OffloadStats
 from dscoder.offload.trace import TraceWriter
+
+if TYPE_CHECKING:
+    from dscoder.offload.mapped import MappedExperts
 
 DEFAULT_DEPTH = 1  # MoE layers ahead whose experts a decode step starts copying
 DEFAULT_POLICY = "lru"  # random routing: all policies tie; see BENCHMARKS.md "Offloading"
@@ -114,9 +119,19 @@ def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dt
         model = load_model(model_dir, cfg, device=device, dtype=dtype, progress=progress,
                            expert_dtype=expert_dtype)
         return model, plan.context, plan
-    model = load_model(model_dir, cfg, device=device, dtype=dtype, expert_dtype=expert_dtype,
-                       expert_device=torch.device("cpu"), progress=progress)
-    install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn)
+    mapped = None
+    if _pins(device) and not quantizes(expert_dtype):
+        from dscoder.offload.mapped import map_experts
+
+        mapped = map_experts(model_dir, cfg, dtype, device.index or 0)
+    try:
+        model = load_model(model_dir, cfg, device=device, dtype=dtype, expert_dtype=expert_dtype,
+                           expert_device=torch.device("meta" if mapped else "cpu"), progress=progress)
+    except BaseException:
+        if mapped is not None:
+            mapped.close()
+        raise
+    install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn, mapped=mapped)
     return model, plan.context, plan
 
 
@@ -127,9 +142,10 @@ def _pins(device: torch.device) -> bool:
 
 def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
                     policy: str = DEFAULT_POLICY, prefetch_depth: int = DEFAULT_DEPTH, *,
-                    warn: Log | None = None) -> OffloadRuntime:
+                    warn: Log | None = None, mapped: MappedExperts | None = None) -> OffloadRuntime:
     """Move every MoE layer's routed experts into a host store behind a `slots`-expert cache;
-    warn (once) if CUDA would not page-lock all of the host copy."""
+    warn (once) if CUDA would not page-lock all of the host copy. mapped: the experts served
+    from the page-locked shards (the model's own were not read)."""
     from dscoder.model.moe import MoE
 
     if policy not in POLICIES:
@@ -138,10 +154,13 @@ def install_offload(model: torch.nn.Module, slots: int, device: torch.device,
     moe = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoE)]
     experts = {i: layers[i].mlp.experts for i in moe}
     quantized = experts[moe[0]].s13 is not None
-    store = HostExpertStore({i: m.w13.data for i, m in experts.items()},
-                            {i: m.w2.data for i, m in experts.items()},
-                            {i: m.s13 for i, m in experts.items()} if quantized else None,
-                            {i: m.s2 for i, m in experts.items()} if quantized else None)
+    if mapped is not None:
+        store = HostExpertStore(mapped.w13, mapped.w2, owner=mapped)
+    else:
+        store = HostExpertStore({i: m.w13.data for i, m in experts.items()},
+                                {i: m.w2.data for i, m in experts.items()},
+                                {i: m.s13 for i, m in experts.items()} if quantized else None,
+                                {i: m.s2 for i, m in experts.items()} if quantized else None)
     if _pins(device):
         message = pin_warning(store.pin(), store.total_bytes)
         if message and warn:

@@ -135,3 +135,33 @@ def test_graphed_segments_match_resident(tiny_checkpoint, resident, ahead):
     parts += [decoder(int(ids[i]), i).clone() for i in range(1000, 1100)]  # crosses a bucket
     assert len(decoder.graphs) == 2
     assert rel_err(torch.cat(parts), full) < 1e-4
+
+
+@torch.inference_mode()
+def test_experts_served_from_the_locked_shards_match_resident(tiny_checkpoint, resident):
+    """dscoder.offload.mapped on CUDA: the experts copied to the GPU straight from the
+    page-locked shards; the shards are unlocked when the model is released."""
+    from dscoder import page_lock
+    from dscoder.config import ModelConfig
+    from dscoder.offload.mapped import map_experts
+    from dscoder.offload.setup import install_offload, release_offload
+    from dscoder.weights import load_model
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    mapped = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
+    assert mapped is not None
+    files = list(mapped.files)
+    model = load_model(tiny_checkpoint, cfg, device=CUDA, dtype=torch.float32,
+                       expert_device=torch.device("meta"))
+    install_offload(model, 6, CUDA, mapped=mapped)
+    model.set_context(512)
+    ids = torch.randint(0, 100000, (80,), generator=torch.Generator().manual_seed(3)).to(CUDA)
+    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
+    assert rel_err(model(ids, model.new_cache(512), 0, all_logits=True), full) < 1e-4
+    cache = model.new_cache(512)
+    parts = [model(ids[:40], cache, 0, all_logits=True)]
+    parts += [model(ids[i:i + 1], cache, i) for i in range(40, 80)]
+    assert rel_err(torch.cat(parts), full) < 1e-4
+    assert model.offload.stats.summary()["misses"] > 0
+    release_offload(model)
+    assert all(f.address == 0 for f in files) and not page_lock._KEPT
