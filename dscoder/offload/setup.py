@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dscoder import cuda_capture
+from dscoder import cuda_capture, page_lock
 from dscoder.config import ModelConfig
 from dscoder.errors import UsageError
 from dscoder.model.quant import quantizes
@@ -120,7 +120,7 @@ def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dt
                            expert_dtype=expert_dtype)
         return model, plan.context, plan
     mapped = None
-    if _pins(device) and not quantizes(expert_dtype):
+    if _pins(device) and not quantizes(expert_dtype) and page_lock.ENABLED:
         from dscoder.offload.mapped import map_experts
 
         mapped = map_experts(model_dir, cfg, dtype, device.index or 0)
