@@ -127,7 +127,7 @@ class LockedFile:
 class _Borrowed(LockedFile):
     """Another user's view of a kept LockedFile (keep()): closing it leaves the file locked."""
 
-    def __init__(self, owner: LockedFile) -> None:  # noqa: D107 -- no mapping of its own
+    def __init__(self, owner: LockedFile) -> None:  # no mapping of its own: the owner's
         self.path, self.driver, self.early = owner.path, owner.driver, False
         self.size, self.address = owner.size, owner.address
 
@@ -155,10 +155,11 @@ def fits(nbytes: int) -> bool:
     return nbytes <= _memory_bytes() // 2
 
 
-def lock(path: Path, ordinal: int) -> LockedFile:
-    """`path` locked for `ordinal`'s context: a kept one (lent), one that start_early() locked,
-    else now. OSError where there is no driver, the file cannot be mapped or the driver refuses."""
-    kept = _KEPT.get(path)
+def lock(path: Path, ordinal: int, borrow: bool = True) -> LockedFile:
+    """`path` locked for `ordinal`'s context: a kept one (lent, with `borrow`: for a use that
+    ends before its owner's), one that start_early() locked, else now. OSError where there is
+    no driver, the file cannot be mapped or the driver refuses."""
+    kept = _KEPT.get(path) if borrow else None
     if kept is not None and kept.address:
         return _Borrowed(kept)
     early = _EARLY

@@ -129,3 +129,17 @@ def test_the_reader_borrows_a_kept_shard_instead_of_locking_it_again(cuda, tiny_
     assert len(cuda.registered) == registrations
     mapped.close()
     assert cuda.registered == {}
+
+
+def test_a_second_model_on_the_same_shards_locks_them_itself(cuda, tiny_checkpoint):
+    """Two engines on one checkpoint: releasing the first must not unlock the second's experts."""
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    first = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
+    second = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
+    assert {f.address for f in first.files}.isdisjoint(f.address for f in second.files)
+    first.close()
+    assert len(cuda.registered) == len(second.files)
+    layer = next(iter(second.w2))
+    assert second.w2[layer][0].sum().isfinite()  # still mapped
+    second.close()
+    assert cuda.registered == {} and not page_lock._KEPT

@@ -82,7 +82,8 @@ def map_experts(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, ordinal: 
     files: list[page_lock.LockedFile] = []
     try:
         for path in paths:
-            files.append(page_lock.lock(path, ordinal))
+            # its own lock, never a loan: another model's experts may be released before these
+            files.append(page_lock.lock(path, ordinal, borrow=False))
     except OSError:
         for locked in files:
             locked.close()
