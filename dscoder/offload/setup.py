@@ -127,11 +127,11 @@ def load_with_budget(model_dir: Path, cfg: ModelConfig, device: torch.device, dt
     try:
         model = load_model(model_dir, cfg, device=device, dtype=dtype, expert_dtype=expert_dtype,
                            expert_device=torch.device("meta" if mapped else "cpu"), progress=progress)
+        install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn, mapped=mapped)
     except BaseException:
-        if mapped is not None:
+        if mapped is not None:  # nothing reads the shards: unlock them
             mapped.close()
         raise
-    install_offload(model, plan.slots, device, policy, prefetch_depth, warn=warn, mapped=mapped)
     return model, plan.context, plan
 
 
