@@ -182,8 +182,11 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
                 model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
                 progress=progress, log=log, warn=warn, policy=offload_policy,
                 prefetch_depth=prefetch_depth, expert_dtype=expert_dtype)
-            # what is not reading weights: planning, moving experts to host memory, pinning them
-            profile.add("pin experts", time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
+            # what is not reading weights: planning, and the experts' host copy (moved, pinned)
+            # or their views into the locked shards (dscoder.offload.mapped)
+            store = net.offload.store if net.offload is not None else None
+            phase = "map experts" if store is not None and store.owner is not None else "pin experts"
+            profile.add(phase, time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
             if notice and budget_plan.window_notice():
                 notice(budget_plan.window_notice())
         else:
