@@ -8,6 +8,10 @@ on a thread before torch is imported (start_early), when a warm `dscoder complet
 failure is its return value alone (unlike the runtime API's, which also stays in the calling
 thread's error state for a later kernel launch to report).
 
+Who unlocks: the shard reader, once a shard's copies are done (a shard that start_early locked:
+after the first reply, close_later); under a GPU budget the offloaded experts keep their shards
+locked for the model's life (keep; dscoder.offload.mapped), and the load's own reads borrow them.
+
 No torch here, and nothing that imports it.
 """
 from __future__ import annotations
