@@ -62,3 +62,17 @@ def src(tmp_path) -> Path:
     p = tmp_path / "add.py"
     p.write_bytes(SRC)
     return p
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """dscoder.page_lock on a faked CUDA driver (tests/fake_cuda.py); nothing stays locked after."""
+    from fake_cuda import FakeCuda
+
+    from dscoder import page_lock
+
+    fake = FakeCuda()
+    monkeypatch.setattr(page_lock.Driver, "_instance", page_lock.Driver(fake))
+    yield fake
+    page_lock.release_early()
+    page_lock.unlock_deferred()

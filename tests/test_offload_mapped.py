@@ -1,5 +1,5 @@
 """Offloaded experts served from the page-locked shards (dscoder.offload.mapped), with the CUDA
-driver faked (tests/test_page_lock.FakeCuda: real mappings, recorded registrations). On a GPU:
+driver faked (tests/fake_cuda.py: real mappings, recorded registrations). On a GPU:
 tests/gpu/test_offload_gpu.py."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_page_lock import FakeCuda
 
 from dscoder import page_lock
 from dscoder.config import ModelConfig
@@ -17,15 +16,6 @@ from dscoder.offload.mapped import map_experts
 from dscoder.weights import load_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def cuda(monkeypatch):
-    fake = FakeCuda()
-    monkeypatch.setattr(page_lock.Driver, "_instance", page_lock.Driver(fake))
-    yield fake
-    page_lock.release_early()
-    page_lock.unlock_deferred()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,7 @@ def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("shards", ["tiny_checkpoint", "many_shards"])
-def test_every_expert_is_its_checkpoint_tensors(cuda, shards, request):
+def test_every_expert_is_its_checkpoint_tensors(fake_driver, shards, request):
     tiny_checkpoint = request.getfixturevalue(shards)
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     mapped = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
@@ -66,40 +56,40 @@ def test_every_expert_is_its_checkpoint_tensors(cuda, shards, request):
     index = json.loads((tiny_checkpoint / INDEX).read_text())["weight_map"]
     holding = {tiny_checkpoint / name for key, name in index.items() if ".experts." in key}
     assert sorted(f.path for f in mapped.files) == sorted(holding)
-    assert len(cuda.registered) == len(holding)  # each shard with experts locked once, kept
+    assert len(fake_driver.registered) == len(holding)  # each shard with experts locked once, kept
     # split experts get a host copy of their w13, the others are views of the shards
     assert (copied > 0) == (shards == "many_shards") and copied < len(mapped.w13) * cfg.n_routed_experts
     mapped.close()
-    assert cuda.registered == {}
+    assert fake_driver.registered == {}
 
 
-def test_another_dtype_keeps_the_host_copy(cuda, tiny_checkpoint):
+def test_another_dtype_keeps_the_host_copy(fake_driver, tiny_checkpoint):
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     assert map_experts(tiny_checkpoint, cfg, torch.bfloat16, 0) is None  # the checkpoint is fp32
-    assert cuda.registered == {}
+    assert fake_driver.registered == {}
 
 
-def test_too_little_memory_keeps_the_host_copy(cuda, tiny_checkpoint, monkeypatch):
+def test_too_little_memory_keeps_the_host_copy(fake_driver, tiny_checkpoint, monkeypatch):
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     monkeypatch.setattr(page_lock, "_memory_bytes", lambda: 1 << 20)
     assert map_experts(tiny_checkpoint, cfg, torch.float32, 0) is None
 
 
-def test_a_refused_lock_keeps_the_host_copy_and_unlocks_the_rest(cuda, many_shards):
+def test_a_refused_lock_keeps_the_host_copy_and_unlocks_the_rest(fake_driver, many_shards):
     cfg = ModelConfig.from_file(many_shards / "config.json")
     index = json.loads((many_shards / INDEX).read_text())["weight_map"]
     last = many_shards / max(name for key, name in index.items() if ".experts." in key)
-    cuda.refuse = {last.stat().st_size}
+    fake_driver.refuse = {last.stat().st_size}
     assert map_experts(many_shards, cfg, torch.float32, 0) is None
-    assert registered_then_unlocked(cuda) and cuda.registered == {}
+    assert anything_registered(fake_driver) and fake_driver.registered == {}
 
 
-def registered_then_unlocked(cuda) -> bool:
-    return any(what == "register" for what, _ in cuda.log)
+def anything_registered(fake_driver) -> bool:
+    return any(what == "register" for what, _ in fake_driver.log)
 
 
 @torch.inference_mode()
-def test_an_offloaded_model_on_mapped_experts_equals_the_resident_one(cuda, tiny_checkpoint):
+def test_an_offloaded_model_on_mapped_experts_equals_the_resident_one(fake_driver, tiny_checkpoint):
     from dscoder.offload.setup import install_offload, release_offload
 
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
@@ -115,31 +105,31 @@ def test_an_offloaded_model_on_mapped_experts_equals_the_resident_one(cuda, tiny
                        resident(ids, resident.new_cache(64), 0, all_logits=True))
     assert model.offload.stats.summary()["misses"] > 0
     release_offload(model)
-    assert cuda.registered == {}  # the store's release unlocked the shards
+    assert fake_driver.registered == {}  # the store's release unlocked the shards
 
 
-def test_the_reader_borrows_a_kept_shard_instead_of_locking_it_again(cuda, tiny_checkpoint):
+def test_the_reader_borrows_a_kept_shard_instead_of_locking_it_again(fake_driver, tiny_checkpoint):
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     mapped = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
     shard = mapped.files[0].path
-    registrations = len(cuda.registered)
+    registrations = len(fake_driver.registered)
     borrowed = page_lock.lock(shard, 0)
     assert borrowed.address == next(f.address for f in mapped.files if f.path == shard)
     borrowed.close()  # leaves it locked for the experts
-    assert len(cuda.registered) == registrations
+    assert len(fake_driver.registered) == registrations
     mapped.close()
-    assert cuda.registered == {}
+    assert fake_driver.registered == {}
 
 
-def test_a_second_model_on_the_same_shards_locks_them_itself(cuda, tiny_checkpoint):
+def test_a_second_model_on_the_same_shards_locks_them_itself(fake_driver, tiny_checkpoint):
     """Two engines on one checkpoint: releasing the first must not unlock the second's experts."""
     cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
     first = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
     second = map_experts(tiny_checkpoint, cfg, torch.float32, 0)
     assert {f.address for f in first.files}.isdisjoint(f.address for f in second.files)
     first.close()
-    assert len(cuda.registered) == len(second.files)
+    assert len(fake_driver.registered) == len(second.files)
     layer = next(iter(second.w2))
     assert second.w2[layer][0].sum().isfinite()  # still mapped
     second.close()
-    assert cuda.registered == {} and not page_lock._KEPT
+    assert fake_driver.registered == {} and not page_lock._KEPT

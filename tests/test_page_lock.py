@@ -15,59 +15,6 @@ from dscoder.engines import INDEX, SINGLE, shard_files
 from dscoder.settings import Settings
 
 
-class FakeCuda:
-    """The driver calls page_lock makes, recorded; `refuse` lists sizes it will not lock."""
-
-    def __init__(self) -> None:
-        self.registered: dict[int, int] = {}  # address -> size
-        self.log: list[tuple[str, int]] = []
-        self.refuse: set[int] = set()
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def cuInit(self, flags):
-        return 0
-
-    def cuDeviceGet(self, device, ordinal):
-        device._obj.value = ordinal
-        return 0
-
-    def cuDevicePrimaryCtxRetain(self, handle, device):
-        handle._obj.value = 1000 + device.value
-        return 0
-
-    def cuCtxSetCurrent(self, ctx):
-        self.log.append(("context", ctx))
-        return 0
-
-    def cuMemHostRegister_v2(self, address, size, flags):
-        self.gate.wait()
-        assert flags == page_lock.REGISTER_FLAGS
-        if size in self.refuse:
-            return 201
-        self.registered[address] = size
-        self.log.append(("register", size))
-        return 0
-
-    def cuMemcpyHtoDAsync_v2(self, dst, src, size, stream):
-        self.log.append(("copy", size))
-        ctypes.memmove(dst, src, size)  # the "device" is host memory here
-        return 0
-
-    def cuMemHostUnregister(self, address):
-        self.log.append(("unregister", self.registered.pop(address)))
-        return 0
-
-
-@pytest.fixture
-def cuda(monkeypatch):
-    fake = FakeCuda()
-    monkeypatch.setattr(page_lock.Driver, "_instance", page_lock.Driver(fake))
-    yield fake
-    page_lock.release_early()
-    page_lock.unlock_deferred()
-
-
 @pytest.fixture
 def files(tmp_path):
     """Three shards of different sizes (a file's size names it in the fake's log)."""
@@ -79,63 +26,63 @@ def files(tmp_path):
     return paths
 
 
-def registered(cuda: FakeCuda) -> list[int]:
-    return [size for what, size in cuda.log if what == "register"]
+def registered(fake_driver) -> list[int]:
+    return [size for what, size in fake_driver.log if what == "register"]
 
 
-def test_early_locks_are_taken_once_each_with_the_file_s_bytes(cuda, files):
+def test_early_locks_are_taken_once_each_with_the_file_s_bytes(fake_driver, files):
     page_lock.start_early(files, ordinal=1)
     for path in files:
         locked = page_lock.lock(path, 1)
         assert ctypes.string_at(locked.address, locked.size) == path.read_bytes()
         locked.close()
-    assert registered(cuda) == [1000, 2000, 3000]  # in order, each once
-    assert ("context", 1001) in cuda.log  # the device's primary context, made current
-    assert cuda.registered == {}  # every one unlocked
+    assert registered(fake_driver) == [1000, 2000, 3000]  # in order, each once
+    assert ("context", 1001) in fake_driver.log  # the device's primary context, made current
+    assert fake_driver.registered == {}  # every one unlocked
     again = page_lock.lock(files[0], 1)  # taken already: locked anew
-    assert registered(cuda) == [1000, 2000, 3000, 1000]
+    assert registered(fake_driver) == [1000, 2000, 3000, 1000]
     again.close()
 
 
-def test_a_file_past_the_memory_budget_is_left_to_the_reader(cuda, files, monkeypatch):
+def test_a_file_past_the_memory_budget_is_left_to_the_reader(fake_driver, files, monkeypatch):
     monkeypatch.setattr(page_lock, "_memory_bytes", lambda: 2 * 3500)  # room for 1000 + 2000
     page_lock.start_early(files, ordinal=0)
     assert page_lock._EARLY.take(files[2]) is None  # not locked early: the reader locks it
-    assert registered(cuda) == [1000, 2000]
+    assert registered(fake_driver) == [1000, 2000]
     third = page_lock.lock(files[2], 0)
-    assert registered(cuda) == [1000, 2000, 3000]
+    assert registered(fake_driver) == [1000, 2000, 3000]
     third.close()
 
 
-def test_release_unlocks_and_unmaps_what_was_not_taken(cuda, files):
+def test_release_unlocks_and_unmaps_what_was_not_taken(fake_driver, files):
     page_lock.start_early(files, ordinal=0)
     first = page_lock.lock(files[0], 0)
     page_lock._EARLY._ready[files[2]].wait()  # the thread has locked them all
     page_lock.release_early()
-    assert sorted(cuda.registered.values()) == [1000]  # the one taken stays for its reader
-    assert sorted(size for what, size in cuda.log if what == "unregister") == [2000, 3000]
+    assert sorted(fake_driver.registered.values()) == [1000]  # the one taken stays for its reader
+    assert sorted(size for what, size in fake_driver.log if what == "unregister") == [2000, 3000]
     first.close()
-    assert cuda.registered == {} and page_lock._EARLY is None
+    assert fake_driver.registered == {} and page_lock._EARLY is None
 
 
-def test_a_release_while_locking_stops_the_thread_and_leaves_nothing_locked(cuda, files):
-    cuda.gate.clear()  # the first registration waits
+def test_a_release_while_locking_stops_the_thread_and_leaves_nothing_locked(fake_driver, files):
+    fake_driver.gate.clear()  # the first registration waits
     page_lock.start_early(files, ordinal=0)
     early = page_lock._EARLY
     page_lock.release_early()
-    cuda.gate.set()
+    fake_driver.gate.set()
     assert early.take(files[2]) is None  # the thread has finished
-    assert cuda.registered == {}
+    assert fake_driver.registered == {}
 
 
-def test_a_refused_file_stops_the_early_locks_and_the_reader_hears_why(cuda, files):
-    cuda.refuse = {2000}
+def test_a_refused_file_stops_the_early_locks_and_the_reader_hears_why(fake_driver, files):
+    fake_driver.refuse = {2000}
     page_lock.start_early(files, ordinal=0)
     page_lock.lock(files[0], 0).close()
     with pytest.raises(OSError, match="refused to page-lock"):
         page_lock.lock(files[1], 0)
     assert page_lock._EARLY.take(files[2]) is None  # not tried after the refusal
-    assert registered(cuda) == [1000] and cuda.registered == {}
+    assert registered(fake_driver) == [1000] and fake_driver.registered == {}
 
 
 def test_without_a_driver_nothing_is_locked(monkeypatch, files):
@@ -148,7 +95,7 @@ def test_without_a_driver_nothing_is_locked(monkeypatch, files):
     page_lock.release_early()
 
 
-def test_the_reader_copies_each_tensor_from_the_locked_mapping(cuda, files, monkeypatch):
+def test_the_reader_copies_each_tensor_from_the_locked_mapping(fake_driver, files, monkeypatch):
     import torch
 
     import dscoder.shard_reader as reader
@@ -171,9 +118,9 @@ def test_the_reader_copies_each_tensor_from_the_locked_mapping(cuda, files, monk
     assert b"".join(bytes(d.numpy()) for d in dst) == data
     assert shard.close() == 2000
     # locked early: unlocked after the first reply, not while the load's copies run
-    assert ("unregister", 2000) not in cuda.log
+    assert ("unregister", 2000) not in fake_driver.log
     page_lock.unlock_deferred()
-    assert ("unregister", 2000) in cuda.log
+    assert ("unregister", 2000) in fake_driver.log
 
 
 def test_shard_files_come_in_the_loader_s_order(tmp_path):
@@ -216,7 +163,7 @@ def test_the_cli_does_not_lock_when_direct_reads_are_off(tmp_path, monkeypatch):
     backend.lock_shards_early(tmp_path, Settings())
 
 
-def test_a_load_releases_the_early_locks_even_when_it_fails(cuda, files, tmp_path):
+def test_a_load_releases_the_early_locks_even_when_it_fails(fake_driver, files, tmp_path):
     from dscoder.errors import DscoderError
     from dscoder.loader import load_engine
 
@@ -226,18 +173,18 @@ def test_a_load_releases_the_early_locks_even_when_it_fails(cuda, files, tmp_pat
     with pytest.raises(DscoderError):
         load_engine(tmp_path / "nowhere", device="cpu")
     assert page_lock._EARLY is None
-    assert sorted(size for what, size in cuda.log if what == "unregister") == [1000, 2000, 3000]
-    assert cuda.registered == {}
+    assert sorted(size for what, size in fake_driver.log if what == "unregister") == [1000, 2000, 3000]
+    assert fake_driver.registered == {}
 
 
-def test_deferred_unlocks_happen_on_a_timer_when_no_reply_comes(cuda, files):
+def test_deferred_unlocks_happen_on_a_timer_when_no_reply_comes(fake_driver, files):
     page_lock.start_early(files[:1], ordinal=0)
     locked = page_lock.lock(files[0], 0)
     page_lock.unlock_deferred_later(0.01)  # nothing deferred yet: no timer
     page_lock.close_later(locked)
     page_lock.unlock_deferred_later(0.01)
     for _ in range(500):
-        if ("unregister", 1000) in cuda.log:
+        if ("unregister", 1000) in fake_driver.log:
             break
         threading.Event().wait(0.01)
-    assert ("unregister", 1000) in cuda.log and cuda.registered == {}
+    assert ("unregister", 1000) in fake_driver.log and fake_driver.registered == {}

@@ -30,6 +30,18 @@ def load(path, slots: int | None, dtype=torch.float32):
     return model
 
 
+def assert_matches_resident(model, resident, seed: int) -> None:
+    """80 random tokens: one prefill, and 40 tokens of prefill then 40 one-token steps, both
+    within 1e-4 of the resident model's logits."""
+    ids = torch.randint(0, 100000, (80,), generator=torch.Generator().manual_seed(seed)).to(CUDA)
+    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
+    assert rel_err(model(ids, model.new_cache(512), 0, all_logits=True), full) < 1e-4
+    cache = model.new_cache(512)
+    parts = [model(ids[:40], cache, 0, all_logits=True)]
+    parts += [model(ids[i:i + 1], cache, i) for i in range(40, 80)]
+    assert rel_err(torch.cat(parts), full) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def resident(tiny_checkpoint):
     return load(tiny_checkpoint, None)
@@ -41,13 +53,7 @@ def test_offloaded_matches_resident_on_cuda(tiny_checkpoint, resident, slots):
     model = load(tiny_checkpoint, slots)
     store = model.offload.store
     assert all(t.is_pinned() for t in store.tensors()), "host experts should be page-locked"
-    ids = torch.randint(0, 100000, (80,), generator=torch.Generator().manual_seed(slots)).to(CUDA)
-    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
-    assert rel_err(model(ids, model.new_cache(512), 0, all_logits=True), full) < 1e-4
-    cache = model.new_cache(512)
-    parts = [model(ids[:40], cache, 0, all_logits=True)]
-    parts += [model(ids[i:i + 1], cache, i) for i in range(40, 80)]
-    assert rel_err(torch.cat(parts), full) < 1e-4
+    assert_matches_resident(model, resident, seed=slots)
     s = model.offload.stats.summary()
     assert s["misses"] > 0 and s["bytes_copied"] > 0 and s["copy_seconds"] > 0
     assert s["prefetched"] > 0
@@ -155,13 +161,7 @@ def test_experts_served_from_the_locked_shards_match_resident(tiny_checkpoint, r
                        expert_device=torch.device("meta"))
     install_offload(model, 6, CUDA, mapped=mapped)
     model.set_context(512)
-    ids = torch.randint(0, 100000, (80,), generator=torch.Generator().manual_seed(3)).to(CUDA)
-    full = resident(ids, resident.new_cache(512), 0, all_logits=True)
-    assert rel_err(model(ids, model.new_cache(512), 0, all_logits=True), full) < 1e-4
-    cache = model.new_cache(512)
-    parts = [model(ids[:40], cache, 0, all_logits=True)]
-    parts += [model(ids[i:i + 1], cache, i) for i in range(40, 80)]
-    assert rel_err(torch.cat(parts), full) < 1e-4
+    assert_matches_resident(model, resident, seed=3)
     assert model.offload.stats.summary()["misses"] > 0
     release_offload(model)
     assert all(f.address == 0 for f in files) and not page_lock._KEPT
