@@ -16,6 +16,7 @@ read-only registration), the staged reads take over. DSCODER_DIRECT_READS=0 turn
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -75,9 +76,20 @@ def why(e: BaseException) -> str:
 
 
 def read_header(path: Path) -> dict[str, ShardEntry]:
-    """The tensors of a .safetensors file, checked against the file's size."""
+    """The tensors of a .safetensors file, checked against the file's size. Parsed once per
+    version of the file (its size and mtime): a load under a GPU budget reads every header
+    twice (dscoder.offload.mapped, then the loader), an unsharded checkpoint's too."""
     if not path.is_file():
         raise BadCheckpoint(f"The checkpoint shard {path} is missing; download the model again.")
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise BadCheckpoint(f"Cannot read the checkpoint shard {path}: {why(e)}.") from e
+    return dict(_parsed_header(path, st.st_size, st.st_mtime_ns))  # a copy: callers may change it
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_header(path: Path, size: int, mtime_ns: int) -> dict[str, ShardEntry]:
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -86,7 +98,6 @@ def read_header(path: Path) -> dict[str, ShardEntry]:
         with f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-        size = path.stat().st_size
         entries = {}
         for key, info in header.items():
             if key == "__metadata__":

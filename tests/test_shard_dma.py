@@ -106,3 +106,16 @@ def test_after_a_failed_copy_no_shard_stays_page_locked(shards):
     registered = [name for what, name in FakeRegistered.log if what == "register"]
     closed = [name for what, name in FakeRegistered.log if what == "close"]
     assert registered == ["s0.safetensors", "s1.safetensors"] and sorted(closed) == registered
+
+
+def test_a_header_is_parsed_once_per_version_of_its_file(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_file({"a": torch.randn(4, 4)}, path)
+    first = reader.read_header(path)
+    before = reader._parsed_header.cache_info()
+    second = reader.read_header(path)
+    assert second == first and reader._parsed_header.cache_info().hits == before.hits + 1
+    second.clear()  # a caller's copy: the cache keeps its own
+    assert reader.read_header(path) == first
+    save_file({"a": torch.randn(4, 4), "b": torch.randn(2)}, path)  # a new version
+    assert set(reader.read_header(path)) == {"a", "b"}
