@@ -175,12 +175,13 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
         return _entry(headers[index[key]], model_dir / index[key], key, needed[key])
 
     fused = fused_parts(model)
-    quantized = _stacks(needed) if quantizes(expert_dtype) else {}
-    later = {key for keys in quantized.values() for key in keys}
+    stacks = _stacks(needed)
+    expert_keys = {key for keys in stacks.values() for key in keys}
+    quantized = stacks if quantizes(expert_dtype) else {}
+    later = expert_keys if quantized else set()
     # experts on the meta device are not read: the caller serves them from elsewhere
     # (dscoder.offload.mapped: straight from the page-locked shards)
-    elsewhere = ({key for keys in _stacks(needed).values() for key in keys}
-                 if expert_device is not None and expert_device.type == "meta" else set())
+    elsewhere = expert_keys if expert_device is not None and expert_device.type == "meta" else set()
     jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed
             if key not in later and key not in elsewhere]
     for key in elsewhere:  # their parameters still exist, on the meta device
