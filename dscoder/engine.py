@@ -209,13 +209,19 @@ class Session:
             self._graphs = make_decoder(self.engine, grown) if self.engine.use_graphs else None
         return cache
 
+    def decoder(self, pos: int):
+        """The graph-replayed decoder of a step at `pos`, the cache grown to hold it (None
+        without graphs)."""
+        self._ensure_capacity(pos + 1)
+        return self._graphs
+
     def prepare_decode(self, pos: int, wait: bool = False) -> None:
         """Make room for a decode step at `pos` and have its graph captured: now (`wait`), or
         on the background thread while the prompt is prefilled."""
-        self._ensure_capacity(pos + 1)
-        if self._graphs is not None:
-            visible = self._graphs.rows(pos)
-            self._graphs.capture(visible) if wait else self._graphs.capture_ahead([visible])
+        graphs = self.decoder(pos)
+        if graphs is not None:
+            visible = graphs.rows(pos)
+            graphs.capture(visible) if wait else graphs.capture_ahead([visible])
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ids to the cache; logits (1, V) of the last one. self.tokens moves only on success."""

@@ -13,8 +13,11 @@ first capture (KernelPrebuild.wait); a kernel it missed or failed to build is bu
 first launch, as before.
 
 The dry run runs the step's torch operations on the unread weights (whatever their memory holds;
-the outputs are thrown away) and only for a model resident on one GPU: an offloaded step reads
-expert ids on the host, which the dry run leaves unwritten.
+the outputs are thrown away). A model resident on one GPU dry-runs its first reply's steps
+(resident_steps); an offloaded one its decode segments (offloaded_steps: device work only, no
+expert id read on the host), once its expert cache exists, just before the first capture: the
+builds then run on threads instead of one after another inside the capture (5.3-5.5 s of a first
+run after install at --gpu-memory 12GiB on an H100 before).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,33 +35,36 @@ from dscoder.model.triton_launch import Launch, recording
 from dscoder.profile import StartupProfile
 from dscoder.sampling import SamplingParams, sample
 
+if TYPE_CHECKING:
+    from dscoder.offload.decoder import OffloadedDecoder
+
 BUILD_THREADS = 8  # on a 16-core H100 machine: 0.85 s for 16 builds, 0.70 s on 16 threads
 
 
 class KernelPrebuild:
-    """The Triton kernels of `model`'s decode step at `rows` cache rows, building on a thread."""
+    """The Triton kernels that `steps` launches (a first reply's steps, run dry: record()),
+    building on a thread."""
 
-    def __init__(self, model: Transformer, rows: int, profile: StartupProfile | None = None,
-                 threads: int = BUILD_THREADS) -> None:
+    def __init__(self, steps: Callable[[], object], device: torch.device,
+                 profile: StartupProfile | None = None, threads: int = BUILD_THREADS) -> None:
         self.errors: list[BaseException] = []
         self.built = 0
         self._profile = profile
-        self._thread = threading.Thread(target=self._run, args=(model, rows, threads),
+        self._thread = threading.Thread(target=self._run, args=(steps, device, threads),
                                         name="dscoder-kernels", daemon=True)
         self._thread.start()
 
     def wait(self) -> None:
         self._thread.join()
 
-    def _run(self, model: Transformer, rows: int, threads: int) -> None:
+    def _run(self, steps: Callable[[], object], device: torch.device, threads: int) -> None:
         t = time.perf_counter()
         try:
-            device = model.lm_head.weight.device
             workers = max(1, min(threads, os.cpu_count() or 1))  # compiles are CPU work
             with torch.cuda.device(device), ThreadPoolExecutor(workers) as pool:
                 builds: list[Future] = []
                 # each kernel compiles as soon as the dry run reaches its first launch
-                dry_run(model, rows, lambda launch: builds.append(pool.submit(_compile, device, launch)))
+                record(steps, lambda launch: builds.append(pool.submit(_compile, device, launch)))
                 for build in as_completed(builds):
                     # loaded here, one at a time: Triton's C launchers are modules of one name,
                     # and loading two at once from two threads mixed them up (a kernel called
@@ -75,23 +82,37 @@ class KernelPrebuild:
                 self._profile.count("kernels built", self.built)
 
 
-def dry_run(model: Transformer, rows: int,
-            on_new: Callable[[Launch], None] | None = None) -> list[Launch]:
-    """The Triton launches, one per specialization, of what a first reply runs: a decode step at
-    `rows` cache rows (the first graph's) and a sampled step after it; a prompt's last token at
-    a host position (a prompt whose other tokens are cached); a prompt of two tokens (whose
-    experts are read by index, dscoder.model.moe.GATHER_PAIRS). Nothing of them runs; on_new
-    sees each launch as it is first recorded."""
+def record(steps: Callable[[], object], on_new: Callable[[Launch], None] | None = None) -> list[Launch]:
+    """The Triton launches of steps(), one per specialization, none of them run; on_new sees
+    each as it is first recorded."""
+    with torch.inference_mode(), recording(on_new) as rec:
+        steps()
+    return rec.launches
+
+
+def resident_steps(model: Transformer, rows: int) -> None:
+    """What a first reply runs on a resident model: a decode step at `rows` cache rows (the
+    first graph's) and a sampled step after it; a prompt's last token at a host position (a
+    prompt whose other tokens are cached); a prompt of two tokens (whose experts are read by
+    index, dscoder.model.moe.GATHER_PAIRS)."""
     device = model.lm_head.weight.device
     cache = model.new_cache(rows)
-    with torch.inference_mode(), recording(on_new) as rec:
-        ids = torch.zeros(1, dtype=torch.long, device=device)
-        pos = torch.full((1,), rows - 1, dtype=torch.long, device=device)
-        logits = model.decode_at(ids, pos, cache, rows)
-        sample(logits, pos + 1, SamplingParams.on(device), greedy=False)
-        model(ids, cache, rows - 2)  # rows - 1 rows visible: most lengths' specialization
-        model(torch.zeros(2, dtype=torch.long, device=device), cache, 0)
-    return rec.launches
+    ids = torch.zeros(1, dtype=torch.long, device=device)
+    pos = torch.full((1,), rows - 1, dtype=torch.long, device=device)
+    logits = model.decode_at(ids, pos, cache, rows)
+    sample(logits, pos + 1, SamplingParams.on(device), greedy=False)
+    model(ids, cache, rows - 2)  # rows - 1 rows visible: most lengths' specialization
+    model(torch.zeros(2, dtype=torch.long, device=device), cache, 0)
+
+
+def offloaded_steps(decoder: OffloadedDecoder, pos: int) -> None:
+    """What an offloaded model's first reply launches: each decode segment of a step at `pos`
+    (into the decoder's own buffers and cache, which its capture's warm-up rewrites) and a
+    sampled step after it. A prompt's products of several rows are cuBLAS's, not Triton's."""
+    visible = decoder.rows(pos)
+    for j in range(decoder.segments):
+        decoder.segment(j, visible)
+    sample(decoder.logits, decoder.pos + 1, SamplingParams.on(decoder.logits.device), greedy=False)
 
 
 def _compile(device: torch.device, launch: Launch):

@@ -15,7 +15,7 @@ from dscoder.compile_cache import configure_cache_dirs, prefetch_triton_key
 from dscoder.config import ModelConfig
 from dscoder.errors import BadCheckpoint, OutOfMemory, UsageError
 from dscoder.events import GenerationSettings
-from dscoder.kernel_prebuild import KernelPrebuild
+from dscoder.kernel_prebuild import KernelPrebuild, resident_steps
 from dscoder.profile import StartupProfile, recording
 from dscoder.shapes import BUCKET, cache_capacity, decode_rows
 from dscoder.warmup import Precompile, warm_up
@@ -237,7 +237,7 @@ def _load_resident(model_dir: Path, cfg: ModelConfig, dev: torch.device, dt: tor
         net.set_context(ctx)
         if use_graphs:  # the first graph's rows, as Session.prepare_decode(0) will have them
             rows = decode_rows(0, cache_capacity(1, 0, ctx), net.decode_bounded_by_position())
-            prebuild = KernelPrebuild(net, rows, profile)
+            prebuild = KernelPrebuild(partial(resident_steps, net, rows), dev, profile)
 
     with cuda_capture.CAPTURE_LOCK:
         try:

@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from dscoder import cuda_capture, fx_threads
 from dscoder.compile_cache import enable_compile_caches
+from dscoder.kernel_prebuild import KernelPrebuild, offloaded_steps
 from dscoder.model.transformer import Transformer, compile_decode_layer
 from dscoder.profile import StartupProfile
 
@@ -92,6 +94,12 @@ def _first_step(model: Transformer, compiled: Callable, rows: int) -> None:
 
 def warm_up(engine, profile: StartupProfile) -> None:
     """Capture the first bucket's graph now rather than inside the first reply. Later buckets
-    are captured ahead (dscoder.graphs)."""
+    are captured ahead (dscoder.graphs). An offloaded model's decode kernels build first, on
+    threads (a resident model's built while its weights were read, dscoder.loader): its decode
+    segments read the expert cache, which exists only now."""
+    if engine.model.offload is not None:
+        decoder = engine.default_session().decoder(0)
+        with profile.phase("kernel builds"):
+            KernelPrebuild(partial(offloaded_steps, decoder, 0), engine.device, profile).wait()
     with profile.phase("graph capture", cuda_capture.synchronize):
         engine.prepare()

@@ -144,3 +144,30 @@ def test_a_recording_hands_each_new_launch_on_at_once():
         launch(k, (5,), torch.zeros(2))  # the same specialization: not again
         launch(k, (2,), torch.zeros(2, dtype=torch.int8))
     assert seen == [((1,), 0), ((2,), 0)] and len(rec.launches) == 2
+
+
+def test_an_offloaded_dry_run_runs_each_segment_once_and_nothing_of_the_host_loop(tiny_checkpoint,
+                                                                                   monkeypatch):
+    """offloaded_steps: every decode segment at the first graph's rows, then a sampled step,
+    and nothing that reads a routed id on the host (no slot acquired, no copy, no prefetch):
+    under a recording on a GPU the routing kernels do not run, so those ids are garbage."""
+    from functools import partial
+
+    from dscoder.kernel_prebuild import offloaded_steps, record
+    from dscoder.offload.decoder import OffloadedDecoder
+    from dscoder.offload.setup import install_offload
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    install_offload(model, 6, torch.device("cpu"))
+    model.set_context(512)
+    decoder = OffloadedDecoder(model, model.offload, model.new_cache(512), ahead=1, graphs=False)
+    ran, segment = [], decoder.segment
+    monkeypatch.setattr(decoder, "segment", lambda j, visible: (ran.append((j, visible)), segment(j, visible)))
+    for name in ("acquire", "prefetch", "wait"):
+        monkeypatch.setattr(model.offload.cache, name, lambda *a, **k: pytest.fail("the host loop ran"))
+    before = model.offload.stats.summary()
+    assert record(partial(offloaded_steps, decoder, 0)) == []  # no Triton kernel on the CPU
+    assert ran == [(j, decoder.rows(0)) for j in range(decoder.segments)]
+    assert decoder.segments == len(decoder.moe) + 1 >= 3
+    assert model.offload.stats.summary() == before

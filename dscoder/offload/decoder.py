@@ -54,7 +54,12 @@ class OffloadedDecoder:
 
     # --- the segments: device work only, no host synchronisation --------------------------------
 
-    def _segment(self, j: int, visible: int) -> None:
+    @property
+    def segments(self) -> int:
+        """Graphs per step: one before the first MoE layer's experts, then one per MoE layer."""
+        return len(self.moe) + 1
+
+    def segment(self, j: int, visible: int) -> None:
         """j == 0: embedding up to the first MoE router; j >= 1: MoE layer moe[j-1]'s experts up
         to the next router (or the logits)."""
         layers = self.model.model.layers
@@ -144,7 +149,7 @@ class OffloadedDecoder:
 
     def _runner(self, visible: int):
         if not self.use_graphs:
-            return lambda j: self._segment(j, visible)
+            return lambda j: self.segment(j, visible)
         if visible not in self.graphs:
             self.graphs[visible] = self._capture(visible)
         graphs = self.graphs[visible]
@@ -158,13 +163,13 @@ class OffloadedDecoder:
 
         def warm_up() -> None:
             for _ in range(2):
-                for j in range(len(self.moe) + 1):
-                    self._segment(j, visible)
+                for j in range(self.segments):
+                    self.segment(j, visible)
 
-        return [capture_graph(partial(self._segment, j, visible), dev, pool=self.pool,
+        return [capture_graph(partial(self.segment, j, visible), dev, pool=self.pool,
                               warm_up=warm_up if j == 0 else None,
                               after=torch.cuda.current_stream(dev) if j == 0 else None)
-                for j in range(len(self.moe) + 1)]
+                for j in range(self.segments)]
 
 
 def _sync(t: torch.Tensor) -> None:

@@ -295,7 +295,10 @@ def waited(self):
     seen["errors"] = [repr(e) for e in self.errors]
 
 kp.KernelPrebuild.wait = waited
-engine = load_engine(sys.argv[1], device="cuda", dtype="bfloat16", compile=False)
+budget = sys.argv[2] if len(sys.argv) > 2 else None  # bytes: experts offloaded behind a cache
+engine = load_engine(sys.argv[1], device="cuda", dtype="bfloat16", compile=False, gpu_memory=budget,
+                     context_length=512 if budget else None)
+assert (engine.model.offload is not None) == bool(budget)
 for temperature in (0.8, 0.0):  # the sampled step's kernel and the greedy step
     events = list(engine.generate([1, 2, 3], GenerationSettings(max_tokens=8, temperature=temperature, seed=1),
                                   stop_ids=()))
@@ -307,22 +310,33 @@ print(json.dumps(seen))
 """
 
 
-def test_kernels_build_while_the_weights_load_and_no_reply_builds_one(tiny_checkpoint, tmp_path):
-    """With an empty Triton cache (the first run after install), the dry run's builds during
-    the load are every build the process needs: the first graph capture, a sampled and a
-    greedy reply add nothing to the cache (each build, and each C launcher, adds a directory).
-    Then twice with that cache (warm starts: the builds are lookups, loaded on the prebuild's
-    thread), which once failed with a kernel called through another kernel's launcher when
-    several threads loaded launchers at once. Fresh processes: this one's kernels are built."""
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_kernels_build_before_the_first_capture_and_no_reply_builds_one(tiny_checkpoint, tmp_path,
+                                                                        offloaded):
+    """With an empty Triton cache (the first run after install), the dry run's builds (during
+    the load; offloaded: before the first capture) are every build the process needs: the
+    first graph capture, a sampled and a greedy reply add nothing to the cache (each build,
+    and each C launcher, adds a directory). Then twice with that cache (warm starts: the
+    builds are lookups, loaded on the prebuild's thread), which once failed with a kernel
+    called through another kernel's launcher when several threads loaded launchers at once.
+    Fresh processes: this one's kernels are built."""
     import json
     import os
     import subprocess
     import sys
 
+    from dscoder.config import ModelConfig
+    from dscoder.offload.planner import budget_for_slots
+    from dscoder.offload.setup import model_sizes
+
+    budget = []
+    if offloaded:  # room for 7 of the experts (tiny: 8 a layer) at a 512-token window
+        cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+        budget = [str(budget_for_slots(model_sizes(cfg, torch.bfloat16), 7, 512, cuda=True))]
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     runs = []
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(tiny_checkpoint)], env=env,
+        done = subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(tiny_checkpoint), *budget], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         runs.append(json.loads(done.stdout.splitlines()[-1]))
