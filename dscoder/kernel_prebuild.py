@@ -21,7 +21,10 @@ run after install at --gpu-memory 12GiB on an H100 before).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import sysconfig
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -117,7 +120,48 @@ def offloaded_steps(decoder: OffloadedDecoder, pos: int) -> None:
 
 def _compile(device: torch.device, launch: Launch):
     with torch.cuda.device(device):
-        return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+        kernel = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    try:
+        _build_launcher(kernel)
+    except Exception:  # the load builds it, as without this
+        pass
+    return kernel
+
+
+def _build_launcher(kernel) -> None:
+    """Triton 3.6 (torch 2.11's) loads each kernel through a C launcher made for its signature,
+    compiled by a C compiler at the kernel's first load: 0.22-0.41 s each, one at a time on
+    the thread that loads (see _load), 2.6 s of a first run after install at --gpu-memory 12GiB
+    on an H100. Compile it here instead, on the build threads, into Triton's cache, where the
+    load finds it: the source as triton.backends.nvidia.driver.CudaLauncher makes it, cached as
+    triton.runtime.build.compile_module_from_src caches it, without loading it. Triton's private
+    steps: a Triton without them (3.9 has one launcher for all kernels) skips this."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+        from triton.runtime import build
+    except ImportError:
+        return
+    make_launcher = getattr(nvidia, "make_launcher", None)
+    if make_launcher is None or not hasattr(build, "_build") or not hasattr(build, "platform_key"):
+        return
+    src, metadata = kernel.src, kernel.metadata
+    names = src.fn.arg_names
+    constants = {((names.index(k),) if isinstance(k, str) else k): v
+                 for k, v in getattr(src, "constants", {}).items()}
+    code = make_launcher(constants, dict(src.signature), getattr(metadata, "tensordesc_meta", None))
+    name = "__triton_launcher"
+    filename = name + sysconfig.get_config_var("EXT_SUFFIX")
+    cache = build.get_cache_manager(hashlib.sha256((code + build.platform_key()).encode("utf-8")).hexdigest())
+    if cache.get_file(filename) is not None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name + ".c")
+        with open(path, "w") as f:
+            f.write(code)
+        so = build._build(name, path, tmp, nvidia.library_dirs(), nvidia.include_dirs,
+                          nvidia.libraries, [])
+        with open(so, "rb") as f:
+            cache.put(f.read(), filename, binary=True)
 
 
 def _load(kernel) -> None:

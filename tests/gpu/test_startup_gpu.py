@@ -274,7 +274,7 @@ def test_loading_weights_while_another_thread_captures_a_graph(tmp_path):
 
 
 BUILDS_SCRIPT = r"""
-import json, os, sys
+import json, os, sys, threading
 from pathlib import Path
 
 import dscoder.kernel_prebuild as kp
@@ -295,6 +295,21 @@ def waited(self):
     seen["errors"] = [repr(e) for e in self.errors]
 
 kp.KernelPrebuild.wait = waited
+try:  # Triton 3.6's C launchers: which thread compiles each (Triton 3.9 has none per kernel)
+    from triton.backends.nvidia import driver as nvidia
+    from triton.runtime import build
+    seen["per-kernel launchers"] = hasattr(nvidia, "make_launcher")
+    seen["launcher builds"] = []
+    c_build = build._build
+
+    def counted(name, *args, **kwargs):
+        if name == "__triton_launcher":  # not Triton's own utilities
+            seen["launcher builds"].append(threading.current_thread().name)
+        return c_build(name, *args, **kwargs)
+
+    build._build = counted
+except ImportError:
+    pass
 budget = sys.argv[2] if len(sys.argv) > 2 else None  # bytes: experts offloaded behind a cache
 engine = load_engine(sys.argv[1], device="cuda", dtype="bfloat16", compile=False, gpu_memory=budget,
                      context_length=512 if budget else None)
@@ -343,6 +358,9 @@ def test_kernels_build_before_the_first_capture_and_no_reply_builds_one(tiny_che
     cold = runs[0]
     assert cold["errors"] == []
     assert cold["counts"]["kernels built"] >= 7  # gemv variants, routing, cache row, MLA, noise
+    if cold.get("per-kernel launchers"):  # compiled on the build threads, none where they load
+        assert cold["launcher builds"], "no C launcher was built"
+        assert "dscoder-kernels" not in cold["launcher builds"], cold["launcher builds"]
     assert "kernel builds (background)" in cold["seconds"]
     assert len(cold["after the builds"]) >= cold["counts"]["kernels built"]
     assert cold["at the end"] == cold["after the builds"]
