@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from dscoder.profile import StartupProfile
 from dscoder.sampling import Sampler
 from dscoder.tokenizer import Tokenizer
 from dscoder.warmup import Precompile
+
+if TYPE_CHECKING:
+    from dscoder.offload.decoder import OffloadedDecoder
 
 # Until the engine decodes with the compiled step, a reply's decode rounds are at most this many
 # steps (a round ends by draining the few steps queued ahead: about a step's time lost per
@@ -168,7 +172,7 @@ class Session:
         self.engine = engine
         self.tokens: list[int] = []  # ids whose keys and values are in the cache, in order
         self._cache: LatentKVCache | None = None
-        self._graphs: GraphedDecoder | None = None  # captured for self._cache
+        self._graphs: GraphedDecoder | OffloadedDecoder | None = None  # captured for self._cache
         engine._sessions.add(self)  # so that Engine.close() frees its cache and graphs
 
     def close(self) -> None:
@@ -209,7 +213,7 @@ class Session:
             self._graphs = make_decoder(self.engine, grown) if self.engine.use_graphs else None
         return cache
 
-    def decoder(self, pos: int):
+    def decoder(self, pos: int) -> GraphedDecoder | OffloadedDecoder | None:
         """The graph-replayed decoder of a step at `pos`, the cache grown to hold it (None
         without graphs)."""
         self._ensure_capacity(pos + 1)
