@@ -241,12 +241,17 @@ def _load_resident(model_dir: Path, cfg: ModelConfig, dev: torch.device, dt: tor
 
     with cuda_capture.CAPTURE_LOCK:
         try:
-            return load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
-                              expert_dtype=expert_dtype, allocated=allocated)
+            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
+                             expert_dtype=expert_dtype, allocated=allocated)
         finally:  # also after a failed read: the builds use the GPU until they end
             if prebuild is not None:
                 with profile.phase("kernel builds"):
                     prebuild.wait()
+    staged, seconds = page_lock.early_staged()
+    if staged:  # copied to the GPU while torch imported (dscoder.page_lock): not in the load's time
+        profile.add("staging (beside import)", seconds)
+        profile.count("bytes staged", staged)
+    return net
 
 
 def release_model(net, device: torch.device, *, uncap: bool = False) -> None:

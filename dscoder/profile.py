@@ -70,6 +70,10 @@ class StartupProfile:
         if counts.get("bytes loaded") and self.seconds.get("load weights"):
             rate = counts["bytes loaded"] / self.seconds["load weights"] / 1e9
             parts.append(f"{counts['bytes loaded'] / 1e9:.1f} GB at {rate:.1f} GB/s")
+        if counts.get("bytes staged") and self.seconds.get("staging (beside import)"):
+            # from the page cache to the GPU, before the load copied them on the device
+            rate = counts["bytes staged"] / self.seconds["staging (beside import)"] / 1e9
+            parts.append(f"{counts['bytes staged'] / 1e9:.1f} GB staged at {rate:.1f} GB/s")
         for name in ("compiles", "graphs captured"):
             if name in counts:
                 parts.append(f"{counts[name]} {name}")

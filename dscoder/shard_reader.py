@@ -11,8 +11,9 @@ To a GPU, each shard is first tried straight from the page cache: mapped, page-l
 lies (dscoder.page_lock, read-only) and copied by DMA, so no CPU copies its bytes. On an H100
 machine registering the page cache went at 35 GB/s and the copies at 51 GB/s; one thread
 registers the next shard while the last one's copies run (_ShardDMA), unless the CLI had them
-locked while torch was importing (page_lock.start_early). Where the driver refuses (no
-read-only registration), the staged reads take over. DSCODER_DIRECT_READS=0 turns it off.
+locked while torch was importing (page_lock.start_early), or even copied whole to the GPU then:
+such a shard's tensors are copies on the device. Where the driver refuses (no read-only
+registration), the staged reads take over. DSCODER_DIRECT_READS=0 turns it off.
 """
 from __future__ import annotations
 
@@ -230,11 +231,12 @@ class _ShardDMA:
 
 
 class _Registered:
-    """A shard page-locked in place (dscoder.page_lock; by start_early() if it got there
-    first); copy() queues its tensors' copies, close() waits for them and unlocks it."""
+    """A shard's bytes where the GPU can copy them from (page_lock.source): page-locked in place,
+    or staged whole on the GPU by start_early(); copy() queues its tensors' copies, close()
+    waits for them and lets the shard go."""
 
     def __init__(self, path: Path, ordinal: int) -> None:
-        self.locked = page_lock.lock(path, ordinal)
+        self.source = page_lock.source(path, ordinal)
         self.ordinal = ordinal
         self.nbytes = 0
         self.event: torch.cuda.Event | None = None
@@ -242,28 +244,27 @@ class _Registered:
 
     def copy(self, jobs: Sequence[Job], stream: torch.cuda.Stream) -> None:
         """Queue the copies of `jobs` (contiguous destinations of the entry's dtype: raw bytes)
-        on `stream`, through the driver (page_lock.Driver.copy_to_device)."""
+        on `stream`, through the driver (page_lock.Driver)."""
         self.stream = stream
-        driver = self.locked.driver
-        driver.use_device(self.ordinal)
+        self.source.driver.use_device(self.ordinal)
         for entry, dst in jobs:
-            driver.copy_to_device(dst.data_ptr(), self.locked.address + entry.begin, entry.nbytes,
-                                  stream.cuda_stream)
+            self.source.copy_to(dst.data_ptr(), entry.begin, entry.nbytes, stream.cuda_stream)
             self.nbytes += entry.nbytes
         self.event = torch.cuda.Event()
         self.event.record(stream)
 
     def close(self) -> int:
-        """Wait for this shard's copies, then unlock and unmap it (one that start_early locked:
-        after the first reply, page_lock.close_later); the bytes it copied."""
+        """Wait for this shard's copies, then free its staging, or unlock and unmap it (one that
+        start_early locked: after the first reply, page_lock.close_later); the bytes it copied."""
         if self.event is not None:
             self.event.synchronize()
         elif self.stream is not None:  # a copy failed to queue: wait for those that did
             self.stream.synchronize()
-        if self.locked.early:
-            page_lock.close_later(self.locked)
+        source = self.source
+        if isinstance(source, page_lock.LockedFile) and source.early:
+            page_lock.close_later(source)
         else:
-            self.locked.close()
+            source.close()
         return self.nbytes
 
 

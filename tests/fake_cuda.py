@@ -1,6 +1,7 @@
 """A stand-in for the CUDA driver calls of dscoder.page_lock, for tests without a GPU: the files
 are really mapped (libc), registrations and copies are recorded, and copies really happen (the
-"device" is host memory). The `fake_driver` fixture in conftest.py installs it."""
+"device" is host memory, and so is its "GPU memory"). The `fake_driver` fixture in conftest.py
+installs it."""
 from __future__ import annotations
 
 import ctypes
@@ -18,6 +19,9 @@ class FakeCuda:
         self.refuse: set[int] = set()
         self.gate = threading.Event()
         self.gate.set()
+        self.free_bytes = 1 << 40  # what cuMemGetInfo reports free
+        self.no_memory: set[int] = set()  # sizes cuMemAlloc refuses
+        self.allocated: dict[int, ctypes.Array] = {}  # "device" address -> its host buffer
 
     def cuInit(self, flags):
         return 0
@@ -50,4 +54,49 @@ class FakeCuda:
 
     def cuMemHostUnregister(self, address):
         self.log.append(("unregister", self.registered.pop(address)))
+        return 0
+
+    def cuMemcpyDtoDAsync_v2(self, dst, src, size, stream):
+        self.log.append(("device copy", size))
+        ctypes.memmove(dst, src, size)
+        return 0
+
+    def cuMemGetInfo_v2(self, free, total):
+        free._obj.value = self.free_bytes
+        total._obj.value = self.free_bytes
+        return 0
+
+    def cuMemAlloc_v2(self, address, size):
+        if size in self.no_memory:
+            return 2  # CUDA_ERROR_OUT_OF_MEMORY
+        buffer = ctypes.create_string_buffer(size)
+        address._obj.value = ctypes.addressof(buffer)
+        self.allocated[ctypes.addressof(buffer)] = buffer
+        self.log.append(("alloc", size))
+        return 0
+
+    def cuMemFree_v2(self, address):
+        self.log.append(("free", len(self.allocated.pop(address))))
+        return 0
+
+    def cuStreamCreate(self, stream, flags):
+        stream._obj.value = 77
+        return 0
+
+    def cuStreamDestroy_v2(self, stream):
+        assert stream == 77
+        return 0
+
+    def cuEventCreate(self, event, flags):
+        event._obj.value = 88
+        return 0
+
+    def cuEventRecord(self, event, stream):
+        assert (event, stream) == (88, 77)
+        return 0
+
+    def cuEventSynchronize(self, event):
+        return 0
+
+    def cuEventDestroy_v2(self, event):
         return 0

@@ -150,7 +150,8 @@ def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeyp
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
     (tmp_path / SINGLE).write_bytes(b"x")
     calls = []
-    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: calls.append((paths, ordinal)))
+    monkeypatch.setattr(page_lock, "start_early",
+                        lambda paths, ordinal, stage: calls.append((paths, ordinal)))
     backend.lock_shards_early(tmp_path, Settings(**change))
     assert calls == ([([tmp_path / SINGLE], int(change.get("device", "cuda:0")[-1]))] if starts else [])
 
@@ -188,3 +189,112 @@ def test_deferred_unlocks_happen_on_a_timer_when_no_reply_comes(fake_driver, fil
             break
         threading.Event().wait(0.01)
     assert ("unregister", 1000) in fake_driver.log and fake_driver.registered == {}
+
+
+def staged(fake_driver, what: str) -> list[int]:
+    return [size for logged, size in fake_driver.log if logged == what]
+
+
+def test_staged_files_are_on_the_gpu_and_unlocked_before_the_reader_takes_them(fake_driver, files):
+    page_lock.start_early(files, ordinal=0, stage=True)
+    sources = [page_lock.source(path, 0) for path in files]
+    assert all(isinstance(s, page_lock.StagedFile) for s in sources)
+    for path, source in zip(files, sources, strict=True):
+        assert ctypes.string_at(source.device_address, source.size) == path.read_bytes()
+    # each was unlocked once its copy was done: nothing page-locked is left for the exit
+    assert registered(fake_driver) == [1000, 2000, 3000] and fake_driver.registered == {}
+    assert page_lock.early_staged()[0] == 6000
+    for source in sources:
+        source.close()
+    assert staged(fake_driver, "free") == [1000, 2000, 3000] and fake_driver.allocated == {}
+
+
+def test_staging_needs_room_for_the_model_twice(fake_driver, files):
+    fake_driver.free_bytes = 2 * 6000 + page_lock.STAGING_RESERVE - 1
+    page_lock.start_early(files, ordinal=0, stage=True)
+    first = page_lock.source(files[0], 0)
+    assert isinstance(first, page_lock.LockedFile) and staged(fake_driver, "alloc") == []
+    first.close()
+
+
+def test_no_staging_unless_asked_or_when_switched_off(fake_driver, files, monkeypatch):
+    page_lock.start_early(files, ordinal=0)
+    assert isinstance(page_lock.source(files[0], 0), page_lock.LockedFile)
+    monkeypatch.setattr(page_lock, "STAGING", False)
+    page_lock.start_early(files, ordinal=0, stage=True)
+    assert isinstance(page_lock.source(files[1], 0), page_lock.LockedFile)
+    assert staged(fake_driver, "alloc") == []
+
+
+def test_when_gpu_memory_runs_out_the_rest_stay_locked_in_order(fake_driver, files):
+    fake_driver.no_memory = {2000}
+    page_lock.start_early(files, ordinal=0, stage=True)
+    sources = [page_lock.source(path, 0) for path in files]
+    assert [type(s) for s in sources] == [page_lock.StagedFile, page_lock.LockedFile, page_lock.LockedFile]
+    assert staged(fake_driver, "alloc") == [1000]
+    for source in sources:
+        source.close()
+    assert fake_driver.registered == {} and fake_driver.allocated == {}
+
+
+def test_a_reader_copies_on_the_device_from_a_staged_file_and_frees_it(fake_driver, files, monkeypatch):
+    import torch
+
+    import dscoder.shard_reader as reader
+
+    class Event:
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    entries = [reader.ShardEntry(files[2], torch.uint8, (n,), begin, begin + n)
+               for begin, n in ((0, 1000), (1000, 2000))]
+    dst = [torch.zeros(e.nbytes, dtype=torch.uint8) for e in entries]
+    page_lock.start_early(files, ordinal=0, stage=True)
+    shard = reader._Registered(files[2], 0)
+    shard.copy(list(zip(entries, dst, strict=True)), type("Stream", (), {"cuda_stream": 7})())
+    assert b"".join(bytes(d.numpy()) for d in dst) == files[2].read_bytes()
+    assert staged(fake_driver, "device copy") == [1000, 2000] and staged(fake_driver, "copy") == [1000, 2000, 3000]
+    assert shard.close() == 3000
+    assert staged(fake_driver, "free") == [3000]  # freed at once: nothing waits for a reply
+
+
+def test_release_frees_staged_files_no_one_took(fake_driver, files):
+    page_lock.start_early(files, ordinal=0, stage=True)
+    page_lock._EARLY._ready[files[2]].wait()
+    page_lock.release_early()
+    assert sorted(staged(fake_driver, "free")) == [1000, 2000, 3000]
+    assert fake_driver.allocated == {} and fake_driver.registered == {}
+
+
+def test_a_use_that_needs_the_host_pages_gets_them_locked_not_staged(fake_driver, files):
+    page_lock.start_early(files, ordinal=0, stage=True)
+    locked = page_lock.lock(files[0], 0, borrow=False)  # dscoder.offload.mapped's kind of use
+    assert isinstance(locked, page_lock.LockedFile)
+    assert ctypes.string_at(locked.address, locked.size) == files[0].read_bytes()
+    assert staged(fake_driver, "free") == [1000]  # its staging went
+    locked.close()
+
+
+def test_the_cli_stages_a_whole_model_but_not_under_a_budget(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    (tmp_path / SINGLE).write_bytes(b"x")
+    calls = []
+    monkeypatch.setattr(page_lock, "start_early",
+                        lambda paths, ordinal, stage: calls.append(stage))
+    backend.lock_shards_early(tmp_path, Settings())
+    backend.lock_shards_early(tmp_path, Settings(gpu_memory="12GiB"))
+    assert calls == [True, False]
+
+
+def test_the_profile_says_what_was_staged_and_how_fast():
+    from dscoder.profile import StartupProfile
+
+    profile = StartupProfile()
+    profile.add("staging (beside import)", 1.5)
+    profile.count("bytes staged", 30_000_000_000)
+    assert "staging (beside import) 1.50 s" in profile.summary()
+    assert "30.0 GB staged at 20.0 GB/s" in profile.summary()

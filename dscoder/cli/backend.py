@@ -122,7 +122,8 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
     native engine copies a model in the checkpoint's dtype to the GPU from them by DMA, and
     under --gpu-memory serves the offloaded experts from them (dscoder.offload.mapped). On an
     H100 machine that took 0.9 s for Lite's 31 GB, which the import (1.1-1.5 s) now hides,
-    along with creating the CUDA context."""
+    along with creating the CUDA context. Without a budget they are copied to the GPU as well
+    (page_lock's staging), where it has room for the model twice."""
     from dscoder import page_lock
     from dscoder.engines import choose_engine, shard_files
 
@@ -131,8 +132,8 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
             or not page_lock.ENABLED or choose_engine(model_dir, settings.engine) != "native"):
         return
     shards = shard_files(model_dir)
-    if shards:
-        page_lock.start_early(shards, ordinal)
+    if shards:  # a whole model on the GPU: its shards are staged there too, where it has room
+        page_lock.start_early(shards, ordinal, stage=not settings.gpu_memory)
 
 
 def cuda_ordinal(device: str) -> int | None:

@@ -173,6 +173,32 @@ def test_shards_locked_before_the_load_are_copied_from_without_locking_again(tin
     assert len(unlocked) == len(shards)
 
 
+def test_shards_staged_on_the_gpu_before_the_load_fill_it_by_device_copies(tiny_checkpoint, monkeypatch):
+    """The CLI's staging (page_lock.start_early(stage=True)): each shard is copied whole to the
+    GPU and unlocked before the load takes it; the load copies on the device, frees every
+    staging, and the GPU's weights equal the CPU's."""
+    import dscoder.shard_reader as reader
+    from dscoder import page_lock
+    from dscoder.engines import shard_files
+
+    driver = page_lock.Driver.get()
+    log = []
+    for name in ("alloc", "free", "unregister", "copy_on_device"):
+        real = getattr(driver, name)
+        monkeypatch.setattr(driver, name, lambda *a, _real=real, _name=name: log.append(_name) or _real(*a))
+    monkeypatch.setattr(reader, "DIRECT", True)
+    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    shards = shard_files(tiny_checkpoint)
+    page_lock.start_early(shards, 0, stage=True)
+    try:
+        page_lock._EARLY._ready[shards[-1]].wait()  # as when torch's import outlasts the staging
+        assert log.count("unregister") == log.count("alloc") == len(shards)  # all unlocked already
+        _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
+    finally:
+        page_lock.release_early()
+    assert log.count("free") == len(shards) and log.count("copy_on_device") > 0
+
+
 def test_a_refused_registration_falls_back_to_staged_reads(tiny_checkpoint, monkeypatch):
     """A driver that cannot page-lock a file's mapping (cuMemHostRegister fails): the staged
     reads load every tensor, no CUDA error is left behind, and later loads go staged at once."""
