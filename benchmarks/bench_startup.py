@@ -51,7 +51,8 @@ def source_file(path: Path, tokens: int = 500) -> Path:
 
 def cli_run(args, extra: list[str], cache_home: Path, prompt_file: Path) -> dict:
     """One `dscoder complete` process: wall time, first stdout byte, its stderr profile."""
-    cmd = [sys.executable, "-m", "dscoder.cli.app", "--model", str(args.dir), "--device", args.device,
+    # the console script's module (dscoder.cli.entry): what the `dscoder` command runs
+    cmd = [sys.executable, "-m", "dscoder.cli.entry", "--model", str(args.dir), "--device", args.device,
            "--verbose", "--max-tokens", str(args.tokens), *extra, "complete"]
     env = dict(os.environ, XDG_CACHE_HOME=str(cache_home), NO_COLOR="1", **args.bytecode_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -59,8 +60,9 @@ def cli_run(args, extra: list[str], cache_home: Path, prompt_file: Path) -> dict
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         env.pop(var, None)  # the cold/warm split is our cache under XDG_CACHE_HOME
     t = time.perf_counter()
-    with open(prompt_file, "rb") as stdin:
-        p = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    with open(prompt_file, "rb") as stdin:  # run from ROOT: `-m` puts the working directory first
+        p = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                             cwd=ROOT)
         first = p.stdout.read(1)
         t_first = time.perf_counter() - t
         p.stdout.read()
