@@ -7,9 +7,6 @@ The native engine runs DeepSeek-V2 checkpoints (DeepSeek-Coder-V2); the transfor
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,30 +65,3 @@ def load_tokenizer_for(model_dir: Path) -> Any:
     from dscoder.model_tokenizer import load_model_tokenizer
 
     return load_model_tokenizer(model_dir)
-
-
-def load_engine_tokenizer(model_dir: Path, engine: EngineName) -> Any:
-    """The tokenizer `engine` runs the checkpoint with: the native engine always DeepSeek's own
-    prompt builder, the transformers engine load_tokenizer_for's choice."""
-    if engine == "native":
-        from dscoder.tokenizer import load_tokenizer
-
-        return load_tokenizer(model_dir)
-    return load_tokenizer_for(model_dir)
-
-
-def load_tokenizer_later(model_dir: Path, engine: EngineName) -> Callable[[], Any]:
-    """Start load_engine_tokenizer on a thread; what this returns waits for the tokenizer (and
-    raises what the load raised). The CLI starts it just before torch's import: about half of
-    parsing tokenizer.json runs in the `tokenizers` library without the GIL, beside the import,
-    instead of after it."""
-    done: Future = Future()
-
-    def load() -> None:
-        try:
-            done.set_result(load_engine_tokenizer(model_dir, engine))
-        except BaseException as e:  # for the caller to raise, where it needs the tokenizer
-            done.set_exception(e)
-
-    threading.Thread(target=load, name="dscoder-tokenizer", daemon=True).start()
-    return done.result

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -89,8 +88,7 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
                 compile: bool = True, offload_policy: str = "lru", prefetch_depth: int = 1,
                 routing_trace: str | Path | None = None, engine: str = "auto",
                 trust_remote_code: bool = False, capture_ahead: bool = True,
-                profile: StartupProfile | None = None, expert_dtype: str = "bf16",
-                tokenizer: Callable[[], Any] | None = None):
+                profile: StartupProfile | None = None, expert_dtype: str = "bf16"):
     """Load a checkpoint (local dir or hub id) and return an engine ready to generate: the native
     one for DeepSeek-V2 checkpoints, transformers' for other causal LMs (``engine`` overrides).
     On a GPU the native engine captures its first decode graph before this returns; its step
@@ -104,10 +102,8 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
     bucket captured on a background thread before they are needed). profile: where the time
     goes (the native engine's startup_profile; --verbose prints it). expert_dtype "int8": the
     routed experts are quantized to one byte a weight while they load (dscoder.model.quant),
-    resident or offloaded; "bf16" keeps the model's dtype. tokenizer: returns the checkpoint's
-    tokenizer (the CLI's, loaded while torch imported: engines.load_tokenizer_later); by default
-    it is loaded here."""
-    from dscoder.engines import choose_engine, load_engine_tokenizer
+    resident or offloaded; "bf16" keeps the model's dtype."""
+    from dscoder.engines import choose_engine, load_tokenizer_for
     from dscoder.hub import DEFAULT_MODEL, resolve_model
     from dscoder.settings import check_expert_dtype
 
@@ -116,20 +112,18 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         profile = profile if profile is not None else StartupProfile()
         with profile.phase("config"):
             model_dir = resolve_model(model or DEFAULT_MODEL, download=download)
-        chosen = choose_engine(model_dir, engine)
-        tokenizer = tokenizer or partial(load_engine_tokenizer, model_dir, chosen)
-        if chosen == "transformers":
+        if choose_engine(model_dir, engine) == "transformers":
             from dscoder.hf_engine import load_hf_engine
 
             if expert_dtype != "bf16":
                 raise UsageError(f"--expert-dtype {expert_dtype} needs the native engine (a "
                                  "DeepSeek-V2 checkpoint); the transformers engine loads the "
                                  "model's own dtype.")
-            return load_hf_engine(model_dir, tokenizer(), device=pick_device(device),
+            return load_hf_engine(model_dir, load_tokenizer_for(model_dir), device=pick_device(device),
                                   dtype=dtype, gpu_memory=gpu_memory, context_length=context_length,
                                   trust_remote_code=trust_remote_code,
                                   defaults=generation_defaults(model_dir), log=log)
-        return _load_native(model_dir, tokenizer, device=device, dtype=dtype, gpu_memory=gpu_memory,
+        return _load_native(model_dir, device=device, dtype=dtype, gpu_memory=gpu_memory,
                             context_length=context_length, progress=progress, log=log, warn=warn,
                             notice=notice, cuda_graphs=cuda_graphs, compile=compile,
                             offload_policy=offload_policy, prefetch_depth=prefetch_depth,
@@ -143,23 +137,23 @@ def load_engine(model: str | Path | None = None, *, device: str = "auto", dtype:
         page_lock.unlock_deferred_later()  # and what it took, unless a first reply comes sooner
 
 
-def _load_native(model_dir: Path, tokenizer: Callable[[], Any], *, device: str, dtype: str | None,
-                 gpu_memory: str | None,
+def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory: str | None,
                  context_length: int | None, progress: Progress | None,
                  log: Callable[[str], None] | None, warn: Callable[[str], None] | None,
                  notice: Callable[[str], None] | None, cuda_graphs: bool, compile: bool,
                  offload_policy: str, prefetch_depth: int, routing_trace: str | Path | None,
                  capture_ahead: bool, profile: StartupProfile, expert_dtype: str):
     with recording(profile):
-        return _native(model_dir, tokenizer, device, dtype, gpu_memory, context_length, progress, log, warn,
+        return _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn,
                        notice, cuda_graphs and not routing_trace, compile, offload_policy,
                        prefetch_depth, routing_trace, capture_ahead, profile, expert_dtype)
 
 
-def _native(model_dir, load_tokenizer, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
+def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
             graphs, compile, offload_policy, prefetch_depth, routing_trace, capture_ahead, profile,
             expert_dtype):
     from dscoder.engine import Engine
+    from dscoder.tokenizer import load_tokenizer
 
     with profile.phase("config"):
         cfg = ModelConfig.from_file(model_dir / "config.json")
@@ -169,11 +163,10 @@ def _native(model_dir, load_tokenizer, device, dtype, gpu_memory, context_length
         ctx = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if ctx < 2:
             raise UsageError(f"--context-length must be at least 2, not {context_length}.")
-    # The CLI's is loading on a thread since before torch's import (engines.load_tokenizer_later).
-    # Not overlapped with loading the weights: parsing tokenizer.json holds the GIL for half
-    # its time, which stalled the reading threads as long as it ran.
+    # Not overlapped with loading the weights: parsing tokenizer.json holds the GIL for
+    # whole calls, which stalled the reading threads as long as it ran.
     with profile.phase("tokenizer"):
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(model_dir)
     # a model resident on the GPU decodes from CUDA graphs, and compiles its step in the
     # background (dscoder.warmup); a routing trace needs the host at every layer: no graphs
     use_graphs = dev.type == "cuda" and graphs

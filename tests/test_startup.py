@@ -560,27 +560,3 @@ def test_no_server_running_means_no_http_client_import(tmp_path):
     (tmp_path / "dscoder").mkdir()
     (tmp_path / "dscoder" / "server.sock").touch()  # a stale socket: nothing listens
     assert run() == "None True"
-
-
-def test_the_tokenizer_loaded_on_a_thread_is_the_engine_s_own(tiny_checkpoint):
-    from dscoder.engines import load_engine_tokenizer, load_tokenizer_later
-    from dscoder.loader import load_engine
-
-    later = load_tokenizer_later(tiny_checkpoint, "native")
-    own = load_engine_tokenizer(tiny_checkpoint, "native")
-    assert later().encode("def f(x): return x") == own.encode("def f(x): return x")
-    handed = later()
-    engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32", tokenizer=lambda: handed)
-    assert engine.tokenizer is handed  # taken as given, not loaded again
-
-
-def test_a_tokenizer_that_fails_on_its_thread_fails_where_the_load_needs_it(tiny_checkpoint, tmp_path):
-    from dscoder.engines import load_tokenizer_later
-    from dscoder.errors import DscoderError
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_checkpoint, broken)
-    (broken / "tokenizer.json").write_text("{not json")
-    later = load_tokenizer_later(broken, "native")  # no error yet: it is on its thread
-    with pytest.raises(DscoderError, match="tokenizer"):
-        later()

@@ -76,11 +76,9 @@ class RealBackend:
     def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
                     progress: Progress | None = None) -> Any:
         from dscoder import signals
-        from dscoder.engines import choose_engine, load_tokenizer_later
 
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
         lock_shards_early(model_dir, settings)
-        tokenizer = load_tokenizer_later(model_dir, choose_engine(model_dir, settings.engine))
         from dscoder.profile import StartupProfile
 
         profile = StartupProfile()
@@ -106,7 +104,7 @@ class RealBackend:
                            offload_policy=settings.offload_policy,
                            prefetch_depth=settings.prefetch_depth,
                            routing_trace=settings.routing_trace or None, engine=settings.engine,
-                           trust_remote_code=settings.trust_remote_code, tokenizer=tokenizer)
+                           trust_remote_code=settings.trust_remote_code)
 
     def pull(self, name: str, code: bool = False) -> Path:
         from dscoder import hub
