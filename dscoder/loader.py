@@ -182,11 +182,12 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
                 model_dir, cfg, dev, dt, gpu_memory, ctx, context_length is not None,
                 progress=progress, log=log, warn=warn, policy=offload_policy,
                 prefetch_depth=prefetch_depth, expert_dtype=expert_dtype)
-            # what is not reading weights: planning, and the experts' host copy (moved, pinned)
-            # or their views into the locked shards (dscoder.offload.mapped)
+            # what is not allocating or reading weights: planning, and the experts' host copy
+            # (moved, pinned) or their views into the locked shards (dscoder.offload.mapped)
             store = net.offload.store if net.offload is not None else None
             phase = "map experts" if store is not None and store.owner is not None else "pin experts"
-            profile.add(phase, time.perf_counter() - t - profile.seconds.get("load weights", 0.0))
+            loading = sum(profile.seconds.get(name, 0.0) for name in ("allocate", "load weights"))
+            profile.add(phase, time.perf_counter() - t - loading)
             if notice and budget_plan.window_notice():
                 notice(budget_plan.window_notice())
         else:
@@ -241,8 +242,19 @@ def _load_resident(model_dir: Path, cfg: ModelConfig, dev: torch.device, dt: tor
 
     with cuda_capture.CAPTURE_LOCK:
         try:
-            net = load_model(model_dir, cfg, device=dev, dtype=dt, progress=progress,
-                             expert_dtype=expert_dtype, allocated=allocated)
+            load = partial(load_model, model_dir, cfg, device=dev, dtype=dt, progress=progress,
+                           expert_dtype=expert_dtype, allocated=allocated)
+            try:
+                net = load()
+            except torch.cuda.OutOfMemoryError:
+                if prebuild is not None or not page_lock.early_staged()[0]:
+                    raise
+                net = None  # (out of this block, the failed load's tensors are freed)
+            if net is None:
+                # The shards staged on the GPU hold the room the model needs (another process
+                # took memory since they were staged): load from the page cache instead.
+                page_lock.release_early(wait=True)
+                net = load()
         finally:  # also after a failed read: the builds use the GPU until they end
             if prebuild is not None:
                 with profile.phase("kernel builds"):

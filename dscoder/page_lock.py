@@ -333,13 +333,14 @@ class _Early:
         self._mutex = threading.Lock()
         self.staged_bytes = 0
         self.staged_seconds = 0.0  # from the thread's start to the last file staged
-        threading.Thread(target=self._run, args=(list(paths), ordinal, budget, stage),
-                         name="dscoder-page-lock", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(list(paths), ordinal, budget, stage),
+                                        name="dscoder-page-lock", daemon=True)
+        self._thread.start()
 
     def _run(self, paths: list[Path], ordinal: int, budget: int, stage: bool) -> None:
         t = time.perf_counter()
         stream = 0  # the staging copies' stream, while staging
-        pending: _Staging | None = None  # the last file's copy to the GPU, under way
+        pending: _Staging | LockedFile | None = None  # held here, not handed over yet
         driver = Driver.get()
         try:
             if driver is None:
@@ -347,6 +348,7 @@ class _Early:
             driver.use_device(ordinal)  # the CUDA context, made while torch imports
             if stage and _room_to_stage(driver, paths):
                 stream = driver.new_stream()
+            staging_on = bool(stream)
             for path in paths:
                 try:
                     size = path.stat().st_size
@@ -359,32 +361,32 @@ class _Early:
                 except OSError:
                     return
                 staging = None
-                if stream:
+                if staging_on:
                     try:  # this file's copy runs while the last one's is finished and unlocked
                         staging = _Staging(locked, stream, ordinal)
                     except OSError:
-                        stream = 0  # no more GPU memory, or no copy: locked files from here
-                if pending is not None:
-                    done, pending = pending, None
-                    if not self._hand_over(done.finish(), t):
-                        return
-                if staging is not None:
-                    pending = staging
-                else:
+                        staging_on = False  # no more GPU memory, or no copy: locked files from here
+                previous, pending = pending, (staging if staging is not None else locked)
+                if isinstance(previous, _Staging) and not self._hand_over(previous.finish(), t):
+                    return
+                if staging is None:
                     budget -= size  # stays locked until the reader is done with it
+                    pending = None
                     if not self._hand_over(locked, t):
                         return
-            if pending is not None:
+            if isinstance(pending, _Staging):
                 done, pending = pending, None
                 self._hand_over(done.finish(), t)
         except OSError:
             return
         finally:
-            if pending is not None:  # stopped early: nothing stays locked or allocated
+            if isinstance(pending, _Staging):  # stopped early: nothing stays locked or allocated
                 try:
                     pending.finish().close()
                 except OSError:
                     pass
+            elif pending is not None:
+                pending.close()
             if stream:
                 driver.destroy_stream(stream)
             for event in self._ready.values():
@@ -411,12 +413,16 @@ class _Early:
         with self._mutex:
             return self._locked.pop(path, None)
 
-    def release(self) -> None:
+    def release(self, wait: bool) -> None:
+        """Close what no one took; the thread stops at its next file and closes it (`wait`: for
+        that, so that all it held is given back when this returns)."""
         with self._mutex:
             self._closed = True
             rest, self._locked = list(self._locked.values()), {}
         for file in rest:
             file.close()
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 def _room_to_stage(driver: Driver, paths: Sequence[Path]) -> bool:
@@ -453,14 +459,14 @@ def early_staged() -> tuple[int, float]:
         return early.staged_bytes, early.staged_seconds
 
 
-def release_early() -> None:
+def release_early(wait: bool = False) -> None:
     """Unlock and unmap (or free) what start_early() locked (or staged) and no reader took
     (after a load, or when the process does not load after all); the thread stops at its next
-    file."""
+    file (`wait`: this returns once it has)."""
     global _EARLY
     early, _EARLY = _EARLY, None
     if early is not None:
-        early.release()
+        early.release(wait)
 
 
 _DEFERRED: list[LockedFile] = []

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # the order phases are printed in (others follow in the order they were first recorded)
-ORDER = ("import", "config", "tokenizer", "load weights", "kernel builds", "pin experts", "map experts",
-         "graph capture", "first prefill", "compile (background)")
+ORDER = ("before import", "import", "config", "tokenizer", "allocate", "load weights", "kernel builds",
+         "pin experts", "map experts", "graph capture", "first prefill", "compile (background)")
 
 
 class StartupProfile:

@@ -182,6 +182,8 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     # experts on the meta device are not read: the caller serves them from elsewhere
     # (dscoder.offload.mapped: straight from the page-locked shards)
     elsewhere = expert_keys if expert_device is not None and expert_device.type == "meta" else set()
+    profile = profile or current()
+    t = time.perf_counter()  # the parameters take their memory from here on
     jobs = [(entry(key), _slot(destination, _target(key, fused), cfg)) for key in needed
             if key not in later and key not in elsewhere]
     for key in elsewhere:  # their parameters still exist, on the meta device
@@ -190,6 +192,8 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
     total = sum(entry(key).nbytes for key in needed if key not in elsewhere)
     # the parameters take their memory now, the reads fill it in place
     result = model.load_state_dict(tensors, assign=True, strict=not quantized)
+    if profile is not None:
+        profile.add("allocate", time.perf_counter() - t)
     if allocated is not None and not quantized:
         allocated(model)
     t = time.perf_counter()
@@ -203,7 +207,6 @@ def load_model(model_dir: Path, cfg: ModelConfig, *, device: torch.device, dtype
         done += sum(e.nbytes for e, _ in part)
         scales[name] = _quantized(stack, expert_device or device)
         del stack
-    profile = profile or current()
     if profile is not None:
         profile.add("load weights", time.perf_counter() - t)
         profile.count("bytes loaded", total)

@@ -298,3 +298,45 @@ def test_the_profile_says_what_was_staged_and_how_fast():
     profile.count("bytes staged", 30_000_000_000)
     assert "staging (beside import) 1.50 s" in profile.summary()
     assert "30.0 GB staged at 20.0 GB/s" in profile.summary()
+
+
+def test_a_release_that_waits_returns_with_everything_given_back(fake_driver, files):
+    fake_driver.gate.clear()  # the thread is inside its first registration
+    page_lock.start_early(files, ordinal=0, stage=True)
+    threading.Timer(0.2, fake_driver.gate.set).start()
+    page_lock.release_early(wait=True)
+    assert fake_driver.gate.is_set()  # it returned only after the thread went on and stopped
+    assert fake_driver.registered == {} and fake_driver.allocated == {}
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_a_model_that_finds_no_room_beside_its_staged_shards_loads_without_them(
+        tiny_checkpoint, monkeypatch, staged):
+    import torch
+
+    from dscoder import loader
+    from dscoder.config import ModelConfig
+    from dscoder.profile import StartupProfile
+
+    calls, released = [], []
+    real = loader.load_model
+
+    def load_model(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    monkeypatch.setattr(page_lock, "early_staged", lambda: (6000, 1.0) if staged and not released else (0, 0.0))
+    monkeypatch.setattr(page_lock, "release_early", lambda wait=False: released.append(wait))
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    load = lambda: loader._load_resident(tiny_checkpoint, cfg, torch.device("cpu"), torch.float32, 64, None,  # noqa: E731
+                                         "bf16", False, StartupProfile())
+    if staged:
+        assert load() is not None
+        assert released == [True] and len(calls) == 2  # the staging let go of, then loaded again
+    else:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            load()
+        assert released == [] and len(calls) == 1

@@ -148,7 +148,7 @@ def test_engine_records_its_start_up_and_first_prefill(tiny_checkpoint):
 
     engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
     profile = engine.startup_profile
-    assert {"config", "load weights", "tokenizer"} <= set(profile.seconds)
+    assert {"config", "allocate", "load weights", "tokenizer"} <= set(profile.seconds)
     assert profile.counts["bytes loaded"] > 0
     list(engine.generate([1, 2, 3], GenerationSettings(max_tokens=2, temperature=0), stop_ids=()))
     first = profile.seconds["first prefill"]
@@ -560,3 +560,13 @@ def test_no_server_running_means_no_http_client_import(tmp_path):
     (tmp_path / "dscoder").mkdir()
     (tmp_path / "dscoder" / "server.sock").touch()  # a stale socket: nothing listens
     assert run() == "None True"
+
+
+def test_the_profile_names_the_time_before_import_and_the_allocation_first():
+    p = StartupProfile()
+    p.add("load weights", 0.5)
+    p.add("allocate", 0.2)
+    p.add("import", 1.5)
+    p.add("before import", 0.3)
+    assert p.summary().startswith("start-up: before import 0.30 s, import 1.50 s, allocate 0.20 s, "
+                                  "load weights 0.50 s")

@@ -79,9 +79,12 @@ class RealBackend:
 
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
         lock_shards_early(model_dir, settings)
-        from dscoder.profile import StartupProfile
+        from dscoder.profile import StartupProfile, process_age
 
         profile = StartupProfile()
+        age = process_age()
+        if age is not None:  # the interpreter's start, the CLI's imports, the settings, the input
+            profile.add("before import", age)
         with profile.phase("import"):
             # The only import of torch on the way to generating. torch's start-up swallows a
             # KeyboardInterrupt (during its numpy import) and a second import then fails half-way,
