@@ -199,6 +199,44 @@ def test_shards_staged_on_the_gpu_before_the_load_fill_it_by_device_copies(tiny_
     assert log.count("free") == len(shards) and log.count("copy_on_device") > 0
 
 
+def test_a_model_with_no_room_beside_its_staged_shards_loads_from_the_page_cache(tiny_checkpoint, monkeypatch):
+    """Another process took the GPU's memory after the shards were staged: the model's
+    allocation runs out, the loader lets the staging go and loads from the page cache."""
+    import dscoder.shard_reader as reader
+    from dscoder import loader, page_lock
+    from dscoder.config import ModelConfig
+    from dscoder.engines import shard_files
+    from dscoder.profile import StartupProfile
+    from dscoder.weights import load_model
+
+    monkeypatch.setattr(reader, "DIRECT", True)
+    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    driver = page_lock.Driver.get()
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    shards = shard_files(tiny_checkpoint)
+    staged = sum(p.stat().st_size for p in shards)
+    torch.cuda.empty_cache()
+    page_lock.start_early(shards, 0, stage=True)
+    hog = gpu = None
+    try:
+        page_lock._EARLY._ready[shards[-1]].wait()
+        assert page_lock.early_staged()[0] == staged
+        # what is left: half the model's size
+        hog = torch.empty(driver.free_memory() - staged // 2, dtype=torch.uint8, device="cuda")
+        gpu = loader._load_resident(tiny_checkpoint, cfg, torch.device("cuda"), torch.float32, 64, None,
+                                    "bf16", False, StartupProfile())
+        assert page_lock._EARLY is None  # released to make room
+    finally:
+        del hog
+        page_lock.release_early()
+        page_lock.unlock_deferred()
+    cpu = dict(load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32).named_parameters())
+    for name, p in gpu.named_parameters():
+        assert torch.equal(p.cpu(), cpu[name]), name
+    del gpu
+    torch.cuda.empty_cache()
+
+
 def test_a_refused_registration_falls_back_to_staged_reads(tiny_checkpoint, monkeypatch):
     """A driver that cannot page-lock a file's mapping (cuMemHostRegister fails): the staged
     reads load every tensor, no CUDA error is left behind, and later loads go staged at once."""
