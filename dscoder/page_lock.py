@@ -15,8 +15,8 @@ locked for the model's life (keep; dscoder.offload.mapped), and the load's own r
 Staging (start_early(stage=True), a whole model on a GPU with room for it twice): the early
 thread also copies each locked shard whole into GPU memory of its own and unlocks it at once,
 all while torch imports and nothing else uses the driver. The load then fills the parameters
-by copies on the device (tens of milliseconds for Lite's 31 GB, not 0.6 s of DMA beside the
-kernel builds), frees the staging, and the process ends with nothing page-locked (an exit with
+by copies on the device (0.1-0.2 s for Lite's 31 GB on an H100 machine, against 0.6-0.7 s of
+DMA beside the kernel builds), frees the staging, and the process ends with nothing page-locked (an exit with
 Lite's shards locked cost 0.3 s more on an H100 machine).
 
 No torch here, and nothing that imports it.
@@ -221,8 +221,6 @@ class _Borrowed(LockedFile):
 class StagedFile:
     """A file's bytes whole in GPU memory of its own (start_early's staging): `device_address`,
     `size`. copy_to() queues copies out of it, close() frees it."""
-
-    early = True
 
     def __init__(self, path: Path, driver: Driver, ordinal: int, device_address: int, size: int) -> None:
         self.path, self.driver, self.ordinal = path, driver, ordinal

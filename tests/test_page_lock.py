@@ -95,7 +95,10 @@ def test_without_a_driver_nothing_is_locked(monkeypatch, files):
     page_lock.release_early()
 
 
-def test_the_reader_copies_each_tensor_from_the_locked_mapping(fake_driver, files, monkeypatch):
+@pytest.fixture
+def reader_copy(monkeypatch):
+    """The shard reader's copies out of one shard (dscoder.shard_reader._Registered) with CUDA's
+    events faked: copy(path, spans) -> (the shard, the bytes each (begin, size) span got)."""
     import torch
 
     import dscoder.shard_reader as reader
@@ -108,14 +111,21 @@ def test_the_reader_copies_each_tensor_from_the_locked_mapping(fake_driver, file
             pass
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    data = files[1].read_bytes()
-    entries = [reader.ShardEntry(files[1], torch.uint8, (n,), begin, begin + n)
-               for begin, n in ((0, 700), (700, 1), (701, 1299))]
-    dst = [torch.zeros(e.nbytes, dtype=torch.uint8) for e in entries]
+
+    def copy(path, spans):
+        entries = [reader.ShardEntry(path, torch.uint8, (n,), begin, begin + n) for begin, n in spans]
+        dst = [torch.zeros(e.nbytes, dtype=torch.uint8) for e in entries]
+        shard = reader._Registered(path, 0)
+        shard.copy(list(zip(entries, dst, strict=True)), type("Stream", (), {"cuda_stream": 7})())
+        return shard, b"".join(bytes(d.numpy()) for d in dst)
+
+    return copy
+
+
+def test_the_reader_copies_each_tensor_from_the_locked_mapping(fake_driver, files, reader_copy):
     page_lock.start_early(files, ordinal=0)
-    shard = reader._Registered(files[1], 0)
-    shard.copy(list(zip(entries, dst, strict=True)), type("Stream", (), {"cuda_stream": 7})())
-    assert b"".join(bytes(d.numpy()) for d in dst) == data
+    shard, copied = reader_copy(files[1], ((0, 700), (700, 1), (701, 1299)))
+    assert copied == files[1].read_bytes()
     assert shard.close() == 2000
     # locked early: unlocked after the first reply, not while the load's copies run
     assert ("unregister", 2000) not in fake_driver.log
@@ -237,26 +247,10 @@ def test_when_gpu_memory_runs_out_the_rest_stay_locked_in_order(fake_driver, fil
     assert fake_driver.registered == {} and fake_driver.allocated == {}
 
 
-def test_a_reader_copies_on_the_device_from_a_staged_file_and_frees_it(fake_driver, files, monkeypatch):
-    import torch
-
-    import dscoder.shard_reader as reader
-
-    class Event:
-        def record(self, stream):
-            pass
-
-        def synchronize(self):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    entries = [reader.ShardEntry(files[2], torch.uint8, (n,), begin, begin + n)
-               for begin, n in ((0, 1000), (1000, 2000))]
-    dst = [torch.zeros(e.nbytes, dtype=torch.uint8) for e in entries]
+def test_a_reader_copies_on_the_device_from_a_staged_file_and_frees_it(fake_driver, files, reader_copy):
     page_lock.start_early(files, ordinal=0, stage=True)
-    shard = reader._Registered(files[2], 0)
-    shard.copy(list(zip(entries, dst, strict=True)), type("Stream", (), {"cuda_stream": 7})())
-    assert b"".join(bytes(d.numpy()) for d in dst) == files[2].read_bytes()
+    shard, copied = reader_copy(files[2], ((0, 1000), (1000, 2000)))
+    assert copied == files[2].read_bytes()
     assert staged(fake_driver, "device copy") == [1000, 2000] and staged(fake_driver, "copy") == [1000, 2000, 3000]
     assert shard.close() == 3000
     assert staged(fake_driver, "free") == [3000]  # freed at once: nothing waits for a reply
