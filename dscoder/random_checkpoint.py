@@ -70,6 +70,7 @@ def write_random_checkpoint(dst: Path, shape: str | dict = "tiny", *, seed: int 
     dtype = dtype or (torch.bfloat16 if shape == "lite" else torch.float32)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     dst.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(dst)  # first: what can fail for want of a package fails before the shards
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_dict(config))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -106,10 +107,12 @@ def _finish(dst: Path, names: list[str], weight_map: dict[str, str], config: dic
     total = sum((dst / new).stat().st_size for new in renamed.values())
     index = {"metadata": {"total_size": total},
              "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
-    (dst / INDEX).write_text(json.dumps(index, indent=2))
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     (dst / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
-    write_tokenizer_files(dst)
+    # last, through a temporary name: a checkpoint with its index is a whole one (the
+    # benchmarks reuse a directory that has it)
+    (dst / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2))
+    (dst / (INDEX + ".tmp")).replace(dst / INDEX)
 
 
 def main() -> None:

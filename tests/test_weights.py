@@ -205,3 +205,27 @@ def test_missing_generation_config_means_defaults(tmp_path):
     from dscoder.loader import generation_defaults
 
     assert generation_defaults(tmp_path) == GenerationSettings()
+
+
+def test_a_random_checkpoint_that_fails_half_way_has_no_index(tmp_path, monkeypatch):
+    """The benchmarks reuse a directory with an index: one whose writing failed must not have it."""
+    import dscoder.random_checkpoint as rc
+    from dscoder.errors import DscoderError
+    from dscoder.weights import INDEX
+
+    def no_package(dst):
+        raise DscoderError("Writing a random checkpoint needs the real tokenizer")
+
+    monkeypatch.setattr(rc, "write_tokenizer_files", no_package)
+    with pytest.raises(DscoderError):
+        rc.write_random_checkpoint(tmp_path / "a", "tiny")
+    assert list((tmp_path / "a").iterdir()) == []  # failed before any shard was written
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rc, "write_tokenizer_files", lambda dst: None)
+    monkeypatch.setattr(rc, "save_file", full_disk)
+    with pytest.raises(OSError):
+        rc.write_random_checkpoint(tmp_path / "b", "tiny")
+    assert not (tmp_path / "b" / INDEX).exists()
