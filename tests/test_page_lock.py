@@ -229,11 +229,14 @@ def test_staging_needs_room_for_the_model_twice(fake_driver, files):
 
 def test_no_staging_unless_asked_or_when_switched_off(fake_driver, files, monkeypatch):
     page_lock.start_early(files, ordinal=0)
-    assert isinstance(page_lock.source(files[0], 0), page_lock.LockedFile)
+    first = page_lock.source(files[0], 0)
     monkeypatch.setattr(page_lock, "STAGING", False)
     page_lock.start_early(files, ordinal=0, stage=True)
-    assert isinstance(page_lock.source(files[1], 0), page_lock.LockedFile)
+    second = page_lock.source(files[1], 0)
+    assert isinstance(first, page_lock.LockedFile) and isinstance(second, page_lock.LockedFile)
     assert staged(fake_driver, "alloc") == []
+    first.close()
+    second.close()
 
 
 def test_when_gpu_memory_runs_out_the_rest_stay_locked_in_order(fake_driver, files):

@@ -19,9 +19,12 @@ def test_profile_orders_phases_and_adds_repeats():
     p.add("graph capture", 0.25)
     p.count("bytes loaded", 4_000_000_000)
     p.add("load weights", 2.0)
+    p.add("allocate", 0.2)
+    p.add("before import", 0.3)
     p.count("compiles", 2)
     line = p.summary()
-    assert line.startswith("start-up: import 1.50 s, load weights 2.00 s, graph capture 0.50 s")
+    assert line.startswith("start-up: before import 0.30 s, import 1.50 s, allocate 0.20 s, "
+                           "load weights 2.00 s, graph capture 0.50 s")
     assert "4.0 GB at 2.0 GB/s" in line and "2 compiles" in line
     assert p.as_dict()["seconds"]["graph capture"] == 0.5
 
@@ -560,13 +563,3 @@ def test_no_server_running_means_no_http_client_import(tmp_path):
     (tmp_path / "dscoder").mkdir()
     (tmp_path / "dscoder" / "server.sock").touch()  # a stale socket: nothing listens
     assert run() == "None True"
-
-
-def test_the_profile_names_the_time_before_import_and_the_allocation_first():
-    p = StartupProfile()
-    p.add("load weights", 0.5)
-    p.add("allocate", 0.2)
-    p.add("import", 1.5)
-    p.add("before import", 0.3)
-    assert p.summary().startswith("start-up: before import 0.30 s, import 1.50 s, allocate 0.20 s, "
-                                  "load weights 0.50 s")
