@@ -1,7 +1,9 @@
 """Start-up: the profile, the compile cache's place, no recompile at a new length, parallel reads."""
 from __future__ import annotations
 
+import functools
 import io
+import json
 import shutil
 import threading
 
@@ -524,17 +526,80 @@ def test_loading_and_a_first_reply_leave_dynamo_unimported(tiny_checkpoint):
     assert done.stdout.strip().splitlines()[-3:] == ["False", "False", "True"]
 
 
-def test_tritons_installation_key_is_computed_in_the_background():
-    """prefetch_triton_key computes Triton's cached key on another thread, so the first
-    kernel's cache lookup finds it ready."""
+@pytest.fixture
+def fake_triton_key(monkeypatch):
+    """Triton's installation key replaced by one that counts its computations (the real one
+    hashes 500 MB)."""
     triton_cache = pytest.importorskip("triton.runtime.cache")
-    from dscoder.compile_cache import prefetch_triton_key
+    calls = []
 
-    triton_cache.triton_key.cache_clear()
-    thread = prefetch_triton_key()
+    @functools.lru_cache()
+    def triton_key():
+        calls.append(1)
+        return "3.x-fake-key"
+
+    monkeypatch.setattr(triton_cache, "triton_key", triton_key)
+    return triton_cache, calls
+
+
+def test_tritons_installation_key_is_computed_in_the_background_and_kept(fake_triton_key, tmp_path):
+    """Computed on a daemon thread the first time, and kept: the next process's lookups find
+    it without hashing Triton's installation again."""
+    from dscoder.compile_cache import TRITON_KEY_FILE, prefetch_triton_key
+
+    triton_cache, calls = fake_triton_key
+    thread = prefetch_triton_key(tmp_path)
     assert thread is not None and thread.daemon and thread is not threading.current_thread()
     thread.join(timeout=60)
-    assert triton_cache.triton_key.cache_info().currsize == 1
+    assert calls == [1] and json.loads((tmp_path / TRITON_KEY_FILE).read_text())["key"] == "3.x-fake-key"
+    assert list(tmp_path.iterdir()) == [tmp_path / TRITON_KEY_FILE]  # no temporary file left
+
+    triton_cache.triton_key.cache_clear()  # a new process: nothing computed yet
+    assert prefetch_triton_key(tmp_path) is None  # kept: no thread
+    assert triton_cache.triton_key() == "3.x-fake-key" and calls == [1]
+
+
+@pytest.mark.parametrize("kept", ["{not json", '{"fingerprint": "another installation", "key": "old"}',
+                                  '["a list"]', '{"fingerprint": null}'])
+def test_a_stale_or_damaged_kept_triton_key_is_computed_again(fake_triton_key, tmp_path, kept):
+    from dscoder.compile_cache import TRITON_KEY_FILE, prefetch_triton_key
+
+    triton_cache, calls = fake_triton_key
+    (tmp_path / TRITON_KEY_FILE).write_text(kept)
+    thread = prefetch_triton_key(tmp_path)
+    assert thread is not None
+    thread.join(timeout=60)
+    assert calls == [1] and json.loads((tmp_path / TRITON_KEY_FILE).read_text())["key"] == "3.x-fake-key"
+
+
+def test_the_installation_fingerprint_follows_every_file_but_bytecode(tmp_path):
+    import os
+
+    from dscoder.compile_cache import installation_fingerprint
+
+    pkg = tmp_path / "triton"
+    (pkg / "_C").mkdir(parents=True)
+    (pkg / "__pycache__").mkdir()
+    (pkg / "cache.py").write_text("x = 1\n")
+    (pkg / "_C" / "libtriton.so").write_bytes(b"\0" * 64)
+    first = installation_fingerprint(pkg, "3.6.0")
+    (pkg / "__pycache__" / "cache.cpython-311.pyc").write_bytes(b"bytecode")
+    assert installation_fingerprint(pkg, "3.6.0") == first
+    assert installation_fingerprint(pkg, "3.6.1") != first
+    os.utime(pkg / "_C" / "libtriton.so", ns=(1, 1))  # same size, another time
+    second = installation_fingerprint(pkg, "3.6.0")
+    assert second != first
+    (pkg / "cache.py").write_text("x = 22\n")
+    assert installation_fingerprint(pkg, "3.6.0") != second
+
+
+def test_a_cache_dir_that_cannot_be_written_only_costs_the_key_again(tmp_path):
+    from dscoder.compile_cache import TRITON_KEY_FILE, _keep_key
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would be")
+    _keep_key(blocker / TRITON_KEY_FILE, "fp", "key")  # no exception
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]
 
 
 def test_no_server_running_means_no_http_client_import(tmp_path):
