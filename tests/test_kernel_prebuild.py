@@ -171,3 +171,46 @@ def test_an_offloaded_dry_run_runs_each_segment_once_and_nothing_of_the_host_loo
     assert ran == [(j, decoder.rows(0)) for j in range(decoder.segments)]
     assert decoder.segments == len(decoder.moe) + 1 >= 3
     assert model.offload.stats.summary() == before
+
+
+def test_the_resident_dry_run_runs_one_layer_of_each_kind(tiny_checkpoint):
+    """Layers of a kind launch the same kernels alike: the dry run needs one of each (tiny, like
+    Lite: a dense first layer, then MoE layers), and only those run."""
+    from dscoder.kernel_prebuild import kinds, record, resident_steps
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.set_context(64)
+    assert cfg.first_k_dense_replace == 1 and cfg.num_hidden_layers >= 3
+    assert kinds(model) == [0, 1]
+    ran = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+    assert record(lambda: resident_steps(model, 16)) == []  # no Triton kernel on the CPU
+    assert ran == [0, 1] * 3  # a decode step, a one-token and a two-token prompt
+
+
+def test_a_layer_unlike_the_others_is_a_kind_of_its_own(tiny_checkpoint):
+    from dscoder.kernel_prebuild import kinds
+
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    last = model.model.layers[-1]
+    last.input_layernorm.weight.data = last.input_layernorm.weight.data.to(torch.bfloat16)
+    assert kinds(model) == [0, 1, cfg.num_hidden_layers - 1]
+
+
+def test_a_run_through_some_layers_is_the_model_cut_to_them(tiny_checkpoint):
+    """Transformer.run's layers: those layers, in that order, with their own cache rows."""
+    cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+    model = load_model(tiny_checkpoint, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.set_context(64)
+    ids = torch.tensor([5, 9, 2])
+    full, every = model.new_cache(64), model.new_cache(64)
+    assert torch.equal(model(ids, full, 0), model(ids, every, 0, layers=range(cfg.num_hidden_layers)))
+    some = model.new_cache(64)
+    cut = model(ids, some, 0, layers=[0, 2])
+    assert not torch.equal(cut, model(ids, model.new_cache(64), 0))
+    assert some.layer(1).abs().sum() == 0 and some.layer(2).abs().sum() > 0
+    del model.model.layers[1]
+    assert torch.allclose(cut, model(ids, model.new_cache(64), 0))

@@ -1,7 +1,7 @@
 """The whole DeepSeek-V2 decoder: embedding, decoder layers, final norm, lm_head."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -125,14 +125,16 @@ class Transformer(nn.Module):
             mla_decode.fits(device)
 
     def forward(self, ids: torch.Tensor, cache: LatentKVCache, start: int, *,
-                all_logits: bool = False, absorbed: bool | None = None) -> torch.Tensor:
-        """Run ids (T,) at positions [start, start+T); return fp32 logits of the last (or all) rows."""
+                all_logits: bool = False, absorbed: bool | None = None,
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Run ids (T,) at positions [start, start+T); return fp32 logits of the last (or all) rows.
+        layers: only these layers (a dry run's, dscoder.kernel_prebuild), not all."""
         assert self.rope is not None, "call set_context first"
         t = ids.shape[0]
         if absorbed is None:
             absorbed = t == 1  # decode reads the latent cache directly; prefill expands it
         step = Step.at(start, t, absorbed)
-        return self.run(ids, self.rope[start:start + t], cache, step, all_logits)
+        return self.run(ids, self.rope[start:start + t], cache, step, all_logits, layers=layers)
 
     def prefill_by_layer(self, ids: torch.Tensor, cache: LatentKVCache, start: int,
                          chunk: int) -> torch.Tensor:
@@ -152,23 +154,27 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x[-1:])).float()
 
     def decode_at(self, ids: torch.Tensor, pos: torch.Tensor, cache: LatentKVCache,
-                  visible: int, compiled: Callable | None = None) -> torch.Tensor:
+                  visible: int, compiled: Callable | None = None,
+                  layers: Sequence[int] | None = None) -> torch.Tensor:
         """One token whose position is a device tensor: fixed shapes, so it can be graph-captured.
         compiled: a compiled decode layer to use instead of the model's own (dscoder.warmup)."""
         assert self.rope is not None, "call set_context first"
         return self.run(ids, self.rope.index_select(0, pos), cache, Step.on_device(pos, visible),
-                        compiled=compiled)
+                        compiled=compiled, layers=layers)
 
     def run(self, ids: torch.Tensor, rope: torch.Tensor, cache: LatentKVCache, step: Step,
-            all_logits: bool = False, compiled: Callable | None = None) -> torch.Tensor:
+            all_logits: bool = False, compiled: Callable | None = None,
+            layers: Sequence[int] | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
         compiled = compiled or self._compiled_layer
+        stack = self.model.layers
+        which = enumerate(stack) if layers is None else ((i, stack[i]) for i in layers)
         if compiled is not None and isinstance(step.start, torch.Tensor):
             mask = _dynamic(step.mask, 1)
-            for i, layer in enumerate(self.model.layers):
+            for i, layer in which:
                 x = compiled(layer, x, rope, _dynamic(cache.layer(i), 0), step.start, mask)
         else:
-            for i, layer in enumerate(self.model.layers):
+            for i, layer in which:
                 x = layer(x, rope, cache.layer(i), step)
         if not all_logits:
             x = x[-1:]
