@@ -112,26 +112,48 @@ def resident_steps(model: Transformer, rows: int) -> None:
 
 
 def kinds(model: Transformer) -> list[int]:
-    """The first layer of each kind: its modules' types and its parameters' and buffers' shapes,
-    dtypes and 16-byte alignment (what a Triton kernel's specialization sees), the same. Lite has
-    two kinds (the dense first layer, the MoE ones)."""
+    """The first layer of each kind (_kind): Lite has two, the dense first layer and the MoE ones."""
     first: dict[tuple, int] = {}
     for i, layer in enumerate(model.model.layers):
-        tensors = [*layer.named_parameters(), *layer.named_buffers()]
-        kind = (tuple((name, type(m)) for name, m in layer.named_modules()),
-                tuple((name, tuple(t.shape), t.dtype, t.data_ptr() % 16) for name, t in tensors))
-        first.setdefault(kind, i)
+        first.setdefault(_kind(layer), i)
     return sorted(first.values())
+
+
+def _kind(layer: torch.nn.Module) -> tuple:
+    """What a Triton kernel's specialization sees of a layer: its modules' types, and its
+    parameters' and buffers' shapes, dtypes and 16-byte alignment."""
+    tensors = [*layer.named_parameters(), *layer.named_buffers()]
+    return (tuple((name, type(m)) for name, m in layer.named_modules()),
+            tuple((name, tuple(t.shape), t.dtype, t.data_ptr() % 16) for name, t in tensors))
 
 
 def offloaded_steps(decoder: OffloadedDecoder, pos: int) -> None:
     """What an offloaded model's first reply launches: each decode segment of a step at `pos`
     (into the decoder's own buffers and cache, which its capture's warm-up rewrites) and a
-    sampled step after it. A prompt's products of several rows are cuBLAS's, not Triton's."""
+    sampled step after it. A prompt's products of several rows are cuBLAS's, not Triton's.
+    One segment of each kind (segment_kinds), as the resident dry run takes one layer of each."""
     visible = decoder.rows(pos)
-    for j in range(decoder.segments):
+    for j in segment_kinds(decoder):
         decoder.segment(j, visible)
     sample(decoder.logits, decoder.pos + 1, SamplingParams.on(decoder.logits.device), greedy=False)
+
+
+def segment_kinds(decoder: OffloadedDecoder) -> list[int]:
+    """The first decode segment of each kind: the first (embedding) and the last (logits) are
+    kinds of their own; a segment in between is the kinds of the MoE layer whose experts it
+    runs, of the layers it runs whole, and of the MoE layer it routes (Lite: segments 1-25 are
+    one kind)."""
+    layers, moe = decoder.model.model.layers, decoder.moe
+    first: dict[tuple, int] = {}
+    for j in range(decoder.segments):
+        start = 0 if j == 0 else moe[j - 1] + 1
+        end = moe[j] if j < len(moe) else len(layers)
+        kind = (j == 0, j == len(moe),
+                _kind(layers[moe[j - 1]]) if j > 0 else None,
+                tuple(_kind(layers[i]) for i in range(start, end)),
+                _kind(layers[moe[j]]) if j < len(moe) else None)
+        first.setdefault(kind, j)
+    return sorted(first.values())
 
 
 def _compile(device: torch.device, launch: Launch):

@@ -27,6 +27,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def six_layer_checkpoint(tmp_path_factory) -> Path:
+    """tiny with six layers, a dense one and five MoE layers: layers and decode segments that
+    are alike, as most of Lite's are (the kernel prebuild's dry run takes one of each kind)."""
+    import copy
+
+    from dscoder.random_checkpoint import TINY, write_random_checkpoint
+
+    shape = copy.deepcopy(TINY)
+    shape["num_hidden_layers"] = 6
+    return write_random_checkpoint(tmp_path_factory.mktemp("six"), shape, seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny236_checkpoint(tmp_path_factory) -> Path:
     """The 236B model's features (q low-rank, group-limited routing, scaling 16) in small shapes."""
     from dscoder.random_checkpoint import write_random_checkpoint

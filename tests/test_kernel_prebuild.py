@@ -148,9 +148,10 @@ def test_a_recording_hands_each_new_launch_on_at_once():
 
 def test_an_offloaded_dry_run_runs_each_segment_once_and_nothing_of_the_host_loop(tiny_checkpoint,
                                                                                    monkeypatch):
-    """offloaded_steps: every decode segment at the first graph's rows, then a sampled step,
-    and nothing that reads a routed id on the host (no slot acquired, no copy, no prefetch):
-    under a recording on a GPU the routing kernels do not run, so those ids are garbage."""
+    """offloaded_steps: every decode segment (tiny's are each a kind of its own) at the first
+    graph's rows, then a sampled step, and nothing that reads a routed id on the host (no slot
+    acquired, no copy, no prefetch): under a recording on a GPU the routing kernels do not run,
+    so those ids are garbage."""
     from functools import partial
 
     from dscoder.kernel_prebuild import offloaded_steps, record
@@ -214,3 +215,24 @@ def test_a_run_through_some_layers_is_the_model_cut_to_them(tiny_checkpoint):
     assert some.layer(1).abs().sum() == 0 and some.layer(2).abs().sum() > 0
     del model.model.layers[1]
     assert torch.allclose(cut, model(ids, model.new_cache(64), 0))
+
+
+def test_the_offloaded_dry_run_runs_one_segment_of_each_kind(six_layer_checkpoint, monkeypatch):
+    """Six layers (a dense one, five MoE): the embedding's segment, one of the four alike in
+    between, and the logits' segment."""
+    from dscoder.kernel_prebuild import kinds, offloaded_steps, record, segment_kinds
+    from dscoder.offload.decoder import OffloadedDecoder
+    from dscoder.offload.setup import install_offload
+
+    path = six_layer_checkpoint
+    cfg = ModelConfig.from_file(path / "config.json")
+    model = load_model(path, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    install_offload(model, 6, torch.device("cpu"))
+    model.set_context(512)
+    decoder = OffloadedDecoder(model, model.offload, model.new_cache(512), ahead=1, graphs=False)
+    assert kinds(model) == [0, 1] and decoder.segments == 6
+    assert segment_kinds(decoder) == [0, 1, 5]
+    ran, segment = [], decoder.segment
+    monkeypatch.setattr(decoder, "segment", lambda j, visible: (ran.append(j), segment(j, visible)))
+    record(lambda: offloaded_steps(decoder, 0))
+    assert ran == [0, 1, 5]

@@ -390,10 +390,11 @@ print(json.dumps(seen))
 
 
 @pytest.mark.parametrize("offloaded", [False, True])
-def test_kernels_build_before_the_first_capture_and_no_reply_builds_one(tiny_checkpoint, tmp_path,
+def test_kernels_build_before_the_first_capture_and_no_reply_builds_one(six_layer_checkpoint, tmp_path,
                                                                         offloaded):
     """With an empty Triton cache (the first run after install), the dry run's builds (during
-    the load; offloaded: before the first capture) are every build the process needs: the
+    the load; offloaded: before the first capture), through one layer or segment of each kind
+    (six layers: a dense one, five MoE ones), are every build the process needs: the
     first graph capture, a sampled and a greedy reply add nothing to the cache (each build,
     and each C launcher, adds a directory). Then twice with that cache (warm starts: the
     builds are lookups, loaded on the prebuild's thread), which once failed with a kernel
@@ -410,12 +411,12 @@ def test_kernels_build_before_the_first_capture_and_no_reply_builds_one(tiny_che
 
     budget = []
     if offloaded:  # room for 7 of the experts (tiny: 8 a layer) at a 512-token window
-        cfg = ModelConfig.from_file(tiny_checkpoint / "config.json")
+        cfg = ModelConfig.from_file(six_layer_checkpoint / "config.json")
         budget = [str(budget_for_slots(model_sizes(cfg, torch.bfloat16), 7, 512, cuda=True))]
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     runs = []
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(tiny_checkpoint), *budget], env=env,
+        done = subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(six_layer_checkpoint), *budget], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         runs.append(json.loads(done.stdout.splitlines()[-1]))
