@@ -28,14 +28,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def six_layer_checkpoint(tmp_path_factory) -> Path:
-    """tiny with six layers, a dense one and five MoE layers: layers and decode segments that
-    are alike, as most of Lite's are (the kernel prebuild's dry run takes one of each kind)."""
+    """tiny with six layers, a dense one and five MoE layers, and 4 experts a token (rows of the
+    routing buffers 16-byte aligned): layers and decode segments that are alike, as most of
+    Lite's are (the kernel prebuild's dry run takes one of each kind)."""
     import copy
 
     from dscoder.random_checkpoint import TINY, write_random_checkpoint
 
     shape = copy.deepcopy(TINY)
     shape["num_hidden_layers"] = 6
+    shape["num_experts_per_tok"] = 4
     return write_random_checkpoint(tmp_path_factory.mktemp("six"), shape, seed=1)
 
 

@@ -217,22 +217,41 @@ def test_a_run_through_some_layers_is_the_model_cut_to_them(tiny_checkpoint):
     assert torch.allclose(cut, model(ids, model.new_cache(64), 0))
 
 
-def test_the_offloaded_dry_run_runs_one_segment_of_each_kind(six_layer_checkpoint, monkeypatch):
-    """Six layers (a dense one, five MoE): the embedding's segment, one of the four alike in
-    between, and the logits' segment."""
-    from dscoder.kernel_prebuild import kinds, offloaded_steps, record, segment_kinds
+def _six_layer_decoder(path, ahead: int):
     from dscoder.offload.decoder import OffloadedDecoder
     from dscoder.offload.setup import install_offload
 
-    path = six_layer_checkpoint
     cfg = ModelConfig.from_file(path / "config.json")
     model = load_model(path, cfg, device=torch.device("cpu"), dtype=torch.float32)
     install_offload(model, 6, torch.device("cpu"))
     model.set_context(512)
-    decoder = OffloadedDecoder(model, model.offload, model.new_cache(512), ahead=1, graphs=False)
-    assert kinds(model) == [0, 1] and decoder.segments == 6
-    assert segment_kinds(decoder) == [0, 1, 5]
+    return OffloadedDecoder(model, model.offload, model.new_cache(512), ahead=ahead, graphs=False)
+
+
+def test_the_offloaded_dry_run_runs_one_segment_of_each_kind(six_layer_checkpoint, monkeypatch):
+    """Six layers (a dense one, five MoE): the embedding's segment, one of the three alike in
+    between, the one that routes the last MoE layer (no router runs ahead of it), and the
+    logits' segment."""
+    from dscoder.kernel_prebuild import kinds, offloaded_steps, record, segment_kinds
+
+    decoder = _six_layer_decoder(six_layer_checkpoint, ahead=1)
+    assert kinds(decoder.model) == [0, 1] and decoder.segments == 6
+    assert segment_kinds(decoder) == [0, 1, 4, 5]
     ran, segment = [], decoder.segment
     monkeypatch.setattr(decoder, "segment", lambda j, visible: (ran.append(j), segment(j, visible)))
     record(lambda: offloaded_steps(decoder, 0))
-    assert ran == [0, 1, 5]
+    assert ran == [0, 1, 4, 5]
+
+
+def test_segments_differ_by_their_routing_rows_alignment_and_later_routers(six_layer_checkpoint):
+    """What a Triton kernel specializes on besides the layers: the alignment of the segment's
+    rows of the routing buffers (found on an H100: a _gemv built inside the capture when all
+    alike-layered segments were taken as one), and fewer routers run ahead near the end."""
+    from dscoder.kernel_prebuild import segment_kinds
+
+    decoder = _six_layer_decoder(six_layer_checkpoint, ahead=2)
+    assert segment_kinds(decoder) == [0, 1, 3, 4, 5]  # 3 runs one router ahead, not two
+    decoder = _six_layer_decoder(six_layer_checkpoint, ahead=1)
+    n, k = decoder.route_w.shape
+    decoder.route_w = torch.zeros(n, k + 2)[:, :k]  # rows 24 bytes apart: aligned, then not
+    assert segment_kinds(decoder) == [0, 1, 2, 4, 5]
