@@ -144,16 +144,17 @@ def segment_kinds(decoder: OffloadedDecoder) -> list[int]:
     runs, of the layers it runs whole and of the MoE layer it routes, the 16-byte alignment of
     its rows of the decoder's routing buffers (rows of 6 fp32 weights alternate), and how many
     routers of later layers it runs (fewer near the end). Lite: 5 of 27 (prefetch depth 1)."""
-    layers, moe = decoder.model.model.layers, decoder.moe
+    moe = decoder.moe
+    layer = [_kind(layer) for layer in decoder.model.model.layers]  # each layer's, once
     first: dict[tuple, int] = {}
     for j in range(decoder.segments):
         start = 0 if j == 0 else moe[j - 1] + 1
-        end = moe[j] if j < len(moe) else len(layers)
+        end = moe[j] if j < len(moe) else len(layer)
         rows = [n for n in (j - 1, j) if 0 <= n < len(moe)]
         kind = (j == 0, j == len(moe),
-                _kind(layers[moe[j - 1]]) if j > 0 else None,
-                tuple(_kind(layers[i]) for i in range(start, end)),
-                _kind(layers[moe[j]]) if j < len(moe) else None,
+                layer[moe[j - 1]] if j > 0 else None,
+                tuple(layer[start:end]),
+                layer[moe[j]] if j < len(moe) else None,
                 tuple((n - j, buf[n].data_ptr() % 16) for n in rows
                       for buf in (decoder.route_w, decoder.slot_ids)),
                 len(moe[j + 1:j + 1 + decoder.ahead]))
