@@ -296,6 +296,9 @@ def load_hf_engine(model_dir: Path, tokenizer: Any, *, device: torch.device,
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from dscoder.torch_import import load_deferred
+
+    load_deferred()  # accelerate builds models on the meta device: torch's Python meta kernels
     if log is None:  # stderr is for our own progress and warnings; --verbose shows transformers'
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()

@@ -26,6 +26,7 @@ from dscoder.compile_cache import enable_compile_caches
 from dscoder.kernel_prebuild import KernelPrebuild, offloaded_steps
 from dscoder.model.transformer import Transformer, compile_decode_layer
 from dscoder.profile import StartupProfile
+from dscoder.torch_import import load_deferred
 
 
 def compile_count() -> int:
@@ -60,6 +61,7 @@ class Precompile:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, 0.0005))
         try:
+            load_deferred()  # torch's Python meta kernels, before Inductor imports (dscoder.torch_import)
             enable_compile_caches()  # imports Inductor: seconds
             compiled = compile_decode_layer(backend)
             _first_step(model, compiled, rows)

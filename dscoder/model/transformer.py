@@ -16,6 +16,7 @@ from dscoder.model.layers import Linear, RMSNorm, SwiGLU
 from dscoder.model.moe import MoE
 from dscoder.model.rope import rope_table
 from dscoder.model.step import Step
+from dscoder.torch_import import load_deferred
 
 
 class Route(NamedTuple):
@@ -211,6 +212,7 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
 
     import torch._dynamo
 
+    load_deferred()  # tracing runs fake tensors through torch's Python meta kernels
     # Inductor's performance hints are addressed to PyTorch's developers ("Online softmax is
     # disabled on the fly..."); they reached our users' terminals in the middle of a chat
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
