@@ -152,6 +152,7 @@ def _load_native(model_dir: Path, *, device: str, dtype: str | None, gpu_memory:
 def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log, warn, notice,
             graphs, compile, offload_policy, prefetch_depth, routing_trace, capture_ahead, profile,
             expert_dtype):
+    from dscoder import tokenizer_helper
     from dscoder.engine import Engine
     from dscoder.tokenizer import load_tokenizer
 
@@ -164,9 +165,10 @@ def _native(model_dir, device, dtype, gpu_memory, context_length, progress, log,
         if ctx < 2:
             raise UsageError(f"--context-length must be at least 2, not {context_length}.")
     # Not overlapped with loading the weights: parsing tokenizer.json holds the GIL for
-    # whole calls, which stalled the reading threads as long as it ran.
+    # whole calls, which stalled the reading threads as long as it ran. The CLI has a helper
+    # process parse it while torch imports (dscoder.tokenizer_helper).
     with profile.phase("tokenizer"):
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = tokenizer_helper.take(model_dir) or load_tokenizer(model_dir)
     # a model resident on the GPU decodes from CUDA graphs, and compiles its step in the
     # background (dscoder.warmup); a routing trace needs the host at every layer: no graphs
     use_graphs = dev.type == "cuda" and graphs

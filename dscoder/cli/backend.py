@@ -79,6 +79,7 @@ class RealBackend:
 
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
         lock_shards_early(model_dir, settings)
+        parse_tokenizer_early(model_dir, settings)
         from dscoder.profile import StartupProfile, process_age
 
         profile = StartupProfile()
@@ -140,6 +141,16 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
     shards = shard_files(model_dir)
     if shards:  # a whole model on the GPU: its shards are staged there too, where it has room
         page_lock.start_early(shards, ordinal, stage=not settings.gpu_memory)
+
+
+def parse_tokenizer_early(model_dir: Path, settings: Settings) -> None:
+    """Have a helper process parse the native engine's tokenizer while torch imports
+    (dscoder.tokenizer_helper): 0.2-0.3 s that held the GIL on the way to the first token."""
+    from dscoder import tokenizer_helper
+    from dscoder.engines import choose_engine
+
+    if choose_engine(model_dir, settings.engine) == "native":
+        tokenizer_helper.start(model_dir)
 
 
 def cuda_ordinal(device: str) -> int | None:
