@@ -146,13 +146,44 @@ def test_a_recording_hands_each_new_launch_on_at_once():
     assert seen == [((1,), 0), ((2,), 0)] and len(rec.launches) == 2
 
 
+def test_pieces_record_on_threads_of_their_own_into_one_recording():
+    """Each piece on its own thread (their first CUDA calls load kernels side by side); one
+    specialization is recorded once whichever thread met it, and nothing runs."""
+    from dscoder.kernel_prebuild import record
+
+    k, seen, threads = FakeKernel(), [], set()
+    barrier = threading.Barrier(3, timeout=10)  # all three pieces running at once
+
+    def piece(dtype):
+        def run():
+            threads.add(threading.get_ident())
+            barrier.wait()
+            launch(k, (1,), torch.zeros(2, dtype=dtype))
+        return run
+
+    launches = record([piece(torch.float32), piece(torch.float32), piece(torch.int8)], seen.append)
+    assert len(launches) == 2 and sorted(str(launch.args[0].dtype) for launch in launches) == [
+        "torch.float32", "torch.int8"]
+    assert sorted(map(id, seen)) == sorted(map(id, launches))  # on_new: each new one, once
+    assert len(threads) == 3 and threading.get_ident() not in threads and k.calls == []
+
+
+def test_a_failing_piece_fails_the_record():
+    from dscoder.kernel_prebuild import record
+
+    def fails():
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        record([lambda: None, fails])
+
+
 def test_an_offloaded_dry_run_runs_each_segment_once_and_nothing_of_the_host_loop(tiny_checkpoint,
                                                                                    monkeypatch):
     """offloaded_steps: every decode segment (tiny's are each a kind of its own) at the first
     graph's rows, then a sampled step, and nothing that reads a routed id on the host (no slot
     acquired, no copy, no prefetch): under a recording on a GPU the routing kernels do not run,
     so those ids are garbage."""
-    from functools import partial
 
     from dscoder.kernel_prebuild import offloaded_steps, record
     from dscoder.offload.decoder import OffloadedDecoder
@@ -168,7 +199,7 @@ def test_an_offloaded_dry_run_runs_each_segment_once_and_nothing_of_the_host_loo
     for name in ("acquire", "prefetch", "wait"):
         monkeypatch.setattr(model.offload.cache, name, lambda *a, **k: pytest.fail("the host loop ran"))
     before = model.offload.stats.summary()
-    assert record(partial(offloaded_steps, decoder, 0)) == []  # no Triton kernel on the CPU
+    assert record(offloaded_steps(decoder, 0)) == []  # no Triton kernel on the CPU
     assert ran == [(j, decoder.rows(0)) for j in range(decoder.segments)]
     assert decoder.segments == len(decoder.moe) + 1 >= 3
     assert model.offload.stats.summary() == before
@@ -187,8 +218,10 @@ def test_the_resident_dry_run_runs_one_layer_of_each_kind(tiny_checkpoint):
     ran = []
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
-    assert record(lambda: resident_steps(model, 16)) == []  # no Triton kernel on the CPU
-    assert ran == [0, 1] * 3  # a decode step, a one-token and a two-token prompt
+    pieces = resident_steps(model, 16)
+    assert len(pieces) == 5  # a decode step and a one-token prompt per kind, two-token prompts
+    assert record(pieces) == []  # no Triton kernel on the CPU
+    assert sorted(ran) == [0] * 3 + [1] * 3  # a decode step, a one-token and a two-token prompt
 
 
 def test_a_layer_unlike_the_others_is_a_kind_of_its_own(tiny_checkpoint):
@@ -239,7 +272,7 @@ def test_the_offloaded_dry_run_runs_one_segment_of_each_kind(six_layer_checkpoin
     assert segment_kinds(decoder) == [0, 1, 4, 5]
     ran, segment = [], decoder.segment
     monkeypatch.setattr(decoder, "segment", lambda j, visible: (ran.append(j), segment(j, visible)))
-    record(lambda: offloaded_steps(decoder, 0))
+    record(offloaded_steps(decoder, 0))
     assert ran == [0, 1, 4, 5]
 
 

@@ -32,19 +32,22 @@ class Launch:
 @dataclass
 class Recording:
     """The launches of a dry run, one per specialization (specialization()); on_new sees each
-    as it is first recorded."""
+    as it is first recorded. Several threads may record into one."""
 
     on_new: Callable[[Launch], None] | None = None
     launches: list[Launch] = field(default_factory=list)
     _seen: set = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, launch: Launch) -> None:
         key = specialization(launch)
-        if key not in self._seen:
+        with self._lock:
+            if key in self._seen:
+                return
             self._seen.add(key)
             self.launches.append(launch)
-            if self.on_new is not None:
-                self.on_new(launch)
+        if self.on_new is not None:
+            self.on_new(launch)
 
 
 _LOCAL = threading.local()  # .recording: this thread's dry run, if one is on
@@ -61,12 +64,14 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
-def recording(on_new: Callable[[Launch], None] | None = None) -> Iterator[Recording]:
-    """Record this thread's launches instead of running them. Only for code whose other work
-    never reads a kernel's output as an index or a size on the host (the decode step: the
-    outputs feed other kernels and elementwise torch ops alone)."""
+def recording(on_new: Callable[[Launch], None] | None = None,
+              into: Recording | None = None) -> Iterator[Recording]:
+    """Record this thread's launches instead of running them (into `into`, which other threads
+    may be recording into too, or a new Recording). Only for code whose other work never reads
+    a kernel's output as an index or a size on the host (the decode step: the outputs feed
+    other kernels and elementwise torch ops alone)."""
     previous = getattr(_LOCAL, "recording", None)
-    _LOCAL.recording = rec = Recording(on_new)
+    _LOCAL.recording = rec = into if into is not None else Recording(on_new)
     try:
         yield rec
     finally:
