@@ -117,3 +117,9 @@ def test_the_cli_loads_the_engine_with_the_helpers_tokenizer(tiny_checkpoint):
     finally:
         tokenizer_helper._stop(engine.tokenizer._tok._proc)
         engine.close()
+
+
+def test_a_helper_that_cannot_start_leaves_a_local_parse(tokenizer_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(tokenizer_helper.sys, "executable", str(tmp_path / "no-python"))
+    tokenizer_helper.start(tokenizer_dir)
+    assert tokenizer_helper.take(tokenizer_dir) is None
