@@ -21,6 +21,7 @@ run after install at --gpu-memory 12GiB on an H100 before).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sysconfig
@@ -104,11 +105,9 @@ def record(pieces: Sequence[Piece], on_new: Callable[[Launch], None] | None = No
     errors: list[BaseException] = []
 
     def run(piece: Piece) -> None:
+        on_gpu = device is not None and device.type == "cuda"
         try:
-            if device is not None and device.type == "cuda":
-                with torch.cuda.device(device):
-                    _record_piece(piece, rec)
-            else:
+            with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
                 _record_piece(piece, rec)
         except BaseException as e:  # raised on the calling thread below
             errors.append(e)

@@ -22,11 +22,9 @@ from functools import partial
 import torch
 
 from dscoder import cuda_capture, fx_threads
-from dscoder.compile_cache import enable_compile_caches
 from dscoder.kernel_prebuild import KernelPrebuild, offloaded_steps
 from dscoder.model.transformer import Transformer, compile_decode_layer
 from dscoder.profile import StartupProfile
-from dscoder.torch_import import load_deferred
 
 
 def compile_count() -> int:
@@ -61,9 +59,7 @@ class Precompile:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, 0.0005))
         try:
-            load_deferred()  # torch's Python meta kernels, before Inductor imports (dscoder.torch_import)
-            enable_compile_caches()  # imports Inductor: seconds
-            compiled = compile_decode_layer(backend)
+            compiled = compile_decode_layer(backend)  # imports Dynamo and Inductor: seconds
             _first_step(model, compiled, rows)
             self.compiled = compiled
         except BaseException as e:  # decoding stays on the uncompiled step

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dscoder.compile_cache import enable_compile_caches
 from dscoder.config import ModelConfig
 from dscoder.kv_cache import LatentKVCache
 from dscoder.model import gemv, latent_row, mla_decode, pdl, route_kernel
@@ -210,9 +211,12 @@ def compile_decode_layer(backend: str | Callable = "inductor") -> Callable:
     length bucket or a grown cache never recompiles: a recompile there stalled a reply 10 s."""
     import warnings
 
+    # before the compiler imports: tracing runs fake tensors through torch's Python meta kernels
+    # (dscoder.torch_import), and its kernels are cached on disk
+    load_deferred()
+    enable_compile_caches()
     import torch._dynamo
 
-    load_deferred()  # tracing runs fake tensors through torch's Python meta kernels
     # Inductor's performance hints are addressed to PyTorch's developers ("Online softmax is
     # disabled on the fly..."); they reached our users' terminals in the middle of a chat
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
