@@ -27,8 +27,9 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 # DSCODER_DIRECT_READS=0: no page-locking, the staged reads of dscoder.shard_reader instead
 ENABLED = os.environ.get("DSCODER_DIRECT_READS", "1") != "0"
@@ -41,6 +42,19 @@ STAGING_RESERVE = 4 << 30
 # first can read it) and CU_MEMHOSTREGISTER_READ_ONLY (the device only reads the pages)
 REGISTER_FLAGS = 1 | 8
 _PROT_READ, _MAP_SHARED = 1, 1
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # CUipcMemHandle, passed by value
+
+
+_OPTIONAL_CALLS = {
+    "cuMemHostAlloc": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint],
+    "cuMemFreeHost": [ctypes.c_void_p],
+    "cuIpcGetMemHandle": [ctypes.POINTER(_IpcHandle), ctypes.c_uint64],
+    "cuIpcOpenMemHandle_v2": [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint],
+    "cuIpcCloseMemHandle": [ctypes.c_uint64],
+}
 
 
 class Driver:
@@ -56,6 +70,8 @@ class Driver:
         self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                    ctypes.c_int, ctypes.c_long]
         self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.libc.pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+        self.libc.pread.restype = ctypes.c_ssize_t
         self._contexts: dict[int, int] = {}
         self._contexts_lock = threading.Lock()
 
@@ -82,6 +98,11 @@ class Driver:
                     cuda.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
                     cuda.cuEventSynchronize.argtypes = [ctypes.c_void_p]
                     cuda.cuEventDestroy_v2.argtypes = [ctypes.c_void_p]
+                    for name, argtypes in _OPTIONAL_CALLS.items():  # only a stage helper's
+                        try:
+                            getattr(cuda, name).argtypes = argtypes
+                        except AttributeError:  # an older driver: it fails to start, that is all
+                            pass
                     if cuda.cuInit(0) != 0:
                         return None
                     cls._instance = cls(cuda)
@@ -142,6 +163,42 @@ class Driver:
 
     def free(self, device_address: int) -> None:
         self.cuda.cuMemFree_v2(device_address)
+
+    def pread(self, fd: int, address: int, size: int, offset: int) -> int:
+        """read(2) at `offset` of `fd` into memory at `address`; the bytes read, -1 on error."""
+        return self.libc.pread(fd, address, size, offset)
+
+    def host_alloc(self, size: int) -> int:
+        """`size` bytes of page-locked host memory (cuMemHostAlloc)."""
+        address = ctypes.c_void_p()
+        err = self.cuda.cuMemHostAlloc(ctypes.byref(address), size, 0)
+        if err != 0 or not address.value:
+            raise OSError(f"the CUDA driver could not page-lock {size} bytes of memory (error {err})")
+        return address.value
+
+    def host_free(self, address: int) -> None:
+        self.cuda.cuMemFreeHost(address)
+
+    def ipc_handle(self, device_address: int) -> bytes:
+        """A handle through which another process can map this GPU memory (ipc_open)."""
+        handle = _IpcHandle()
+        err = self.cuda.cuIpcGetMemHandle(ctypes.byref(handle), device_address)
+        if err != 0:
+            raise OSError(f"the CUDA driver could not share GPU memory (error {err})")
+        return bytes(handle.reserved)
+
+    def ipc_open(self, handle: bytes) -> int:
+        """Map another process's GPU memory (its ipc_handle) into the current context."""
+        shared = _IpcHandle.from_buffer_copy(handle)
+        address = ctypes.c_uint64()
+        # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: what the runtime's cudaIpcOpenMemHandle passes
+        err = self.cuda.cuIpcOpenMemHandle_v2(ctypes.byref(address), shared, 1)
+        if err != 0:
+            raise OSError(f"the CUDA driver could not map another process's GPU memory (error {err})")
+        return address.value
+
+    def ipc_close(self, device_address: int) -> None:
+        self.cuda.cuIpcCloseMemHandle(device_address)
 
     def new_stream(self) -> int:
         """A stream of the current context that does not wait for the legacy default stream."""
@@ -237,6 +294,44 @@ class StagedFile:
             self.device_address = 0
 
 
+class StageHelper(Protocol):
+    """Another process that stages the files on the GPU (dscoder.stage_helper.Helper)."""
+
+    def staged(self) -> Iterator[tuple[int, bytes]]:
+        """(index in the files, ipc_handle of its GPU copy) for each file as it is staged;
+        ends when all are, or when the helper gives up (the rest are then not staged)."""
+        ...
+
+    def free(self, index: int) -> None:
+        """The file `index` is no longer mapped here: the helper may free its GPU copy."""
+        ...
+
+    def retire(self) -> None:
+        """Nothing more will be taken from the helper: it ends once every file taken is freed."""
+        ...
+
+    def wait(self) -> None:
+        """Until the helper has ended (retired, every file taken freed), its memory given back."""
+        ...
+
+
+class ImportedFile(StagedFile):
+    """A file's bytes whole in GPU memory that another process staged and shares (a stage
+    helper, dscoder.stage_helper): close() unmaps it here and lets the helper free it."""
+
+    def __init__(self, path: Path, driver: Driver, ordinal: int, device_address: int, size: int,
+                 helper: StageHelper, index: int) -> None:
+        super().__init__(path, driver, ordinal, device_address, size)
+        self.helper, self.index = helper, index
+
+    def close(self) -> None:
+        if self.device_address:
+            self.driver.use_device(self.ordinal)
+            self.driver.ipc_close(self.device_address)
+            self.device_address = 0
+            self.helper.free(self.index)
+
+
 Source = LockedFile | StagedFile  # where a shard's copies to the GPU come from
 
 
@@ -324,18 +419,22 @@ class _Early:
     """Files locked in order on a thread of their own, each handed over once (take); with
     `stage`, copied whole to the GPU as well and unlocked (StagedFile), while there is room."""
 
-    def __init__(self, paths: Sequence[Path], ordinal: int, budget: int, stage: bool) -> None:
+    def __init__(self, paths: Sequence[Path], ordinal: int, budget: int, stage: bool,
+                 helper: StageHelper | None = None) -> None:
         self._ready = {path: threading.Event() for path in paths}
         self._locked: dict[Path, Source] = {}  # locked or staged, not yet taken
         self._closed = False
+        self._helper = helper
         self._mutex = threading.Lock()
         self.staged_bytes = 0
         self.staged_seconds = 0.0  # from the thread's start to the last file staged
-        self._thread = threading.Thread(target=self._run, args=(list(paths), ordinal, budget, stage),
+        self._thread = threading.Thread(target=self._run,
+                                        args=(list(paths), ordinal, budget, stage, helper),
                                         name="dscoder-page-lock", daemon=True)
         self._thread.start()
 
-    def _run(self, paths: list[Path], ordinal: int, budget: int, stage: bool) -> None:
+    def _run(self, paths: list[Path], ordinal: int, budget: int, stage: bool,
+             helper: StageHelper | None) -> None:
         t = time.perf_counter()
         stream = 0  # the staging copies' stream, while staging
         pending: _Staging | LockedFile | None = None  # held here, not handed over yet
@@ -344,7 +443,12 @@ class _Early:
             if driver is None:
                 return
             driver.use_device(ordinal)  # the CUDA context, made while torch imports
-            if stage and _room_to_stage(driver, paths):
+            if helper is not None:
+                rest = self._import(helper, paths, driver, ordinal, t)
+                if rest is None:  # released meanwhile
+                    return
+                paths = rest  # what the helper did not stage: locked or staged here instead
+            if stage and room_to_stage(driver, paths):
                 stream = driver.new_stream()
             staging_on = bool(stream)
             for path in paths:
@@ -391,8 +495,32 @@ class _Early:
                 pending.close()
             if stream:
                 driver.destroy_stream(stream)
+            if helper is not None:
+                helper.retire()
             for event in self._ready.values():
                 event.set()
+
+    def _import(self, helper: StageHelper, paths: list[Path], driver: Driver, ordinal: int,
+                started: float) -> list[Path] | None:
+        """Hand over each file as the helper stages it, mapped into this process; the files it
+        did not stage (it failed, or found no room) are returned, None once released."""
+        left = dict(enumerate(paths))
+        try:
+            for index, handle in helper.staged():
+                path = left[index]
+                try:
+                    address = driver.ipc_open(handle)
+                except (OSError, AttributeError):  # AttributeError: a driver without the call
+                    helper.free(index)
+                    break
+                del left[index]
+                imported = ImportedFile(path, driver, ordinal, address, path.stat().st_size,
+                                        helper, index)
+                if not self._hand_over(imported, started):
+                    return None
+        except (OSError, KeyError, ValueError):  # the helper is gone, or said something else
+            pass
+        return [left[index] for index in sorted(left)]
 
     def _hand_over(self, file: Source, started: float) -> bool:
         """Make `file` ready for take(); False (and `file` closed) once released."""
@@ -425,9 +553,11 @@ class _Early:
             file.close()
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
+            if self._helper is not None:  # its GPU memory is given back as it ends
+                self._helper.wait()
 
 
-def _room_to_stage(driver: Driver, paths: Sequence[Path]) -> bool:
+def room_to_stage(driver: Driver, paths: Sequence[Path]) -> bool:
     """Whether the device has room for the files twice (staged, and the model filled from
     them) and STAGING_RESERVE besides."""
     try:
@@ -440,15 +570,17 @@ def _room_to_stage(driver: Driver, paths: Sequence[Path]) -> bool:
 _EARLY: _Early | None = None
 
 
-def start_early(paths: Sequence[Path], ordinal: int = 0, stage: bool = False) -> None:
+def start_early(paths: Sequence[Path], ordinal: int = 0, stage: bool = False,
+                helper: StageHelper | None = None) -> None:
     """Start locking `paths` in order on a thread (its first act creates the CUDA context), up
     to half the machine's memory: the page cache they lie in must stay, and the rest of the
     process needs room. With `stage` (and STAGING, and room on the device for the files twice)
     each is also copied whole to the GPU and unlocked. The shard reader takes them (source(),
-    lock()); release_early() unlocks or frees what it did not take."""
+    lock()); release_early() unlocks or frees what it did not take. A `helper` (another process,
+    dscoder.stage_helper) stages the files first; those it does not, this thread locks or stages."""
     global _EARLY
     release_early()
-    _EARLY = _Early(paths, ordinal, _memory_bytes() // 2, stage and STAGING)
+    _EARLY = _Early(paths, ordinal, _memory_bytes() // 2, stage and STAGING, helper)
 
 
 def early_staged() -> tuple[int, float]:

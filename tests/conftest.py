@@ -80,6 +80,17 @@ def src(tmp_path) -> Path:
 
 
 @pytest.fixture
+def files(tmp_path):
+    """Three checkpoint shards of different sizes (a file's size names it in the fake driver's log)."""
+    paths = []
+    for i, size in enumerate((1000, 2000, 3000)):
+        path = tmp_path / f"model-0000{i + 1}.safetensors"
+        path.write_bytes(bytes((i * 7 + k) % 251 for k in range(size)))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
 def fake_driver(monkeypatch):
     """dscoder.page_lock on a faked CUDA driver (tests/fake_cuda.py); nothing stays locked after."""
     from fake_cuda import FakeCuda

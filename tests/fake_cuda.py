@@ -22,6 +22,8 @@ class FakeCuda:
         self.free_bytes = 1 << 40  # what cuMemGetInfo reports free
         self.no_memory: set[int] = set()  # sizes cuMemAlloc refuses
         self.allocated: dict[int, ctypes.Array] = {}  # "device" address -> its host buffer
+        self.host: dict[int, ctypes.Array] = {}  # page-locked host memory (cuMemHostAlloc)
+        self.ipc_fails = False  # cuIpcOpenMemHandle refuses every handle
 
     def cuInit(self, flags):
         return 0
@@ -77,6 +79,34 @@ class FakeCuda:
 
     def cuMemFree_v2(self, address):
         self.log.append(("free", len(self.allocated.pop(address))))
+        return 0
+
+    def cuMemHostAlloc(self, address, size, flags):
+        buffer = ctypes.create_string_buffer(size)
+        address._obj.value = ctypes.addressof(buffer)
+        self.host[ctypes.addressof(buffer)] = buffer
+        return 0
+
+    def cuMemFreeHost(self, address):
+        del self.host[address]
+        return 0
+
+    def cuIpcGetMemHandle(self, handle, address):
+        assert address in self.allocated  # only the driver's own allocations can be shared
+        ctypes.memmove(ctypes.addressof(handle._obj), address.to_bytes(8, "little"), 8)
+        return 0
+
+    def cuIpcOpenMemHandle_v2(self, address, handle, flags):
+        # the "other process" is this one: the handle names the very buffer
+        shared = int.from_bytes(bytes(handle.reserved[:8]), "little")
+        if shared not in self.allocated or self.ipc_fails:
+            return 201
+        address._obj.value = shared
+        self.log.append(("ipc open", len(self.allocated[shared])))
+        return 0
+
+    def cuIpcCloseMemHandle(self, address):
+        self.log.append(("ipc close", len(self.allocated[address])))
         return 0
 
     def cuStreamCreate(self, stream, flags):

@@ -9,21 +9,10 @@ import threading
 
 import pytest
 
-from dscoder import page_lock
+from dscoder import page_lock, stage_helper
 from dscoder.cli import backend
 from dscoder.engines import INDEX, SINGLE, shard_files
 from dscoder.settings import Settings
-
-
-@pytest.fixture
-def files(tmp_path):
-    """Three shards of different sizes (a file's size names it in the fake's log)."""
-    paths = []
-    for i, size in enumerate((1000, 2000, 3000)):
-        path = tmp_path / f"model-0000{i + 1}.safetensors"
-        path.write_bytes(bytes((i * 7 + k) % 251 for k in range(size)))
-        paths.append(path)
-    return paths
 
 
 def registered(fake_driver) -> list[int]:
@@ -159,11 +148,27 @@ def test_cuda_ordinal(device, ordinal):
 def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeypatch, change, starts):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
     (tmp_path / SINGLE).write_bytes(b"x")
-    calls = []
-    monkeypatch.setattr(page_lock, "start_early",
-                        lambda paths, ordinal, stage: calls.append((paths, ordinal)))
+    calls, helpers = [], []
+    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal, stage, helper:
+                        calls.append((paths, ordinal, stage, helper)))
+    monkeypatch.setattr(stage_helper, "start", lambda paths, ordinal: helpers.append(ordinal) or "helper")
     backend.lock_shards_early(tmp_path, Settings(**change))
-    assert calls == ([([tmp_path / SINGLE], int(change.get("device", "cuda:0")[-1]))] if starts else [])
+    ordinal = 1 if change.get("device") == "cuda:1" else 0
+    stage = "gpu_memory" not in change  # a whole model on the GPU is staged, by a helper first
+    assert calls == ([([tmp_path / SINGLE], ordinal, stage, "helper" if stage else None)] if starts else [])
+    assert helpers == ([ordinal] if starts and stage else [])
+
+
+def test_no_stage_helper_when_it_is_switched_off(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    (tmp_path / SINGLE).write_bytes(b"x")
+    calls = []
+    monkeypatch.setattr(stage_helper, "ENABLED", False)
+    monkeypatch.setattr(stage_helper, "start", lambda paths, ordinal: pytest.fail("started"))
+    monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal, stage, helper:
+                        calls.append((stage, helper)))
+    backend.lock_shards_early(tmp_path, Settings())
+    assert calls == [(True, None)]  # page_lock's thread stages it alone
 
 
 def test_the_cli_does_not_lock_when_direct_reads_are_off(tmp_path, monkeypatch):
@@ -274,17 +279,6 @@ def test_a_use_that_needs_the_host_pages_gets_them_locked_not_staged(fake_driver
     assert ctypes.string_at(locked.address, locked.size) == files[0].read_bytes()
     assert staged(fake_driver, "free") == [1000]  # its staging went
     locked.close()
-
-
-def test_the_cli_stages_a_whole_model_but_not_under_a_budget(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
-    (tmp_path / SINGLE).write_bytes(b"x")
-    calls = []
-    monkeypatch.setattr(page_lock, "start_early",
-                        lambda paths, ordinal, stage: calls.append(stage))
-    backend.lock_shards_early(tmp_path, Settings())
-    backend.lock_shards_early(tmp_path, Settings(gpu_memory="12GiB"))
-    assert calls == [True, False]
 
 
 def test_the_profile_says_what_was_staged_and_how_fast():

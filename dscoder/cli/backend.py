@@ -130,8 +130,9 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
     under --gpu-memory serves the offloaded experts from them (dscoder.offload.mapped). On an
     H100 machine that took 0.9 s for Lite's 31 GB, which the import (1.1-1.5 s) now hides,
     along with creating the CUDA context. Without a budget they are copied to the GPU as well
-    (page_lock's staging), where it has room for the model twice."""
-    from dscoder import page_lock
+    (page_lock's staging), where it has room for the model twice: by a helper process
+    (dscoder.stage_helper), and what it does not stage, by page_lock's thread."""
+    from dscoder import page_lock, stage_helper
     from dscoder.engines import choose_engine, shard_files
 
     ordinal = cuda_ordinal(settings.device)
@@ -140,7 +141,9 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
         return
     shards = shard_files(model_dir)
     if shards:  # a whole model on the GPU: its shards are staged there too, where it has room
-        page_lock.start_early(shards, ordinal, stage=not settings.gpu_memory)
+        stage = not settings.gpu_memory
+        helper = stage_helper.start(shards, ordinal) if stage and stage_helper.ENABLED else None
+        page_lock.start_early(shards, ordinal, stage=stage, helper=helper)
 
 
 def parse_tokenizer_early(model_dir: Path, settings: Settings) -> None:

@@ -199,11 +199,45 @@ def test_shards_staged_on_the_gpu_before_the_load_fill_it_by_device_copies(tiny_
     assert log.count("free") == len(shards) and log.count("copy_on_device") > 0
 
 
-def test_a_model_with_no_room_beside_its_staged_shards_loads_from_the_page_cache(tiny_checkpoint, monkeypatch):
+def test_shards_a_helper_process_staged_fill_the_model_and_the_helper_ends(tiny_checkpoint, monkeypatch):
+    """The CLI's staging by a helper process (dscoder.stage_helper): each shard, read and copied
+    to the GPU there, is mapped here through CUDA IPC, nothing is page-locked or allocated here
+    for it; the load copies on the device, closes every mapping, and the helper ends; the GPU's
+    weights equal the CPU's."""
+    import dscoder.shard_reader as reader
+    from dscoder import page_lock, stage_helper
+    from dscoder.engines import shard_files
+
+    driver = page_lock.Driver.get()
+    log = []
+    for name in ("alloc", "register", "ipc_open", "ipc_close"):
+        real = getattr(driver, name)
+        monkeypatch.setattr(driver, name, lambda *a, _real=real, _name=name: log.append(_name) or _real(*a))
+    monkeypatch.setattr(reader, "DIRECT", True)
+    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    shards = shard_files(tiny_checkpoint)
+    helper = stage_helper.start(shards, 0)
+    assert helper is not None
+    page_lock.start_early(shards, 0, stage=True, helper=helper)
+    try:
+        for path in shards:  # a helper's shards come in about the order of its threads
+            page_lock._EARLY._ready[path].wait()
+        assert log.count("ipc_open") == len(shards) and log.count("alloc") == log.count("register") == 0
+        assert page_lock.early_staged()[0] == sum(p.stat().st_size for p in shards)
+        _gpu_and_cpu_loads_agree(tiny_checkpoint, torch.float32)
+    finally:
+        page_lock.release_early()
+    assert log.count("ipc_close") == len(shards)
+    assert helper._proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("helper", [False, True], ids=["staged-here", "staged-by-a-helper"])
+def test_a_model_with_no_room_beside_its_staged_shards_loads_from_the_page_cache(tiny_checkpoint, monkeypatch,
+                                                                                  helper):
     """Another process took the GPU's memory after the shards were staged: the model's
     allocation runs out, the loader lets the staging go and loads from the page cache."""
     import dscoder.shard_reader as reader
-    from dscoder import loader, page_lock
+    from dscoder import loader, page_lock, stage_helper
     from dscoder.config import ModelConfig
     from dscoder.engines import shard_files
     from dscoder.profile import StartupProfile
@@ -216,10 +250,11 @@ def test_a_model_with_no_room_beside_its_staged_shards_loads_from_the_page_cache
     shards = shard_files(tiny_checkpoint)
     staged = sum(p.stat().st_size for p in shards)
     torch.cuda.empty_cache()
-    page_lock.start_early(shards, 0, stage=True)
+    page_lock.start_early(shards, 0, stage=True, helper=stage_helper.start(shards, 0) if helper else None)
     hog = gpu = None
     try:
-        page_lock._EARLY._ready[shards[-1]].wait()
+        for path in shards:
+            page_lock._EARLY._ready[path].wait()
         assert page_lock.early_staged()[0] == staged
         # what is left: half the model's size
         hog = torch.empty(driver.free_memory() - staged // 2, dtype=torch.uint8, device="cuda")
