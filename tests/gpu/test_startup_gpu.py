@@ -173,21 +173,30 @@ def test_shards_locked_before_the_load_are_copied_from_without_locking_again(tin
     assert len(unlocked) == len(shards)
 
 
-def test_shards_staged_on_the_gpu_before_the_load_fill_it_by_device_copies(tiny_checkpoint, monkeypatch):
-    """The CLI's staging (page_lock.start_early(stage=True)): each shard is copied whole to the
-    GPU and unlocked before the load takes it; the load copies on the device, frees every
-    staging, and the GPU's weights equal the CPU's."""
+def _driver_calls(monkeypatch, *names: str) -> list[str]:
+    """The names of the driver's calls among `names` (page_lock.Driver), as they are made, with
+    the loads' DMA from the page cache (or the staged shards) on."""
     import dscoder.shard_reader as reader
     from dscoder import page_lock
-    from dscoder.engines import shard_files
 
     driver = page_lock.Driver.get()
-    log = []
-    for name in ("alloc", "free", "unregister", "copy_on_device"):
+    log: list[str] = []
+    for name in names:
         real = getattr(driver, name)
         monkeypatch.setattr(driver, name, lambda *a, _real=real, _name=name: log.append(_name) or _real(*a))
     monkeypatch.setattr(reader, "DIRECT", True)
     monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    return log
+
+
+def test_shards_staged_on_the_gpu_before_the_load_fill_it_by_device_copies(tiny_checkpoint, monkeypatch):
+    """The CLI's staging (page_lock.start_early(stage=True)): each shard is copied whole to the
+    GPU and unlocked before the load takes it; the load copies on the device, frees every
+    staging, and the GPU's weights equal the CPU's."""
+    from dscoder import page_lock
+    from dscoder.engines import shard_files
+
+    log = _driver_calls(monkeypatch, "alloc", "free", "unregister", "copy_on_device")
     shards = shard_files(tiny_checkpoint)
     page_lock.start_early(shards, 0, stage=True)
     try:
@@ -204,17 +213,10 @@ def test_shards_a_helper_process_staged_fill_the_model_and_the_helper_ends(tiny_
     to the GPU there, is mapped here through CUDA IPC, nothing is page-locked or allocated here
     for it; the load copies on the device, closes every mapping, and the helper ends; the GPU's
     weights equal the CPU's."""
-    import dscoder.shard_reader as reader
     from dscoder import page_lock, stage_helper
     from dscoder.engines import shard_files
 
-    driver = page_lock.Driver.get()
-    log = []
-    for name in ("alloc", "register", "ipc_open", "ipc_close"):
-        real = getattr(driver, name)
-        monkeypatch.setattr(driver, name, lambda *a, _real=real, _name=name: log.append(_name) or _real(*a))
-    monkeypatch.setattr(reader, "DIRECT", True)
-    monkeypatch.setattr(reader._ShardDMA, "refused", False)
+    log = _driver_calls(monkeypatch, "alloc", "register", "ipc_open", "ipc_close")
     shards = shard_files(tiny_checkpoint)
     helper = stage_helper.start(shards, 0)
     assert helper is not None
