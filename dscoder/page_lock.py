@@ -443,12 +443,13 @@ class _Early:
             if driver is None:
                 return
             driver.use_device(ordinal)  # the CUDA context, made while torch imports
+            model = paths
             if helper is not None:
                 rest = self._import(helper, paths, driver, ordinal, t)
                 if rest is None:  # released meanwhile
                     return
                 paths = rest  # what the helper did not stage: locked or staged here instead
-            if stage and room_to_stage(driver, paths):
+            if stage and room_to_stage(driver, paths, model):
                 stream = driver.new_stream()
             staging_on = bool(stream)
             for path in paths:
@@ -557,14 +558,15 @@ class _Early:
                 self._helper.wait()
 
 
-def room_to_stage(driver: Driver, paths: Sequence[Path]) -> bool:
-    """Whether the device has room for the files twice (staged, and the model filled from
-    them) and STAGING_RESERVE besides."""
+def room_to_stage(driver: Driver, paths: Sequence[Path], model: Sequence[Path] | None = None) -> bool:
+    """Whether the device has room for the files staged, the model filled from them (`model`:
+    all its files, where some are staged already, by a helper) and STAGING_RESERVE besides."""
     try:
-        total = sum(path.stat().st_size for path in paths)
+        staged = sum(path.stat().st_size for path in paths)
+        whole = staged if model is None else sum(path.stat().st_size for path in model)
     except OSError:
         return False
-    return driver.free_memory() >= 2 * total + STAGING_RESERVE
+    return driver.free_memory() >= staged + whole + STAGING_RESERVE
 
 
 _EARLY: _Early | None = None

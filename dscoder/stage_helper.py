@@ -131,11 +131,12 @@ def start(paths: Sequence[Path], ordinal: int) -> Helper | None:
 
 
 def stage(paths: Sequence[Path], driver: page_lock.Driver, ordinal: int,
-          report: Callable[[int, int], None], n_threads: int, chunk: int = CHUNK) -> list[int]:
+          report: Callable[[int, int], None], n_threads: int, chunk: int = CHUNK,
+          stop: threading.Event | None = None) -> list[int]:
     """Copy each of `paths` whole into GPU memory of its own, reading with `n_threads`
     threads; report(index, device address) once each is there, in about the order of
-    `paths`. The device addresses, in the order of `paths`. OSError on any failure, with
-    whatever was allocated and not reported freed."""
+    `paths`. The device addresses, in the order of `paths`. OSError on any failure, or once
+    `stop` is set, with whatever was allocated and not reported freed."""
     sizes = [path.stat().st_size for path in paths]
     targets: list[int] = []
     reported: set[int] = set()
@@ -170,6 +171,8 @@ def stage(paths: Sequence[Path], driver: page_lock.Driver, ordinal: int,
             stream = driver.new_stream()
             turn = 0
             while not errors:
+                if stop is not None and stop.is_set():
+                    raise OSError("stopped")
                 with lock:
                     job = next(jobs, None)
                 if job is None:
@@ -254,8 +257,11 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
         return
 
     def report(index: int, address: int) -> None:
-        staged[index] = address
+        with lock:
+            staged[index] = address  # freed on request, or when our input closes
         say(f"staged {index} {driver.ipc_handle(address).hex()}")
+
+    stop = threading.Event()  # the CLI is done with us: stage nothing more
 
     def run() -> None:
         try:
@@ -263,12 +269,13 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             if not page_lock.room_to_stage(driver, paths):
                 say("error no room on the GPU")
                 return
-            stage(paths, driver, ordinal, report, threads())
+            stage(paths, driver, ordinal, report, threads(), stop=stop)
             say("done")
         except (OSError, ValueError) as e:
             say(f"error {e}")
 
-    threading.Thread(target=run, name="dscoder-stage", daemon=True).start()
+    runner = threading.Thread(target=run, name="dscoder-stage", daemon=True)
+    runner.start()
     for line in inp:  # "free N", until the CLI closes our input
         word, _, index = line.decode("ascii", "replace").strip().partition(" ")
         if word == "free" and index.isdigit():
@@ -278,6 +285,8 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
                 driver.use_device(ordinal)
                 driver.free(address)
     # the input closed: the CLI is done with us (nothing of ours is mapped there), or gone
+    stop.set()
+    runner.join()
     with lock:
         rest = list(staged.values())
         staged.clear()

@@ -101,6 +101,46 @@ def test_what_the_helper_does_not_stage_the_cli_stages_itself(fake_driver, files
     assert piped.ended() and fake_driver.allocated == {}
 
 
+class OneShard:
+    """A helper that stages the first file (in this process), then gives up; meanwhile the GPU's
+    free memory becomes `free_after` (what it holds counts against it)."""
+
+    def __init__(self, fake_driver, path, free_after: int) -> None:
+        self.driver, self.fake, self.free_after = page_lock.Driver.get(), fake_driver, free_after
+        data = path.read_bytes()
+        self.address = self.driver.alloc(len(data))
+        ctypes.memmove(self.address, data, len(data))
+
+    def staged(self):
+        yield 0, self.driver.ipc_handle(self.address)
+        self.fake.free_bytes = self.free_after
+
+    def free(self, index: int) -> None:
+        self.driver.free(self.address)
+
+    def retire(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("free, staged_here", [(5000 + 6000, True), (5000 + 6000 - 1, False)])
+def test_the_rest_is_staged_here_only_with_room_beside_the_whole_model(fake_driver, files, free, staged_here):
+    # the two files left (5000 bytes) staged, the whole model (6000) filled from them, the reserve
+    page_lock.start_early(files, ordinal=0, stage=True,
+                          helper=OneShard(fake_driver, files[0], free + page_lock.STAGING_RESERVE))
+    sources = [page_lock.source(path, 0) for path in files]
+    assert type(sources[0]) is page_lock.ImportedFile
+    expected = page_lock.StagedFile if staged_here else page_lock.LockedFile
+    assert [type(s) for s in sources[1:]] == [expected] * 2
+    for path, source in zip(files, sources, strict=True):
+        if staged_here or source is sources[0]:
+            assert ctypes.string_at(source.device_address, source.size) == path.read_bytes()
+        source.close()
+    assert fake_driver.allocated == {}
+
+
 def test_a_shard_the_cli_cannot_map_is_freed_and_staged_here(fake_driver, files):
     fake_driver.ipc_fails = True
     piped = Piped()
