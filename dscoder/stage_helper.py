@@ -13,7 +13,8 @@ page-locked chunks of its own and copies them to GPU memory it allocated (a memo
 page cache scales with threads, where pinning it did not), and shares each staged shard through
 a CUDA IPC handle. The CLI's page-lock thread maps each one into its context as it comes
 (page_lock.ImportedFile) and the load copies from it as from a shard staged in the process.
-On an H100 machine the helper had Lite's 31 GB on the GPU 1.5-1.6 s after it started.
+On an H100 machine the helper had Lite's 31 GB on the GPU 1.5-1.6 s after it started, and a
+warm `dscoder complete -n 64` took 3.50-3.63 s against 3.82-4.20 s staging in the process.
 
 The helper reads its orders on its standard input: one line of JSON (the shards, the device),
 then "free N" once shard N is no longer mapped by the CLI, and it ends when its input closes
@@ -40,7 +41,7 @@ from dscoder import page_lock
 ENABLED = os.environ.get("DSCODER_STAGE_HELPER", "1") != "0"
 DRIVER_NODE = Path("/dev/nvidiactl")  # where an NVIDIA driver is loaded
 CHUNK = 16 << 20  # bytes a thread reads and copies at a time (two chunks each, page-locked)
-MAX_THREADS = 12  # an H100 machine (16 cores) staged Lite in 1.4-1.6 s with 12, 1.8-2.1 s with 6 or 8
+MAX_THREADS = 12  # an H100 machine (16 cores) staged Lite in 1.5-1.6 s with 12, 2.0-2.1 s with 6 or 8
 
 
 def threads() -> int:
