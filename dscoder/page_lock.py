@@ -98,10 +98,10 @@ class Driver:
                     cuda.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
                     cuda.cuEventSynchronize.argtypes = [ctypes.c_void_p]
                     cuda.cuEventDestroy_v2.argtypes = [ctypes.c_void_p]
-                    for name, argtypes in _OPTIONAL_CALLS.items():  # only a stage helper's
+                    for name, argtypes in _OPTIONAL_CALLS.items():  # a stage helper's, both sides
                         try:
                             getattr(cuda, name).argtypes = argtypes
-                        except AttributeError:  # an older driver: it fails to start, that is all
+                        except AttributeError:  # an older driver: no helper, the CLI stages
                             pass
                     if cuda.cuInit(0) != 0:
                         return None

@@ -11,7 +11,7 @@ import pytest
 
 from dscoder import page_lock, stage_helper
 from dscoder.cli import backend
-from dscoder.engines import INDEX, SINGLE, shard_files
+from dscoder.engines import INDEX, SINGLE, choose_engine, shard_files
 from dscoder.settings import Settings
 
 
@@ -152,7 +152,8 @@ def test_the_cli_locks_early_only_for_a_whole_model_on_one_gpu(tmp_path, monkeyp
     monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal, stage, helper:
                         calls.append((paths, ordinal, stage, helper)))
     monkeypatch.setattr(stage_helper, "start", lambda paths, ordinal: helpers.append(ordinal) or "helper")
-    backend.lock_shards_early(tmp_path, Settings(**change))
+    settings = Settings(**change)
+    backend.lock_shards_early(tmp_path, settings, choose_engine(tmp_path, settings.engine))
     ordinal = 1 if change.get("device") == "cuda:1" else 0
     stage = "gpu_memory" not in change  # a whole model on the GPU is staged, by a helper first
     assert calls == ([([tmp_path / SINGLE], ordinal, stage, "helper" if stage else None)] if starts else [])
@@ -167,7 +168,7 @@ def test_no_stage_helper_when_it_is_switched_off(tmp_path, monkeypatch):
     monkeypatch.setattr(stage_helper, "start", lambda paths, ordinal: pytest.fail("started"))
     monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal, stage, helper:
                         calls.append((stage, helper)))
-    backend.lock_shards_early(tmp_path, Settings())
+    backend.lock_shards_early(tmp_path, Settings(), "native")
     assert calls == [(True, None)]  # page_lock's thread stages it alone
 
 
@@ -176,7 +177,7 @@ def test_the_cli_does_not_lock_when_direct_reads_are_off(tmp_path, monkeypatch):
     (tmp_path / SINGLE).write_bytes(b"x")
     monkeypatch.setattr(page_lock, "ENABLED", False)
     monkeypatch.setattr(page_lock, "start_early", lambda paths, ordinal: pytest.fail("locked"))
-    backend.lock_shards_early(tmp_path, Settings())
+    backend.lock_shards_early(tmp_path, Settings(), "native")
 
 
 def test_a_load_releases_the_early_locks_even_when_it_fails(fake_driver, files, tmp_path):

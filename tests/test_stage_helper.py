@@ -169,7 +169,7 @@ def test_a_helper_with_no_room_leaves_the_staging_to_the_cli(fake_driver, files)
 def test_bad_orders_get_an_error_not_a_traceback(fake_driver):
     piped = Piped()
     piped.helper._tell("not json\n")
-    assert list(piped.helper.staged()) == []
+    assert piped.helper._proc.stdout.readline() == b"error bad orders\n"
     piped.helper.retire()
     assert piped.ended()
 

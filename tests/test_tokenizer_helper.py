@@ -107,9 +107,7 @@ def test_take_without_start_and_a_helper_that_ends_with_its_input(tokenizer_dir)
 def test_the_cli_loads_the_engine_with_the_helpers_tokenizer(tiny_checkpoint):
     from dscoder.cli.backend import parse_tokenizer_early
     from dscoder.engine import load_engine
-    from dscoder.settings import Settings
-
-    parse_tokenizer_early(tiny_checkpoint, Settings())
+    parse_tokenizer_early(tiny_checkpoint, "native")
     engine = load_engine(tiny_checkpoint, device="cpu", dtype="float32")
     try:
         assert isinstance(engine.tokenizer._tok, tokenizer_helper.RemoteTextTokenizer)

@@ -76,10 +76,12 @@ class RealBackend:
     def load_engine(self, settings: Settings, warn: Warn, info: Warn | None = None,
                     progress: Progress | None = None) -> Any:
         from dscoder import signals
+        from dscoder.engines import choose_engine
 
         model_dir = self._model_dir(settings)  # a missing model is the first thing to hear about
-        lock_shards_early(model_dir, settings)
-        parse_tokenizer_early(model_dir, settings)
+        engine = choose_engine(model_dir, settings.engine)  # config.json read once for both
+        lock_shards_early(model_dir, settings, engine)
+        parse_tokenizer_early(model_dir, engine)
         from dscoder.profile import StartupProfile, process_age
 
         profile = StartupProfile()
@@ -124,7 +126,7 @@ class RealBackend:
         return hub.download_size(name)
 
 
-def lock_shards_early(model_dir: Path, settings: Settings) -> None:
+def lock_shards_early(model_dir: Path, settings: Settings, engine: str) -> None:
     """Start page-locking the checkpoint's shards while torch imports (dscoder.page_lock): the
     native engine copies a model in the checkpoint's dtype to the GPU from them by DMA, and
     under --gpu-memory serves the offloaded experts from them (dscoder.offload.mapped). On an
@@ -133,11 +135,11 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
     (page_lock's staging), where it has room for the model twice: by a helper process
     (dscoder.stage_helper), and what it does not stage, by page_lock's thread."""
     from dscoder import page_lock, stage_helper
-    from dscoder.engines import choose_engine, shard_files
+    from dscoder.engines import shard_files
 
     ordinal = cuda_ordinal(settings.device)
     if (ordinal is None or settings.dtype not in (None, "auto") or settings.expert_dtype != "bf16"
-            or not page_lock.ENABLED or choose_engine(model_dir, settings.engine) != "native"):
+            or not page_lock.ENABLED or engine != "native"):
         return
     shards = shard_files(model_dir)
     if shards:  # a whole model on the GPU: its shards are staged there too, where it has room
@@ -146,13 +148,12 @@ def lock_shards_early(model_dir: Path, settings: Settings) -> None:
         page_lock.start_early(shards, ordinal, stage=stage, helper=helper)
 
 
-def parse_tokenizer_early(model_dir: Path, settings: Settings) -> None:
+def parse_tokenizer_early(model_dir: Path, engine: str) -> None:
     """Have a helper process parse the native engine's tokenizer while torch imports
     (dscoder.tokenizer_helper): 0.2-0.3 s that held the GIL on the way to the first token."""
     from dscoder import tokenizer_helper
-    from dscoder.engines import choose_engine
 
-    if choose_engine(model_dir, settings.engine) == "native":
+    if engine == "native":
         tokenizer_helper.start(model_dir)
 
 
